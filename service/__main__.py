@@ -1,0 +1,58 @@
+"""Command line: `python -m service [serve|producer] [--config PATH]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from .app import create_app
+from .logs import configure_logging
+from .producer_main import run_producer
+from .settings import DEFAULT_CONFIG_PATH, SettingsError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen component until it is stopped."""
+    parser = argparse.ArgumentParser(prog="sse-fanout", description=__doc__)
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=["serve", "producer"],
+        help="serve: HTTP worker (default); producer: the demo producer alone",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help="TOML settings file (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config, os.environ)
+    except SettingsError as error:
+        print(f"sse-fanout: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    if args.command == "producer":
+        asyncio.run(run_producer(settings))
+        return 0
+    web.run_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        handler_cancellation=True,
+        shutdown_timeout=settings.drain_timeout_s,
+        access_log=None,
+        print=None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The application factory: assembles settings, resources, routes, CORS and middleware."""
+
+from __future__ import annotations
+
+import aiohttp_cors
+from aiohttp import web
+
+from . import handlers
+from . import resources as r
+from .errors import error_middleware
+from .keys import Keys
+from .settings import Settings
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the worker's app; resources open on startup and close on cleanup, in reverse."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[r.settings_key] = settings
+    app[r.keys_key] = Keys(settings.key_prefix)
+    app.cleanup_ctx.append(r.redis_ctx)
+    app.cleanup_ctx.append(r.hub_ctx)
+    if settings.producer == "embedded":
+        app.cleanup_ctx.append(r.producer_ctx)
+    _add_routes(app, settings)
+    return app
+
+
+def _add_routes(app: web.Application, settings: Settings) -> None:
+    cors = aiohttp_cors.setup(
+        app,
+        defaults={
+            origin: aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+                allow_credentials=False,
+                expose_headers="*",
+                allow_headers="*",
+                allow_methods=["GET", "POST", "DELETE"],
+            )
+            for origin in settings.cors_origins
+        },
+    )
+    routes = [
+        web.get("/sse/getSessionId", handlers.get_session_id),
+        web.get("/sse/connect", handlers.connect),
+        web.get("/", handlers.index),
+        web.get("/healthz", handlers.healthz),
+        web.get("/readyz", handlers.readyz),
+    ]
+    for route in app.router.add_routes(routes):
+        cors.add(route)
+    app.router.add_static("/web/", handlers.WEB_DIR, name="web")

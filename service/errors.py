@@ -1,0 +1,136 @@
+"""Errors a client can cause, and the middleware that renders every error as one JSON shape."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status and a stable machine-readable code."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class InvalidParameter(ServiceError):
+    """A query parameter, header or path segment is missing or malformed."""
+
+    code = "invalid_parameter"
+
+
+class SessionNotFound(ServiceError):
+    """The session id was not issued by this service (with `require_issued_session`)."""
+
+    status = 404
+    code = "session_not_found"
+
+
+class TooManyConnections(ServiceError):
+    """This worker holds as many streams as it may; try another worker or later."""
+
+    status = 503
+    code = "too_many_connections"
+
+
+class TooManyForSession(ServiceError):
+    """This session already has as many streams on this worker as it may."""
+
+    status = 429
+    code = "too_many_session_connections"
+
+
+class Unavailable(ServiceError):
+    """Redis is unreachable or the worker is shutting down."""
+
+    status = 503
+    code = "unavailable"
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The single JSON error shape: `{"error": code, "detail": text}`."""
+    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
+
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tag the request with an id; turn any error into the JSON shape, never a traceback."""
+    request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64] or uuid.uuid4().hex
+    if not request_id.isprintable():
+        request_id = uuid.uuid4().hex
+    try:
+        response = await handler(request)
+    except ServiceError as error:
+        log.info(
+            "%s %s -> %d %s: %s [request %s]",
+            request.method,
+            request.path,
+            error.status,
+            error.code,
+            error.detail,
+            request_id,
+        )
+        response = error_response(error.status, error.code, error.detail, error.headers)
+    except RedisError as error:
+        log.warning(
+            "%s %s -> 503, redis unavailable: %s [request %s]",
+            request.method,
+            request.path,
+            error,
+            request_id,
+        )
+        response = error_response(
+            503, Unavailable.code, "storage is unavailable, retry shortly", {"Retry-After": "1"}
+        )
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        code = _HTTP_CODES.get(error.status, "http_error")
+        log.info(
+            "%s %s -> %d %s [request %s]",
+            request.method,
+            request.path,
+            error.status,
+            code,
+            request_id,
+        )
+        response = error_response(
+            error.status,
+            code,
+            error.reason,
+            {k: v for k, v in error.headers.items() if k == "Allow"},
+        )
+    except Exception:
+        log.exception(
+            "unhandled error in %s %s [request %s]", request.method, request.path, request_id
+        )
+        response = error_response(
+            500, "internal_error", f"internal error; quote request id {request_id}"
+        )
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response

@@ -1,0 +1,151 @@
+"""HTTP handlers: read and check the request, call one module, translate the outcome."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from . import resources as r
+from .envelope import parse_event_id
+from .errors import (
+    InvalidParameter,
+    SessionNotFound,
+    TooManyConnections,
+    TooManyForSession,
+)
+from .producer import request_run
+from .sessions import Attachment, AttachStatus, is_valid_session_id
+from .stream import SSE_HEADERS, EventStream, StreamEnd, StreamPlan
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+LAST_EVENT_ID_HEADER = "Last-Event-ID"
+
+
+async def get_session_id(request: web.Request) -> web.Response:
+    """Issue a new session id (plain text, as the original demo returns it)."""
+    session_id = await request.app[r.sessions_key].issue()
+    return web.Response(text=session_id, content_type="text/plain")
+
+
+async def connect(request: web.Request) -> web.StreamResponse:
+    """Stream a session's events: replay what the client missed, then live until the end."""
+    app = request.app
+    settings, hub, keys = app[r.settings_key], app[r.hub_key], app[r.keys_key]
+    session_id = _session_id(request)
+    last_event_id = _last_event_id(request)
+    channel = keys.channel(session_id)
+    if hub.listener_count >= settings.max_connections:
+        raise TooManyConnections(
+            "this worker is at its connection limit", headers={"Retry-After": "1"}
+        )
+    if hub.listeners_of(channel) >= settings.max_connections_per_session:
+        raise TooManyForSession("too many open streams for this session")
+    async with hub.listen(channel) as listener:
+        attachment = await app[r.sessions_key].attach(
+            session_id,
+            last_event_id,
+            require_issued=settings.require_issued_session,
+            start_run_with=settings.producer_event_count if settings.demo_runs else None,
+        )
+        if attachment.status is AttachStatus.UNKNOWN:
+            raise SessionNotFound(f"session {session_id!r} was not issued or has expired")
+        if _already_finished(last_event_id, attachment):
+            return web.Response(status=204)
+        if attachment.run_needs_producer:
+            await request_run(app[r.redis_key], keys, session_id)
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        plan = StreamPlan(
+            session_id=session_id,
+            replay_after=attachment.replay_after,
+            detect_gap=last_event_id is not None,
+            ttl_ms=attachment.ttl_ms,
+            retry_ms=settings.retry_ms,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+        )
+        stream = EventStream(response, listener, app[r.sessions_key], plan)
+        await _run_stream(stream, session_id)
+        return response
+
+
+async def _run_stream(stream: EventStream, session_id: str) -> None:
+    started = time.monotonic()
+    reason = StreamEnd.CLIENT_GONE
+    try:
+        reason = await stream.run()
+    except ConnectionResetError:
+        reason = StreamEnd.CLIENT_GONE
+    except RedisError as error:
+        reason = StreamEnd.HUB_FAILED
+        log.warning("stream of session %s lost redis: %s", session_id, error)
+    finally:
+        log.info(
+            "stream end session=%s reason=%s events=%d duration=%.2fs",
+            session_id,
+            reason.value,
+            stream.events_sent,
+            time.monotonic() - started,
+        )
+
+
+def _session_id(request: web.Request) -> str:
+    values = request.query.getall("sessionId", [])
+    if len(values) != 1:
+        raise InvalidParameter("query parameter 'sessionId' is required exactly once")
+    if not is_valid_session_id(values[0]):
+        raise InvalidParameter("'sessionId' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
+    return values[0]
+
+
+def _last_event_id(request: web.Request) -> str | None:
+    """The resume point: the `Last-Event-ID` header, else the `lastEventId` query parameter."""
+    text = request.headers.get(LAST_EVENT_ID_HEADER) or request.query.get("lastEventId")
+    if not text:
+        return None
+    try:
+        parse_event_id(text)
+    except ValueError:
+        raise InvalidParameter(
+            "'Last-Event-ID' must be an event id of the form <milliseconds>-<sequence>"
+        ) from None
+    return text
+
+
+def _already_finished(last_event_id: str | None, attachment: Attachment) -> bool:
+    """A client resuming at or after `finish` gets 204, which stops EventSource reconnecting."""
+    if last_event_id is None or attachment.finished_id is None:
+        return False
+    return parse_event_id(last_event_id) >= parse_event_id(attachment.finished_id)
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    """The browser demo page."""
+    del request
+    return web.FileResponse(WEB_DIR / "index.html")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    del request
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: Redis answers and the shared subscription is connected."""
+    hub = request.app[r.hub_key]
+    problems = []
+    try:
+        await request.app[r.redis_key].ping()
+    except RedisError as error:
+        problems.append(f"redis: {error}")
+    if not hub.connected:
+        problems.append("shared subscription is not connected")
+    if problems:
+        return web.json_response({"status": "unavailable", "problems": problems}, status=503)
+    return web.json_response({"status": "ready", "listeners": hub.listener_count})

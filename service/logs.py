@@ -1,0 +1,48 @@
+"""Logging configuration: plain lines for people, JSON lines for log pipelines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+from typing import Any
+
+from .settings import Settings
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def logging_config(settings: Settings) -> dict[str, Any]:
+    """A dictConfig for the root logger at the configured level and format."""
+    formatter: dict[str, Any] = (
+        {"()": JsonFormatter}
+        if settings.log_format == "json"
+        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default"}},
+        "root": {"level": settings.log_level.upper(), "handlers": ["stderr"]},
+        # aiohttp's access log repeats what our per-request and per-stream lines say.
+        "loggers": {"aiohttp.access": {"level": "WARNING"}},
+    }
+
+
+def configure_logging(settings: Settings) -> None:
+    """Apply `logging_config` to the process."""
+    logging.config.dictConfig(logging_config(settings))

@@ -1,0 +1,196 @@
+"""The demo producer: once per session run, N events at an interval, the last named `finish`.
+
+A run is requested by the first fresh connection of a session (after its subscription is
+live). Any producer, in-process or in a separate process, may execute it: it claims the run's
+lease (`SET NX PX`), publishes with a fence (it must still own the lease and be at the right
+step), and renews the lease as it goes. If its process dies, the lease expires and another
+producer, polling the `runs` index, takes the run over at the next unsent event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .envelope import FINISH_EVENT
+from .hub import Hub, HubClosedError
+from .keys import Keys
+from .publisher import Fence, Publisher, PublishOutcome
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+SCAN_BATCH = 100
+
+# KEYS: run, lease. ARGV: token, lease_ms.
+# Returns false when the run is gone or finished, {-1, pttl} when another producer holds it,
+# or {next, count} when the caller now owns it.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'active' then return false end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local fields = redis.call('HMGET', KEYS[1], 'next', 'count')
+  return {tonumber(fields[1]), tonumber(fields[2])}
+end
+return {-1, redis.call('PTTL', KEYS[2])}
+"""
+
+# KEYS: lease. ARGV: token, lease_ms.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+def demo_event(session_id: str, seq: int, count: int, now: datetime) -> tuple[str, str]:
+    """Event name and data of step `seq` of `count`, worded as the original demo words them."""
+    clock = now.strftime("%H:%M:%S.%f")
+    if seq == count - 1:
+        return FINISH_EVENT, f"server time: {clock} 结束: {session_id}"
+    return "", f"server time: {clock} id: {session_id}"
+
+
+async def request_run(redis: Redis, keys: Keys, session_id: str) -> None:
+    """Make a waiting run visible to every producer and wake them."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(keys.runs, {session_id: 0})
+        pipe.publish(keys.producer_wake, session_id)
+        await pipe.execute()
+
+
+class Producer:
+    """Executes demo runs: claims them, publishes their events, survives other producers' deaths."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        hub: Hub,
+        *,
+        publisher: Publisher,
+        keys: Keys,
+        settings: Settings,
+        clock: Callable[[], datetime] = datetime.now,
+    ) -> None:
+        self._redis = redis
+        self._hub = hub
+        self._publisher = publisher
+        self._keys = keys
+        self._interval_s = settings.producer_interval_ms / 1000
+        self._lease_ms = settings.producer_lease_ms
+        self._poll_s = settings.producer_poll_ms / 1000
+        self._clock = clock
+        self._token_prefix = secrets.token_hex(8)
+        self._claim = redis.register_script(_CLAIM)
+        self._renew = redis.register_script(_RENEW)
+        self._runs: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self.events_published = 0
+
+    async def start(self) -> None:
+        """Start the claim loop; it is live (subscribed to wake-ups) when this returns."""
+        ready = asyncio.get_running_loop().create_future()
+        self._loop_task = asyncio.create_task(self._claim_loop(ready), name="producer")
+        await ready
+
+    async def close(self) -> None:
+        """Stop claiming and cancel running runs; their leases expire and others take over."""
+        tasks = [t for t in (self._loop_task, *self._runs.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._runs.clear()
+        self._loop_task = None
+
+    @property
+    def active_runs(self) -> int:
+        """Runs this producer is executing now."""
+        return len(self._runs)
+
+    async def _claim_loop(self, ready: asyncio.Future[None]) -> None:
+        try:
+            async with self._hub.listen(self._keys.producer_wake) as wake:
+                ready.set_result(None)
+                while wake.ended is None:
+                    try:
+                        await self._claim_due_runs()
+                    except RedisError as error:
+                        log.warning("producer could not scan for runs: %s", error)
+                    await wake.take(self._poll_s)
+        except HubClosedError as error:
+            if not ready.done():
+                ready.set_exception(error)
+            log.warning("producer stopped: the shared subscription closed")
+        except BaseException as error:
+            if not ready.done():
+                ready.set_exception(error)
+            raise
+
+    async def _claim_due_runs(self) -> None:
+        now_ms = int(time.time() * 1000)
+        due = await self._redis.zrangebyscore(self._keys.runs, "-inf", now_ms, 0, SCAN_BATCH)
+        for raw in due:
+            session_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if session_id not in self._runs:
+                await self._try_claim(session_id, now_ms)
+
+    async def _try_claim(self, session_id: str, now_ms: int) -> None:
+        token = f"{self._token_prefix}:{secrets.token_hex(8)}"
+        k = self._keys
+        reply = await self._claim(
+            keys=[k.run(session_id), k.lease(session_id)], args=[token, self._lease_ms]
+        )
+        if reply is None:
+            await self._redis.zrem(k.runs, session_id)
+            return
+        first, second = int(reply[0]), int(reply[1])
+        if first < 0:
+            # Someone else runs it; look again when their lease would have run out.
+            await self._redis.zadd(k.runs, {session_id: now_ms + max(second, 0)}, xx=True)
+            return
+        await self._redis.zadd(k.runs, {session_id: now_ms + self._lease_ms}, xx=True)
+        if first > 0:
+            log.info("taking over run of session %s at event %d/%d", session_id, first + 1, second)
+        self._runs[session_id] = asyncio.create_task(
+            self._execute(session_id, token, first, second), name=f"run-{session_id}"
+        )
+
+    async def _execute(self, session_id: str, token: str, first: int, count: int) -> None:
+        try:
+            for seq in range(first, count):
+                event, data = demo_event(session_id, seq, count, self._clock())
+                fence = Fence(token=token, seq=seq, lease_ms=self._lease_ms)
+                published = await self._publisher.publish(session_id, event, data, fence)
+                if published.outcome is PublishOutcome.LEASE_LOST:
+                    log.warning("run of session %s lost its lease at event %d", session_id, seq)
+                    return
+                self.events_published += 1
+                if seq < count - 1:
+                    await self._wait_holding_lease(session_id, token)
+            await self._redis.zrem(self._keys.runs, session_id)
+            log.info("run of session %s finished", session_id)
+        except RedisError as error:
+            # The lease will expire and a producer (maybe this one) will resume the run.
+            log.warning("run of session %s interrupted: %s", session_id, error)
+        finally:
+            self._runs.pop(session_id, None)
+
+    async def _wait_holding_lease(self, session_id: str, token: str) -> None:
+        """Sleep one interval, renewing the lease if the interval is long compared to it."""
+        remaining_s = self._interval_s
+        renew_every_s = self._lease_ms / 3000
+        while remaining_s > renew_every_s:
+            await asyncio.sleep(renew_every_s)
+            remaining_s -= renew_every_s
+            await self._renew(keys=[self._keys.lease(session_id)], args=[token, self._lease_ms])
+        await asyncio.sleep(remaining_s)

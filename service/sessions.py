@@ -1,0 +1,184 @@
+"""Session ids and their records in Redis: issue, attach a connection, read the event log."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from enum import Enum
+
+from redis.asyncio import Redis
+
+from .envelope import Delivery, decode_log_entry
+from .keys import Keys
+
+BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# 22 base-62 digits hold 130.9 bits; the ids carry 128 bits from the system CSPRNG.
+SESSION_ID_LENGTH = 22
+SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+REPLAY_PAGE = 500
+
+
+def new_session_id() -> str:
+    """A fresh, unguessable base-62 session id (128 random bits)."""
+    number = secrets.randbits(128)
+    digits = []
+    for _ in range(SESSION_ID_LENGTH):
+        number, digit = divmod(number, 62)
+        digits.append(BASE62[digit])
+    return "".join(reversed(digits))
+
+
+def is_valid_session_id(text: str) -> bool:
+    """Ids the service accepts from clients: 1-64 of `[A-Za-z0-9_-]`."""
+    return SESSION_ID_PATTERN.match(text) is not None
+
+
+class AttachStatus(Enum):
+    """What `attach` found."""
+
+    ATTACHED = "attached"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A connection's view of its session at the moment its subscription became live."""
+
+    status: AttachStatus
+    replay_after: str
+    finished_id: str | None
+    ttl_ms: int
+    run_needs_producer: bool
+
+
+# KEYS: session, log, run, lease.
+# ARGV: ttl_ms, require_issued, last_id ('' = fresh), start_runs, count.
+# A fresh connect refreshes the session's TTL, and on a session without an active run (new or
+# finished) starts one: the epoch moves to the log's newest id so the new run replays from there.
+_ATTACH = """
+local session, log, run = KEYS[1], KEYS[2], KEYS[3]
+local ttl = tonumber(ARGV[1])
+if redis.call('EXISTS', session) == 0 then
+  if ARGV[2] == '1' then return {'unknown', '', '', 0, 0} end
+  redis.call('HSET', session, 'issued', '0', 'epoch', '0-0')
+  redis.call('PEXPIRE', session, ttl)
+end
+local fresh = ARGV[3] == ''
+local needs_producer = 0
+if fresh then
+  redis.call('PEXPIRE', session, ttl)
+  redis.call('PEXPIRE', log, ttl)
+  redis.call('PEXPIRE', run, ttl)
+  if ARGV[4] == '1' then
+    local state = redis.call('HGET', run, 'state')
+    if state ~= 'active' then
+      local newest = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+      local epoch = '0-0'
+      if #newest > 0 then epoch = newest[1][1] end
+      redis.call('HSET', session, 'epoch', epoch)
+      redis.call('HDEL', session, 'finished')
+      redis.call('DEL', run)
+      redis.call('HSET', run, 'state', 'active', 'next', 0, 'count', ARGV[5])
+      redis.call('PEXPIRE', run, ttl)
+      needs_producer = 1
+    elseif redis.call('EXISTS', KEYS[4]) == 0 then
+      needs_producer = 1
+    end
+  end
+end
+local fields = redis.call('HMGET', session, 'epoch', 'finished')
+local after = ARGV[3]
+if fresh then after = fields[1] or '0-0' end
+return {'attached', after, fields[2] or '', redis.call('PTTL', session), needs_producer}
+"""
+
+# KEYS: session. ARGV: ttl_ms.
+_ISSUE = """
+redis.call('HSET', KEYS[1], 'issued', '1', 'epoch', '0-0')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class SessionStore:
+    """Session records, kept under `Keys`, each expiring after its TTL."""
+
+    def __init__(self, redis: Redis, keys: Keys, ttl_s: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl_ms = max(1, round(ttl_s * 1000))
+        self._attach = redis.register_script(_ATTACH)
+        self._issue = redis.register_script(_ISSUE)
+
+    async def issue(self) -> str:
+        """Create and record a new session id."""
+        session_id = new_session_id()
+        await self._issue(keys=[self._keys.session(session_id)], args=[self._ttl_ms])
+        return session_id
+
+    async def attach(
+        self,
+        session_id: str,
+        last_event_id: str | None,
+        *,
+        require_issued: bool,
+        start_run_with: int | None,
+    ) -> Attachment:
+        """Register a connection; a fresh one may start a demo run of `start_run_with` events."""
+        k = self._keys
+        reply = await self._attach(
+            keys=[k.session(session_id), k.log(session_id), k.run(session_id), k.lease(session_id)],
+            args=[
+                self._ttl_ms,
+                int(require_issued),
+                last_event_id or "",
+                int(start_run_with is not None),
+                start_run_with or 0,
+            ],
+        )
+        status, after, finished, ttl_ms, needs_producer = reply
+        return Attachment(
+            status=AttachStatus(_text(status)),
+            replay_after=_text(after),
+            finished_id=_text(finished) or None,
+            ttl_ms=int(ttl_ms),
+            run_needs_producer=bool(needs_producer),
+        )
+
+    async def ttl_ms(self, session_id: str) -> int:
+        """Milliseconds the session has left; 0 or less when it is gone."""
+        return int(await self._redis.pttl(self._keys.session(session_id)))
+
+    async def read_log(
+        self, session_id: str, after: str, *, detect_gap: bool
+    ) -> tuple[list[Delivery], bool]:
+        """Logged events newer than `after`, and whether some between them were already dropped.
+
+        With `detect_gap`, `after` must name an event still in the log; if it was trimmed away
+        (MAXLEN) or expired with the session, the flag is set so the client can be told.
+        """
+        page = await self._log_page(session_id, after)
+        gap = False
+        full_page = len(page) == REPLAY_PAGE
+        if page and page[0].id == after:
+            page = page[1:]
+        elif detect_gap:
+            gap = True
+        deliveries: list[Delivery] = []
+        while True:
+            deliveries.extend(page)
+            if not full_page or not page:
+                return deliveries, gap
+            page = await self._log_page(session_id, "(" + page[-1].id)
+            full_page = len(page) == REPLAY_PAGE
+
+    async def _log_page(self, session_id: str, start: str) -> list[Delivery]:
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
+            self._keys.log(session_id), min=start, max="+", count=REPLAY_PAGE
+        )  # type: ignore[assignment]
+        return [decode_log_entry(entry_id, fields) for entry_id, fields in entries]
+
+
+def _text(value: bytes | str | int) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,63 @@
+"""The Server-Sent Events wire format: pure functions from values to bytes, no I/O.
+
+Field values that would change the meaning of a frame are refused, never rewritten: a CR, LF
+or NUL in an event name or id could inject fields, and a silently altered id would break
+`Last-Event-ID` resume. Multi-line data is legal and becomes one `data:` line per line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Every line terminator the EventSource parser recognises (CRLF, lone CR, lone LF).
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\x00]")
+
+
+def check_field(name: str, value: str) -> str:
+    """Return `value` if it can stand alone on one field line; raise ValueError otherwise."""
+    if _FORBIDDEN_IN_FIELD.search(value):
+        raise ValueError(f"{name} must not contain CR, LF or NUL")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event as the browser's EventSource sees it."""
+
+    data: str
+    event: str | None = None
+    id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.event is not None:
+            check_field("event", self.event)
+        if self.id is not None:
+            check_field("id", self.id)
+
+    def encode(self) -> bytes:
+        """The complete frame, ending with the blank line that dispatches it."""
+        parts: list[str] = []
+        if self.id is not None:
+            parts.append(f"id: {self.id}\n")
+        if self.event is not None:
+            parts.append(f"event: {self.event}\n")
+        parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(self.data))
+        parts.append("\n")
+        return "".join(parts).encode()
+
+
+def comment(text: str = "") -> bytes:
+    """A comment frame: ignored by browsers, it keeps proxies from closing an idle stream."""
+    return b"".join(f": {line}\n".encode() for line in _LINE_BREAK.split(text)) + b"\n"
+
+
+def retry(delay_ms: int) -> bytes:
+    """Tell the browser how long to wait before reconnecting."""
+    if delay_ms < 0:
+        raise ValueError("retry delay must not be negative")
+    return f"retry: {delay_ms}\n\n".encode()
+
+
+PING = comment("ping")
