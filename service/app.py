@@ -7,15 +7,20 @@ from aiohttp import web
 
 from . import handlers
 from . import resources as r
+from .connections import RedisOpener, open_redis
 from .errors import error_middleware
 from .keys import Keys
 from .settings import Settings
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the worker's app; resources open on startup and close on cleanup, in reverse."""
+def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web.Application:
+    """Build the worker's app; resources open on startup and close on cleanup, in reverse.
+
+    `open_client` is the seam tests use to put several apps on one shared in-memory Redis.
+    """
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[r.settings_key] = settings
+    app[r.redis_opener_key] = open_client
     app[r.keys_key] = Keys(settings.key_prefix)
     app.cleanup_ctx.append(r.redis_ctx)
     app.cleanup_ctx.append(r.hub_ctx)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -16,6 +17,13 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 Redis = redis.Redis
+
+
+class RedisOpener(Protocol):
+    """Opens the client a worker uses; `open_redis` in production, a shared fake in tests."""
+
+    async def __call__(self, settings: Settings, /) -> Redis: ...
+
 CONNECT_ATTEMPTS = 5
 
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.asyncio import Redis
 
-from .connections import open_redis
+from .connections import RedisOpener
 from .hub import Hub
 from .keys import Keys
 from .producer import Producer
@@ -16,6 +16,7 @@ from .sessions import SessionStore
 from .settings import Settings
 
 settings_key = web.AppKey("settings_key", Settings)
+redis_opener_key = web.AppKey("redis_opener_key", RedisOpener)
 keys_key = web.AppKey("keys_key", Keys)
 redis_key = web.AppKey("redis_key", Redis)
 hub_key = web.AppKey("hub_key", Hub)
@@ -28,7 +29,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Redis client, plus the stores that share it."""
     settings = app[settings_key]
     keys = app[keys_key]
-    client = await open_redis(settings)
+    client = await app[redis_opener_key](settings)
     app[redis_key] = client
     app[sessions_key] = SessionStore(client, keys, settings.session_ttl_s)
     app[publisher_key] = Publisher(client, keys, settings.session_ttl_s, settings.log_maxlen)

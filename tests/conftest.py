@@ -1,0 +1,92 @@
+"""Shared fixtures: settings, a real redis-server, a shared in-memory Redis, app clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio as redis
+from aiohttp.test_utils import TestClient
+
+from redis_process import RedisProcess, require_redis_server
+from service.app import create_app
+from service.connections import RedisOpener, open_redis
+from service.settings import Settings, build_settings
+
+# Fast, test-friendly defaults; each test overrides what it is about.
+FAST_SETTINGS: dict[str, Any] = {
+    "producer_interval_ms": 20,
+    "producer_poll_ms": 100,
+    "producer_lease_ms": 1000,
+    "session_ttl_s": 30.0,
+    "retry_ms": 500,
+}
+
+MakeSettings = Callable[..., Settings]
+StartClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def make_settings() -> MakeSettings:
+    """Build Settings from the fast defaults plus keyword overrides."""
+
+    def make(**overrides: Any) -> Settings:
+        return build_settings({**FAST_SETTINGS, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One real redis-server for the whole run, on a free loopback port."""
+    server = RedisProcess(require_redis_server(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis_url(redis_server: RedisProcess) -> AsyncIterator[str]:
+    """The real server's URL, on a database flushed for this test."""
+    client = redis.Redis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    yield redis_server.url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
+    """A plain client on the real server, for assertions about its state."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def fake_server() -> fakeredis.FakeServer:
+    """One in-memory Redis that several apps of a test share."""
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def fake_opener(fake_server: fakeredis.FakeServer) -> RedisOpener:
+    """Opens clients on the shared in-memory Redis."""
+
+    async def open_fake(settings: Settings, /) -> redis.Redis:
+        del settings
+        client: redis.Redis = fakeredis.FakeAsyncRedis(server=fake_server)
+        return client
+
+    return open_fake
+
+
+@pytest.fixture
+def start_client(aiohttp_client: Any) -> StartClient:
+    """Start an app built by the production factory and return a client for it."""
+
+    async def start(settings: Settings, open_client: RedisOpener = open_redis) -> Any:
+        return await aiohttp_client(create_app(settings, open_client))
+
+    return start
