@@ -31,13 +31,18 @@ async def open_redis(settings: Settings) -> Redis:
     """A connected client; retries a few times so a worker can start just before Redis does."""
     if settings.embedded_redis:
         return _embedded_redis()
-    client: Redis = redis.Redis.from_url(
+    # A blocking pool: a burst of requests queues for a connection instead of opening one
+    # each, so the worker's Redis connection count stays fixed whatever the client count.
+    pool = redis.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         retry=Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=2),
         health_check_interval=30,
     )
+    client: Redis = redis.Redis.from_pool(pool)
     delay_s = 0.2
     for attempt in range(1, CONNECT_ATTEMPTS):
         try:

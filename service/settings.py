@@ -25,6 +25,7 @@ class Settings:
     port: int = 8080
     redis_url: str = ""
     redis_timeout_s: float = 2.0
+    redis_max_connections: int = 3
     key_prefix: str = "sse"
     session_ttl_s: float = 60.0
     require_issued_session: bool = False
@@ -52,6 +53,7 @@ class Settings:
         for name in (
             "port",
             "listener_queue_size",
+            "redis_max_connections",
             "log_maxlen",
             "max_connections",
             "max_connections_per_session",
@@ -65,6 +67,11 @@ class Settings:
         for name in ("session_ttl_s", "heartbeat_interval_s", "redis_timeout_s"):
             _require(name, getattr(self, name) > 0, "must be positive")
         _require("port", self.port <= 65535, "must be at most 65535")
+        _require(
+            "redis_max_connections",
+            self.redis_max_connections >= 2,
+            "must be at least 2 (one is held by the shared subscription)",
+        )
         _require("retry_ms", self.retry_ms >= 0, "must not be negative")
         _require("producer_interval_ms", self.producer_interval_ms >= 0, "must not be negative")
         _require("drain_timeout_s", self.drain_timeout_s >= 0, "must not be negative")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -64,6 +65,14 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
     await client.aclose()
 
 
+async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float = 5.0,
+                   interval_s: float = 0.01) -> None:
+    """Poll `condition` until it holds; fail the test if the deadline passes first."""
+    async with asyncio.timeout(timeout_s):
+        while not await condition():
+            await asyncio.sleep(interval_s)
+
+
 @pytest.fixture
 def fake_server() -> fakeredis.FakeServer:
     """One in-memory Redis that several apps of a test share."""
@@ -86,7 +95,9 @@ def fake_opener(fake_server: fakeredis.FakeServer) -> RedisOpener:
 def start_client(aiohttp_client: Any) -> StartClient:
     """Start an app built by the production factory and return a client for it."""
 
-    async def start(settings: Settings, open_client: RedisOpener = open_redis) -> Any:
-        return await aiohttp_client(create_app(settings, open_client))
+    async def start(
+        settings: Settings, open_client: RedisOpener = open_redis, **client_kwargs: Any
+    ) -> Any:
+        return await aiohttp_client(create_app(settings, open_client), **client_kwargs)
 
     return start

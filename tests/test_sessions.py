@@ -1,0 +1,79 @@
+"""Session ids and their records: alphabet, entropy, validation, TTL."""
+
+import math
+
+import fakeredis
+import pytest
+
+from service.keys import Keys
+from service.sessions import (
+    BASE62,
+    SESSION_ID_LENGTH,
+    AttachStatus,
+    SessionStore,
+    is_valid_session_id,
+    new_session_id,
+)
+
+
+def test_ids_are_base62_and_carry_at_least_128_bits() -> None:
+    assert SESSION_ID_LENGTH * math.log2(62) >= 128
+    ids = {new_session_id() for _ in range(5000)}
+    assert len(ids) == 5000
+    assert all(len(i) == SESSION_ID_LENGTH and set(i) <= set(BASE62) for i in ids)
+    # Every digit position varies: no serial counter hiding in the id.
+    for position in range(SESSION_ID_LENGTH):
+        assert len({i[position] for i in ids}) > 30
+
+
+@pytest.mark.parametrize("good", ["1234", "a", "A-b_9", "x" * 64])
+def test_valid_ids(good: str) -> None:
+    assert is_valid_session_id(good)
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 65, "a b", "a\nb", "a/b", "é", "a{b}", "a:b"])
+def test_invalid_ids(bad: str) -> None:
+    assert not is_valid_session_id(bad)
+
+
+@pytest.fixture
+def store() -> tuple[SessionStore, fakeredis.FakeAsyncRedis]:
+    client = fakeredis.FakeAsyncRedis()
+    return SessionStore(client, Keys("t"), ttl_s=5.0), client
+
+
+async def test_issue_stores_the_id_with_its_ttl(
+    store: tuple[SessionStore, fakeredis.FakeAsyncRedis],
+) -> None:
+    sessions, client = store
+    session_id = await sessions.issue()
+    assert await client.hget(Keys("t").session(session_id), "issued") == b"1"
+    assert 4000 < await sessions.ttl_ms(session_id) <= 5000
+
+
+async def test_unknown_ids_are_registered_unless_issuing_is_required(
+    store: tuple[SessionStore, fakeredis.FakeAsyncRedis],
+) -> None:
+    sessions, _ = store
+    refused = await sessions.attach("1234", None, require_issued=True, start_run_with=None)
+    assert refused.status is AttachStatus.UNKNOWN
+    accepted = await sessions.attach("1234", None, require_issued=False, start_run_with=None)
+    assert accepted.status is AttachStatus.ATTACHED
+    assert accepted.ttl_ms > 4000
+    again = await sessions.attach("1234", None, require_issued=True, start_run_with=None)
+    assert again.status is AttachStatus.ATTACHED
+
+
+async def test_a_run_starts_once_until_it_finishes(
+    store: tuple[SessionStore, fakeredis.FakeAsyncRedis],
+) -> None:
+    sessions, client = store
+    first = await sessions.attach("s", None, require_issued=False, start_run_with=3)
+    assert first.run_needs_producer
+    # The run is waiting with no producer lease yet: a second connect asks again (harmless).
+    await client.set(Keys("t").lease("s"), "someone")
+    second = await sessions.attach("s", None, require_issued=False, start_run_with=3)
+    assert not second.run_needs_producer
+    await client.hset(Keys("t").run("s"), "state", "finished")
+    third = await sessions.attach("s", None, require_issued=False, start_run_with=3)
+    assert third.run_needs_producer
