@@ -11,10 +11,11 @@ import pytest
 import redis.asyncio as redis
 from aiohttp.test_utils import TestClient
 
-from redis_process import RedisProcess, require_redis_server
 from service.app import create_app
 from service.connections import RedisOpener, open_redis
 from service.settings import Settings, build_settings
+
+from redis_process import RedisProcess, require_redis_server
 
 # Fast, test-friendly defaults; each test overrides what it is about.
 FAST_SETTINGS: dict[str, Any] = {
@@ -49,12 +50,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 
 
 @pytest.fixture
-async def redis_url(redis_server: RedisProcess) -> AsyncIterator[str]:
+async def redis_url(redis_server: RedisProcess) -> str:
     """The real server's URL, on a database flushed for this test."""
     client = redis.Redis.from_url(redis_server.url)
     await client.flushall()
     await client.aclose()
-    yield redis_server.url
+    return redis_server.url
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float = 
                    interval_s: float = 0.01) -> None:
     """Poll `condition` until it holds; fail the test if the deadline passes first."""
     async with asyncio.timeout(timeout_s):
-        while not await condition():
+        while not await condition():  # noqa: ASYNC110 - the condition lives in another process
             await asyncio.sleep(interval_s)
 
 

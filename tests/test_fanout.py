@@ -9,9 +9,10 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 
-from conftest import MakeSettings, StartClient, wait_for
 from service.keys import Keys
 from service.publisher import Publisher
+
+from conftest import MakeSettings, StartClient, wait_for
 from sse_reader import collect
 
 pytestmark = pytest.mark.redis

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from conftest import MakeSettings, StartClient
 from service.connections import RedisOpener
 from service.envelope import parse_event_id
+
+from conftest import MakeSettings, StartClient
 from sse_reader import SSEParser, collect
 
 
@@ -24,7 +25,9 @@ async def test_get_session_id_returns_plain_base62(client: Any) -> None:
     assert response.status == 200
     assert response.content_type == "text/plain"
     text = await response.text()
-    assert text.isalnum() and text.isascii() and len(text) == 22
+    assert text.isalnum()
+    assert text.isascii()
+    assert len(text) == 22
     assert await (await client.get("/sse/getSessionId")).text() != text
 
 

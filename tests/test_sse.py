@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service import sse
+
 from sse_reader import SSEParser
 
 
