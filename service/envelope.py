@@ -13,15 +13,21 @@ from dataclasses import dataclass, field
 from .sse import Event
 
 FINISH_EVENT = "finish"
-_EVENT_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+# ASCII digits only (`\d` would admit other scripts' digits), each part a 64-bit unsigned
+# number as Redis stream ids are; anything else is refused before it reaches Redis.
+_EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_ID_PART_MAX = 2**64 - 1
 
 
 def parse_event_id(text: str) -> tuple[int, int]:
     """Order key of a log id `<ms>-<seq>`; raises ValueError for anything else."""
-    match = _EVENT_ID.match(text)
+    match = _EVENT_ID.fullmatch(text)
     if match is None:
         raise ValueError(f"not an event id: {text!r}")
-    return int(match.group(1)), int(match.group(2))
+    position = int(match.group(1)), int(match.group(2))
+    if max(position) > _ID_PART_MAX:
+        raise ValueError(f"event id out of range: {text!r}")
+    return position
 
 
 @dataclass(frozen=True, slots=True)

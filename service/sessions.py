@@ -26,7 +26,7 @@ def new_session_id() -> str:
 
 def is_valid_session_id(text: str) -> bool:
     """Ids the service accepts from clients: 1-64 of `[A-Za-z0-9_-]`."""
-    return SESSION_ID_PATTERN.match(text) is not None
+    return SESSION_ID_PATTERN.fullmatch(text) is not None
 
 
 class AttachStatus(Enum):
