@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .envelope import Delivery, decode_payload
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +164,8 @@ class Hub:
         """End every listener, stop the reader and release the connection."""
         self._closing = True
         self._end_all(EndReason.SHUTDOWN)
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
+        await cancel_and_wait([self._reader])
+        self._reader = None
         await self._pubsub.aclose()
         self.connected = False
 
@@ -272,13 +270,12 @@ class Hub:
                 failures = 0
                 if message is not None:
                     self._handle(message)
-        except asyncio.CancelledError:
-            raise
         except Exception:
+            # A bug, not a Redis outage: end every stream so clients reconnect to a healthy
+            # worker, and let readiness report the failure instead of hanging silently.
             log.exception("hub reader failed; ending all listeners")
             self.connected = False
             self._end_all(EndReason.HUB_FAILED)
-            raise
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]

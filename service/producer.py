@@ -10,7 +10,6 @@ producer, polling the `runs` index, takes the run over at the next unsent event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -25,6 +24,7 @@ from .hub import Hub, HubClosedError
 from .keys import Keys
 from .publisher import Fence, Publisher, PublishOutcome
 from .settings import Settings
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,7 @@ class Producer:
 
     async def close(self) -> None:
         """Stop claiming and cancel running runs; their leases expire and others take over."""
-        tasks = [t for t in (self._loop_task, *self._runs.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait([self._loop_task, *self._runs.values()])
         self._runs.clear()
         self._loop_task = None
 

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from service.app import create_app
 from service.connections import RedisOpener, open_redis
+from service.keys import Keys
 from service.settings import Settings, build_settings
 
 from redis_process import RedisProcess, require_redis_server
@@ -72,6 +73,12 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float = 
     async with asyncio.timeout(timeout_s):
         while not await condition():  # noqa: ASYNC110 - the condition lives in another process
             await asyncio.sleep(interval_s)
+
+
+async def logged_ids(client: redis.Redis, session_id: str) -> list[str]:
+    """The ids in a session's event log, oldest first."""
+    entries = await client.xrange(Keys().log(session_id))
+    return [entry_id.decode() for entry_id, _ in entries]
 
 
 @pytest.fixture

@@ -1,0 +1,116 @@
+"""The shared subscription: refcounting, bounded inboxes, slow listeners, reader failure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as redis
+
+from service.hub import EndReason, Hub, HubClosedError, Incoming
+from service.keys import Keys
+from service.publisher import Publisher
+from service.resources import hub_key
+
+from conftest import MakeSettings, StartClient, wait_for
+from sse_reader import collect
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+async def hub(redis_url: str) -> AsyncIterator[Hub]:
+    client = redis.Redis.from_url(redis_url)
+    hub = Hub(client, "test:hub", inbox_limit=3)
+    await hub.start()
+    yield hub
+    await hub.close()
+    await client.aclose()
+
+
+async def numsub(client: redis.Redis, channel: str) -> int:
+    return int((await client.pubsub_numsub(channel))[0][1])
+
+
+async def test_first_listener_subscribes_and_last_unsubscribes(
+    hub: Hub, redis_client: redis.Redis
+) -> None:
+    async with hub.listen("ch"):
+        assert await numsub(redis_client, "ch") == 1
+        async with hub.listen("ch"):
+            assert hub.listeners_of("ch") == 2
+            assert await numsub(redis_client, "ch") == 1
+        assert await numsub(redis_client, "ch") == 1
+    assert await numsub(redis_client, "ch") == 0
+    assert hub.channel_count == 0
+
+
+async def test_quick_leave_and_rejoin_keeps_the_channel_live(
+    hub: Hub, redis_client: redis.Redis
+) -> None:
+    for _ in range(20):
+        async with hub.listen("flap"):
+            pass
+    async with hub.listen("flap") as listener:
+        await redis_client.publish("flap", b"1-0\n\nhello")
+        items = await listener.take(2)
+    assert [item.delivery.data for item in items if isinstance(item, Incoming)] == ["hello"]
+
+
+async def test_a_full_inbox_ends_only_that_listener(hub: Hub, redis_client: redis.Redis) -> None:
+    async with hub.listen("busy") as slow, hub.listen("busy") as fast:
+        received: list[str] = []
+        for n in range(1, 6):
+            await redis_client.publish("busy", f"{n}-0\n\nm{n}".encode())
+            items = await fast.take(2)
+            received.extend(i.delivery.data for i in items if isinstance(i, Incoming))
+        assert received == ["m1", "m2", "m3", "m4", "m5"]
+        assert slow.ended is EndReason.SLOW
+        assert fast.ended is None
+    assert hub.stats.slow_listeners_dropped == 1
+
+
+async def test_reader_failure_ends_listeners_and_refuses_new_ones(hub: Hub) -> None:
+    async def broken(**kwargs: Any) -> None:
+        raise RuntimeError("parser exploded")
+
+    async with hub.listen("doomed") as listener:
+        hub._pubsub.get_message = broken  # the failure a bug in the reader would cause
+        await hub._pubsub.ping()  # wake the blocked read so the next call hits the fault
+        await wait_for(lambda: _ended(listener))
+        assert listener.ended is EndReason.HUB_FAILED
+    assert not hub.connected
+    with pytest.raises(HubClosedError):
+        async with hub.listen("later"):
+            pass
+
+
+async def _ended(listener: Any) -> bool:
+    return listener.ended is not None
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_others_get_everything(
+    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    redis_client: redis.Redis,
+) -> None:
+    settings = make_settings(redis_url=redis_url, demo_runs=False, listener_queue_size=8)
+    client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
+    stalled = await client.get("/sse/connect", params={"sessionId": "crowd"})
+    reader = await client.get("/sse/connect", params={"sessionId": "crowd"})
+    for response in (stalled, reader):
+        await response.content.readuntil(b"\n\n")
+    publisher = Publisher(redis_client, Keys(), session_ttl_s=30, log_maxlen=1000)
+    payload = "x" * 65536
+    count = 300
+    reading = asyncio.create_task(collect(reader, timeout_s=30))
+    for n in range(count - 1):
+        await publisher.publish("crowd", "", f"{n} {payload}")
+    await publisher.publish("crowd", "finish", "end")
+    events = await reading
+    assert len(events) == count
+    assert [e.data.split(" ")[0] for e in events[:-1]] == [str(n) for n in range(count - 1)]
+    assert client.server.app[hub_key].stats.slow_listeners_dropped == 1
+    stalled.close()

@@ -1,0 +1,101 @@
+"""The demo producer: its events, once per session, and takeover when its process dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from service.keys import Keys
+from service.producer import demo_event
+
+from conftest import MakeSettings, StartClient, logged_ids
+from sse_reader import collect
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_events_are_worded_like_the_original() -> None:
+    moment = datetime(2026, 1, 2, 3, 4, 5, 678901)
+    assert demo_event("abc", 0, 10, moment) == ("", "server time: 03:04:05.678901 id: abc")
+    assert demo_event("abc", 8, 10, moment) == ("", "server time: 03:04:05.678901 id: abc")
+    assert demo_event("abc", 9, 10, moment) == ("finish", "server time: 03:04:05.678901 结束: abc")
+
+
+@pytest.mark.redis
+async def test_concurrent_first_connections_on_three_instances_start_one_run(
+    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    redis_client: redis.Redis,
+) -> None:
+    settings = make_settings(redis_url=redis_url, producer_interval_ms=30)
+    clients = [await start_client(settings) for _ in range(3)]
+
+    async def read(client: Any) -> list[str]:
+        response = await client.get("/sse/connect", params={"sessionId": "race"})
+        return [e.id for e in await collect(response)]
+
+    results = await asyncio.gather(*(read(c) for c in clients for _ in range(3)))
+    assert all(result == results[0] for result in results)
+    assert len(results[0]) == 10
+    assert await redis_client.xlen(Keys().log("race")) == 10
+
+
+class ProducerProcess:
+    """`python -m service producer` as a child process, as the compose stack runs it."""
+
+    def __init__(self, redis_url: str) -> None:
+        env = {
+            **os.environ,
+            "SSE_REDIS_URL": redis_url,
+            "SSE_PRODUCER_INTERVAL_MS": "150",
+            "SSE_PRODUCER_LEASE_MS": "800",
+            "SSE_PRODUCER_POLL_MS": "100",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "service", "producer"],
+            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+        )
+
+    async def wait_running(self) -> None:
+        assert self.process.stderr is not None
+        stderr = self.process.stderr
+        async with asyncio.timeout(10):
+            while "producer running" not in await asyncio.to_thread(stderr.readline):
+                assert self.process.poll() is None, "producer process exited"
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+
+@pytest.mark.redis
+async def test_a_killed_producer_process_is_taken_over_without_loss_or_repeat(
+    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    redis_client: redis.Redis,
+) -> None:
+    worker = await start_client(make_settings(redis_url=redis_url, producer="off"))
+    doomed = ProducerProcess(redis_url)
+    try:
+        await doomed.wait_running()
+        response = await worker.get("/sse/connect", params={"sessionId": "orphan"})
+        head = await collect(response, until=4)
+    finally:
+        doomed.kill()
+    assert doomed.process.returncode == -signal.SIGKILL
+    # A new worker with an in-process producer finds the orphaned run once its lease lapses.
+    await start_client(make_settings(redis_url=redis_url, producer_lease_ms=800))
+    tail = await collect(response, timeout_s=20)
+    received = head + tail
+    logged = await logged_ids(redis_client, "orphan")
+    assert [e.id for e in received] == logged
+    assert [e.event for e in received] == ["message"] * 9 + ["finish"]
