@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp_cors
 from aiohttp import web
 
-from . import handlers
+from . import api, docs_page, handlers, openapi
 from . import resources as r
 from .connections import RedisOpener, open_redis
 from .errors import error_middleware
@@ -49,6 +49,11 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
         web.get("/", handlers.index),
         web.get("/healthz", handlers.healthz),
         web.get("/readyz", handlers.readyz),
+        web.post("/sse/sessions/{sessionId}/events", api.publish_events),
+        web.get("/sse/sessions/{sessionId}", api.session_status),
+        web.delete("/sse/sessions/{sessionId}", api.delete_session),
+        web.get("/openapi.json", openapi.openapi_json),
+        web.get("/docs", docs_page.docs),
     ]
     for route in app.router.add_routes(routes):
         cors.add(route)

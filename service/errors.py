@@ -54,6 +54,46 @@ class TooManyForSession(ServiceError):
     code = "too_many_session_connections"
 
 
+class MalformedJson(ServiceError):
+    """The request body is not valid UTF-8 JSON."""
+
+    code = "malformed_json"
+
+
+class InvalidEvent(ServiceError):
+    """A published event (or batch) has the wrong shape or a field breaks a rule."""
+
+    code = "invalid_event"
+
+
+class EventTooLarge(ServiceError):
+    """A published event's data is larger than `max_event_bytes`."""
+
+    status = 413
+    code = "event_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    """The request body is not declared as `application/json`."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Unauthorized(ServiceError):
+    """No bearer token, or not one of the configured ones."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class PublishingDisabled(ServiceError):
+    """No publish token is configured, so the session API is switched off."""
+
+    status = 403
+    code = "publishing_disabled"
+
+
 class Unavailable(ServiceError):
     """Redis is unreachable or the worker is shutting down."""
 
@@ -121,7 +161,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = error_response(
             error.status,
             code,
-            error.reason,
+            _http_detail(error),
             {k: v for k, v in error.headers.items() if k == "Allow"},
         )
     except Exception:
@@ -134,3 +174,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = request_id
     return response
+
+
+def _http_detail(error: web.HTTPException) -> str:
+    """aiohttp's own explanation when it has one (e.g. the body size limit), else the reason."""
+    text = error.text or ""
+    if text and not text.startswith(f"{error.status}:"):
+        return text
+    return error.reason

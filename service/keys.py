@@ -36,6 +36,15 @@ class Keys:
         """String with a TTL: the token of the producer currently executing the run."""
         return f"{self.prefix}:{{{session_id}}}:lease"
 
+    def session_keys(self, session_id: str) -> tuple[str, ...]:
+        """Every key holding the session's state (not its channel): what ending it removes."""
+        return (
+            self.session(session_id),
+            self.log(session_id),
+            self.run(session_id),
+            self.lease(session_id),
+        )
+
     @property
     def runs(self) -> str:
         """Sorted set of session ids with an unfinished run, scored by next check time (ms)."""

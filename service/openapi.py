@@ -1,0 +1,517 @@
+"""The OpenAPI 3.1 description of every HTTP endpoint, written by hand, served at /openapi.json.
+
+It is built from the settings so the limits and the auth rule it states are this deployment's.
+`tests/test_openapi.py` checks that it names every route the app serves and fuzzes the API
+against it, so the two cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from . import resources as r
+from .auth import AccessPolicy, access_policy
+from .sessions import SESSION_ID_PATTERN
+from .settings import Settings
+from .submission import EVENT_NAME_PATTERN, MAX_BATCH_EVENTS
+
+EVENT_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
+JSON = "application/json"
+
+Spec = dict[str, Any]
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """This document, as JSON."""
+    return web.json_response(build_document(request.app[r.settings_key]))
+
+
+@functools.lru_cache(maxsize=4)
+def build_document(settings: Settings) -> Spec:
+    """The complete OpenAPI document for a worker running with `settings`."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "sse-fanout",
+            "version": __version__,
+            "summary": "Server-Sent Events push gateway fanned out over Redis pub/sub.",
+            "description": _INFO_TEXT,
+        },
+        "tags": [
+            {"name": "stream", "description": "What browsers use: get an id, open the stream."},
+            {"name": "sessions", "description": "What backends use: publish, end, inspect."},
+            {"name": "operations", "description": "Health probes, this description, the demo."},
+        ],
+        "paths": {
+            "/sse/getSessionId": {"get": _get_session_id()},
+            "/sse/connect": {"get": _connect(settings)},
+            "/sse/sessions/{sessionId}": {
+                "parameters": [_ref("parameters", "SessionIdPath")],
+                "get": _session_status(settings),
+                "delete": _delete_session(settings),
+            },
+            "/sse/sessions/{sessionId}/events": {
+                "parameters": [_ref("parameters", "SessionIdPath")],
+                "post": _publish(settings),
+            },
+            "/healthz": {"get": _healthz()},
+            "/readyz": {"get": _readyz()},
+            "/openapi.json": {"get": _static_op("This document.", JSON, {"type": "object"})},
+            "/docs": {"get": _static_op("This document, rendered as a page.", "text/html")},
+            "/": {"get": _static_op("The browser demo page.", "text/html")},
+            "/app.js": {"get": _static_op("The demo page's script.", "text/javascript")},
+            "/style.css": {"get": _static_op("The demo page's style sheet.", "text/css")},
+        },
+        "components": _components(settings),
+    }
+
+
+_INFO_TEXT = """\
+A browser gets a session id, opens an EventSource on `/sse/connect`, and receives every event
+published to that session by any backend through any worker. Subscribing needs only the
+unguessable session id. The session API (`/sse/sessions/...`) needs a bearer token.
+
+Every error is JSON: `{"error": "<stable code>", "detail": "<text for people>"}`. Each response
+carries an `X-Request-Id` header (a request may send its own, up to 64 printable characters)
+that the worker's log line for the error also names; SSE streams are the exception, as their
+headers go out before a request id is useful.
+
+Event ids are positions in the session's log, `<milliseconds>-<sequence>`, strictly increasing.
+A client resumes with `Last-Event-ID` and is replayed what it missed, as long as the log (capped,
+and expiring with the session) still holds it; otherwise it gets a `gap` event first."""
+
+
+def _get_session_id() -> Spec:
+    return {
+        "tags": ["stream"],
+        "operationId": "getSessionId",
+        "summary": "Issue a new session id",
+        "description": "A fresh, unguessable id (22 base-62 characters, 128 random bits), as "
+        "plain text. It lives for the session TTL; a fresh connect renews it.",
+        "responses": {
+            "200": {
+                "description": "The new session id.",
+                "content": {
+                    "text/plain": {"schema": {"type": "string", "pattern": "^[0-9A-Za-z]{22}$"}}
+                },
+            },
+            "503": _ref("responses", "Unavailable"),
+        },
+    }
+
+
+def _connect(settings: Settings) -> Spec:
+    return {
+        "tags": ["stream"],
+        "operationId": "connect",
+        "summary": "Open the session's event stream",
+        "description": (
+            "A `text/event-stream` that starts with a `retry:` field and a `: connected` "
+            "comment, replays logged events the client has not seen, then relays live ones. "
+            f"Idle streams get a `: ping` comment every {settings.heartbeat_interval_s:g} s. "
+            "The stream ends after the `finish` event, when the session expires "
+            f"(TTL {settings.session_ttl_s:g} s from the last fresh connect), when the client is "
+            "too slow to keep up, or when the worker shuts down.\n\n"
+            "A fresh connect (no resume point) renews the session's TTL"
+            + (" and starts a demo run of "
+               f"{settings.producer_event_count} events when none is active."
+               if settings.demo_runs else ".")
+        ),
+        "parameters": [
+            {
+                "name": "sessionId",
+                "in": "query",
+                "required": True,
+                "description": "The session to follow. Given exactly once.",
+                "schema": {"type": "string", "pattern": SESSION_ID_PATTERN.pattern},
+            },
+            {
+                "name": "lastEventId",
+                "in": "query",
+                "required": False,
+                "description": "Resume point for clients that cannot set headers; the "
+                "`Last-Event-ID` header wins when both are present.",
+                "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
+            },
+            {
+                "name": "Last-Event-ID",
+                "in": "header",
+                "required": False,
+                "description": "Resume point, sent by EventSource when it reconnects: events "
+                "after this id are replayed from the log.",
+                "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "The event stream. Events carry `id:` (their log position), an "
+                "optional `event:` name and `data:` lines. Named events of the service itself: "
+                "`finish` (last event of the session) and `gap` (data: the resume point, whose "
+                "successors are no longer all in the log).",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            "204": {
+                "description": "The resume point is at or after the session's `finish`; nothing "
+                "more will come (EventSource stops reconnecting)."
+            },
+            "400": _error("`invalid_parameter`: `sessionId` missing, repeated or malformed, "
+                          "or a malformed resume point."),
+            "404": _error("`session_not_found`: the id was not issued or has expired "
+                          "(only with `require_issued_session`)."),
+            "429": _error("`too_many_session_connections`: this session already has "
+                          f"{settings.max_connections_per_session} streams on this worker."),
+            "503": _error(
+                "`too_many_connections`: this worker holds "
+                f"{settings.max_connections} streams; `unavailable`: Redis is unreachable.",
+                retry_after=True,
+            ),
+        },
+    }
+
+
+def _publish(settings: Settings) -> Spec:
+    return {
+        "tags": ["sessions"],
+        "operationId": "publishEvents",
+        "summary": "Publish events to a session",
+        "description": (
+            "Publishes one event (a JSON object) or a batch (a JSON array of 1 to "
+            f"{MAX_BATCH_EVENTS} objects, published in order) to every stream of the session, "
+            "on every worker, through the same path as the demo producer: each event is "
+            "appended to the session's log and relayed live, so reconnecting clients get it "
+            "replayed. A batch is checked as a whole before anything is published; if Redis "
+            "fails part-way, a prefix of it may have been published.\n\n"
+            "An event named `finish` ends every stream of the session after it is delivered.\n\n"
+            "Publishing to a session nobody has connected to yet creates it, unless "
+            "`require_issued_session` is on: then an unknown session is 404."
+        ),
+        "security": _security(settings),
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {
+                    "schema": {
+                        "oneOf": [
+                            _ref("schemas", "EventIn"),
+                            {
+                                "type": "array",
+                                "items": _ref("schemas", "EventIn"),
+                                "minItems": 1,
+                                "maxItems": MAX_BATCH_EVENTS,
+                            },
+                        ]
+                    },
+                    "examples": {
+                        "single": {"value": {"event": "payment", "data": {"status": "paid"}}},
+                        "batch": {
+                            "value": [{"data": "step 1"}, {"event": "finish", "data": "done"}]
+                        },
+                    },
+                }
+            },
+        },
+        "responses": {
+            "202": {
+                "description": "Published. A single event answers `{\"id\"}`, a batch "
+                "`{\"ids\"}` in the order given.",
+                "content": {
+                    JSON: {
+                        "schema": {
+                            "oneOf": [
+                                _ref("schemas", "Published"),
+                                _ref("schemas", "PublishedBatch"),
+                            ]
+                        }
+                    }
+                },
+            },
+            "400": _error("`invalid_parameter`: malformed `sessionId`; `malformed_json`: the "
+                          "body is not UTF-8 JSON; `invalid_event`: wrong shape, an unknown "
+                          "field, a client-chosen `id`, a bad event name, or a batch size "
+                          f"outside 1-{MAX_BATCH_EVENTS}."),
+            **_auth_errors(),
+            "404": _error("`session_not_found` (only with `require_issued_session`)."),
+            "413": _error(
+                f"`payload_too_large`: the body exceeds {settings.max_body_bytes} bytes; "
+                f"`event_too_large`: an event's data exceeds {settings.max_event_bytes} bytes "
+                "(UTF-8, after serializing non-string data)."
+            ),
+            "415": _error("`unsupported_media_type`: the body is not `application/json`."),
+            "503": _ref("responses", "Unavailable"),
+        },
+    }
+
+
+def _delete_session(settings: Settings) -> Spec:
+    return {
+        "tags": ["sessions"],
+        "operationId": "deleteSession",
+        "summary": "End a session",
+        "description": "Publishes a final `finish` event (data `session deleted`) so every "
+        "stream of the session, on every worker, receives it and closes; then removes the "
+        "session's record, log and demo-run state. A later connect with the same id starts "
+        "a new, empty session (unless `require_issued_session` is on: then 404).",
+        "security": _security(settings),
+        "responses": {
+            "204": {"description": "The session ended and its data is gone."},
+            "400": _error("`invalid_parameter`: malformed `sessionId`."),
+            **_auth_errors(),
+            "404": _error("`session_not_found`: no such session (never existed or expired)."),
+            "503": _ref("responses", "Unavailable"),
+        },
+    }
+
+
+def _session_status(settings: Settings) -> Spec:
+    return {
+        "tags": ["sessions"],
+        "operationId": "getSessionStatus",
+        "summary": "Read a session's status",
+        "description": "Guarded by the same token as publishing, since it reveals activity.",
+        "security": _security(settings),
+        "responses": {
+            "200": {
+                "description": "The session's state now.",
+                "content": {JSON: {"schema": _ref("schemas", "SessionStatus")}},
+            },
+            "400": _error("`invalid_parameter`: malformed `sessionId`."),
+            **_auth_errors(),
+            "404": _error("`session_not_found`: no such session (never existed or expired)."),
+            "503": _ref("responses", "Unavailable"),
+        },
+    }
+
+
+def _healthz() -> Spec:
+    return {
+        "tags": ["operations"],
+        "operationId": "healthz",
+        "summary": "Liveness: the process answers",
+        "responses": {
+            "200": {
+                "description": "Alive.",
+                "content": {
+                    JSON: {
+                        "schema": {
+                            "type": "object",
+                            "required": ["status"],
+                            "properties": {"status": {"const": "ok"}},
+                        }
+                    }
+                },
+            }
+        },
+    }
+
+
+def _readyz() -> Spec:
+    return {
+        "tags": ["operations"],
+        "operationId": "readyz",
+        "summary": "Readiness: Redis answers and the shared subscription is connected",
+        "responses": {
+            "200": {
+                "description": "Ready; `listeners` is the number of streams open on this worker.",
+                "content": {
+                    JSON: {
+                        "schema": {
+                            "type": "object",
+                            "required": ["status", "listeners"],
+                            "properties": {
+                                "status": {"const": "ready"},
+                                "listeners": {"type": "integer", "minimum": 0},
+                            },
+                        }
+                    }
+                },
+            },
+            "503": {
+                "description": "Not ready; `problems` says why.",
+                "content": {
+                    JSON: {
+                        "schema": {
+                            "type": "object",
+                            "required": ["status", "problems"],
+                            "properties": {
+                                "status": {"const": "unavailable"},
+                                "problems": {"type": "array", "items": {"type": "string"}},
+                            },
+                        }
+                    }
+                },
+            },
+        },
+    }
+
+
+def _static_op(summary: str, media_type: str, schema: Spec | None = None) -> Spec:
+    return {
+        "tags": ["operations"],
+        "summary": summary,
+        "responses": {
+            "200": {
+                "description": summary,
+                "content": {media_type: {"schema": schema or {"type": "string"}}},
+            }
+        },
+    }
+
+
+def _security(settings: Settings) -> list[Spec]:
+    # In the embedded default mode without tokens the API is open: anonymous access is allowed.
+    if access_policy(settings) is AccessPolicy.OPEN:
+        return [{}, {"bearerAuth": []}]
+    return [{"bearerAuth": []}]
+
+
+def _auth_errors() -> Spec:
+    return {
+        "401": _ref("responses", "Unauthorized"),
+        "403": _error("`publishing_disabled`: no publish token is configured and Redis is "
+                      "external, so the session API is off."),
+    }
+
+
+def _error(description: str, *, retry_after: bool = False) -> Spec:
+    response: Spec = {
+        "description": description,
+        "content": {JSON: {"schema": _ref("schemas", "Error")}},
+    }
+    if retry_after:
+        response["headers"] = {"Retry-After": _ref("headers", "RetryAfter")}
+    return response
+
+
+def _ref(kind: str, name: str) -> Spec:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _components(settings: Settings) -> Spec:
+    return {
+        "securitySchemes": {
+            "bearerAuth": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "One of the configured `publish_tokens` (`SSE_PUBLISH_TOKENS`). "
+                "Without any, the session API answers 403, except in the embedded default mode "
+                "(no `redis_url`), where it is open.",
+            }
+        },
+        "parameters": {
+            "SessionIdPath": {
+                "name": "sessionId",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": SESSION_ID_PATTERN.pattern},
+            }
+        },
+        "headers": {
+            "RetryAfter": {
+                "description": "Seconds to wait before retrying.",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        },
+        "responses": {
+            "Unauthorized": {
+                "description": "`unauthorized`: no bearer token, or not a valid one.",
+                "headers": {
+                    "WWW-Authenticate": {
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "^Bearer "},
+                    }
+                },
+                "content": {JSON: {"schema": _ref("schemas", "Error")}},
+            },
+            "Unavailable": _error(
+                "`unavailable`: Redis is unreachable; retry shortly.", retry_after=True
+            ),
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error", "detail"],
+                "additionalProperties": False,
+                "properties": {
+                    "error": {"type": "string", "description": "Stable machine-readable code."},
+                    "detail": {"type": "string", "description": "Explanation for people."},
+                },
+            },
+            "EventIn": {
+                "type": "object",
+                "required": ["data"],
+                "additionalProperties": False,
+                "description": "One event. A client-chosen `id` is refused with 400: event ids "
+                "are log positions assigned on publish.",
+                "properties": {
+                    "event": {
+                        "type": "string",
+                        "pattern": EVENT_NAME_PATTERN,
+                        "description": "The event name (EventSource `addEventListener` type). "
+                        "Omit it for an unnamed `message` event. `finish` ends the session's "
+                        "streams.",
+                    },
+                    "data": {
+                        "description": "A string is sent as-is (any text; line breaks become "
+                        "several `data:` lines and arrive as LF). Any other JSON value is sent "
+                        "as compact JSON text. At most "
+                        f"{settings.max_event_bytes} bytes of UTF-8.",
+                    },
+                },
+            },
+            "Published": {
+                "type": "object",
+                "required": ["id"],
+                "additionalProperties": False,
+                "properties": {"id": _ref("schemas", "EventId")},
+            },
+            "PublishedBatch": {
+                "type": "object",
+                "required": ["ids"],
+                "additionalProperties": False,
+                "properties": {"ids": {"type": "array", "items": _ref("schemas", "EventId")}},
+            },
+            "EventId": {
+                "type": "string",
+                "pattern": EVENT_ID_PATTERN,
+                "description": "Log position `<milliseconds>-<sequence>`; the SSE `id:`.",
+            },
+            "SessionStatus": {
+                "type": "object",
+                "required": [
+                    "sessionId", "ttlMs", "subscribers", "localStreams", "finished", "lastEventId"
+                ],
+                "additionalProperties": False,
+                "properties": {
+                    "sessionId": {"type": "string"},
+                    "ttlMs": {
+                        "type": ["integer", "null"],
+                        "description": "Milliseconds until the session expires (null: never).",
+                    },
+                    "subscribers": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "Workers subscribed to the session's channel (Redis "
+                        "PUBSUB NUMSUB): each worker subscribes once however many streams it has.",
+                    },
+                    "localStreams": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "Streams of the session open on the worker that answered.",
+                    },
+                    "finished": {
+                        "type": "boolean",
+                        "description": "A `finish` event was published in the current run.",
+                    },
+                    "lastEventId": {
+                        "oneOf": [_ref("schemas", "EventId"), {"type": "null"}],
+                        "description": "The newest logged event id, or null if none.",
+                    },
+                },
+            },
+        },
+    }
