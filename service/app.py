@@ -47,6 +47,7 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
         web.get("/sse/getSessionId", handlers.get_session_id),
         web.get("/sse/connect", handlers.connect),
         web.get("/", handlers.index),
+        web.get(r"/{name:app\.js|style\.css}", handlers.web_asset),
         web.get("/healthz", handlers.healthz),
         web.get("/readyz", handlers.readyz),
         web.post("/sse/sessions/{sessionId}/events", api.publish_events),
@@ -57,4 +58,3 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
     ]
     for route in app.router.add_routes(routes):
         cors.add(route)
-    app.router.add_static("/web/", handlers.WEB_DIR, name="web")

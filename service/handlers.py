@@ -124,10 +124,31 @@ def _already_finished(last_event_id: str | None, attachment: Attachment) -> bool
     return parse_event_id(last_event_id) >= parse_event_id(attachment.finished_id)
 
 
+# The demo page and its assets, served from fixed names only; the page refers to them (and to
+# the API) with relative URLs, so web/ also works as-is from any static server or a file.
+WEB_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+
+
 async def index(request: web.Request) -> web.FileResponse:
     """The browser demo page."""
     del request
-    return web.FileResponse(WEB_DIR / "index.html")
+    return _web_file("index.html")
+
+
+async def web_asset(request: web.Request) -> web.FileResponse:
+    """A script or style sheet of the demo page (the route admits only names in WEB_FILES)."""
+    return _web_file(request.match_info["name"])
+
+
+def _web_file(name: str) -> web.FileResponse:
+    return web.FileResponse(
+        WEB_DIR / name,
+        headers={"Content-Type": WEB_FILES[name], "Cache-Control": "no-cache"},
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,0 +1,307 @@
+"""The demo page in a real headless Chromium, against the service on a real port and real Redis.
+
+The browser is Debian's `chromium` package driven by Playwright; no browser is ever downloaded.
+Without Chromium (or Playwright) these tests skip, and fail instead when `SSE_REQUIRE_REDIS=1`
+or `CI` is set, so CI can never pass them by skipping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from service.app import create_app
+from service.handlers import WEB_DIR
+
+from conftest import MakeSettings
+
+try:
+    from playwright.async_api import Browser, Page, async_playwright, expect
+except ImportError:  # pragma: no cover - depends on the machine
+    async_playwright = None
+
+pytestmark = [pytest.mark.browser, pytest.mark.redis]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+REQUIRE_BROWSER = os.environ.get("SSE_REQUIRE_REDIS") == "1" or bool(os.environ.get("CI"))
+RETRY_MS = 300
+WAIT_MS = 10_000
+PHONE = {"width": 360, "height": 800}
+EVENT_ID = re.compile(r"^(\d+)-(\d+)$")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+READ_EVENTS = """items => items.map(item => ({
+    id: item.dataset.id,
+    name: item.dataset.name,
+    data: item.querySelector(".event-data").textContent,
+}))"""
+
+
+def require_chromium() -> str:
+    """The Chromium path; skip without it (or Playwright), or fail when CI requires them."""
+    reason = None
+    if async_playwright is None:
+        reason = "playwright is not installed (pip install -e '.[test]')"
+    elif not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if reason is not None:
+        if REQUIRE_BROWSER:
+            pytest.fail(f"{reason}, and SSE_REQUIRE_REDIS=1 or CI forbids skipping")
+        pytest.skip(reason)
+    return str(CHROMIUM)
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One request the service answered, as its server saw it."""
+
+    method: str
+    path: str
+    session_id: str | None
+    last_event_id: str | None
+    status: int
+
+
+@dataclass
+class Service:
+    """The service under test: its base URL and every request it answered."""
+
+    url: str
+    seen: list[Seen] = field(default_factory=list)
+
+    def connects(self, method: str = "GET") -> list[Seen]:
+        return [s for s in self.seen if s.path == "/sse/connect" and s.method == method]
+
+
+StartService = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """A headless Chromium for one test."""
+    executable = require_chromium()
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=executable, args=CHROMIUM_ARGS, headless=True, timeout=WAIT_MS
+        )
+        yield launched
+        await launched.close()
+
+
+@pytest.fixture
+def start_service(
+    aiohttp_server: Any, make_settings: MakeSettings, redis_url: str
+) -> StartService:
+    """Serve the production app on a real loopback port, recording what it answers.
+
+    `aiohttp_server` runs it with `handler_cancellation=True`, as `python -m service` does.
+    """
+
+    async def start(**overrides: Any) -> Service:
+        settings = make_settings(
+            **{"redis_url": redis_url, "retry_ms": RETRY_MS, "producer_interval_ms": 50,
+               **overrides}
+        )
+        app = create_app(settings)
+        service = Service(url="")
+
+        async def record(request: web.Request, response: web.StreamResponse) -> None:
+            service.seen.append(
+                Seen(
+                    request.method,
+                    request.path,
+                    request.query.get("sessionId"),
+                    request.headers.get("Last-Event-ID"),
+                    response.status,
+                )
+            )
+
+        app.on_response_prepare.append(record)
+        server = await aiohttp_server(app)
+        service.url = str(server.make_url("/"))
+        return service
+
+    return start
+
+
+@pytest.fixture
+async def page_errors() -> list[str]:
+    """Script errors and console errors of every page a test watches; checked by the test."""
+    return []
+
+
+def watch(page: Page, errors: list[str]) -> list[str]:
+    """Collect `page`'s script and console errors into `errors`; return its request URLs."""
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
+    page.on(
+        "console",
+        lambda message: errors.append(f"console: {message.text}")
+        if message.type == "error"
+        else None,
+    )
+    return requested
+
+
+async def finished_events(page: Page) -> list[dict[str, str]]:
+    """Wait until the page reports "finished", then read its event list."""
+    await expect(page.locator("#status")).to_have_attribute(
+        "data-state", "finished", timeout=WAIT_MS
+    )
+    await expect(page.locator("#status")).to_contain_text("finished")
+    events: list[dict[str, str]] = await page.locator("#events li").evaluate_all(READ_EVENTS)
+    return events
+
+
+def check_demo_run(events: list[dict[str, str]], session_id: str) -> None:
+    """Ten events in order: nine unnamed ticks, then `finish`, all naming the session."""
+    assert [e["name"] for e in events] == ["message"] * 9 + ["finish"]
+    positions = []
+    for event in events:
+        match = EVENT_ID.match(event["id"])
+        assert match, event
+        positions.append((int(match[1]), int(match[2])))
+    assert positions == sorted(set(positions)), "ids must strictly increase"
+    clock = r"server time: \d\d:\d\d:\d\d\.\d{6}"
+    for event in events[:-1]:
+        assert re.fullmatch(rf"{clock} id: {session_id}", event["data"]), event
+    assert re.fullmatch(rf"{clock} 结束: {session_id}", events[-1]["data"]), events[-1]
+
+
+async def start_session(page: Page) -> str:
+    """Press the button; return the session id the page shows."""
+    await page.get_by_role("button", name="Get a session id and connect").click()
+    output = page.locator("#session-id")
+    await expect(output).to_have_text(re.compile(r"^[A-Za-z0-9_-]{1,64}$"), timeout=WAIT_MS)
+    return await output.inner_text()
+
+
+def connect_urls(requested: list[str]) -> list[str]:
+    return [url for url in requested if "/sse/connect" in url]
+
+
+async def test_page_shows_the_run_in_order_and_closes_on_finish(
+    browser: Browser, start_service: StartService, page_errors: list[str], tmp_path: Path
+) -> None:
+    service = await start_service()
+    context = await browser.new_context(viewport=PHONE)
+    page = await context.new_page()
+    requested = watch(page, page_errors)
+    await page.goto(service.url)
+    await expect(page.locator("#status")).to_have_text("idle")
+
+    session_id = await start_session(page)
+    events = await finished_events(page)
+
+    check_demo_run(events, session_id)
+    await expect(page.locator("#event-count")).to_have_text("(10)")
+    await expect(page.locator("#status")).to_have_text(
+        "finished: 10 events received, connection closed"
+    )
+    # A browser whose source stayed open would reconnect one retry period after the server
+    # ended the response (and get 204). Absence can only be watched over a window: three periods.
+    await asyncio.sleep(3 * RETRY_MS / 1000)
+    assert len(connect_urls(requested)) == 1, requested
+    assert [(s.session_id, s.last_event_id, s.status) for s in service.connects()] == [
+        (session_id, None, 200)
+    ]
+    # Readable at 360 px: nothing sticks out sideways.
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+
+    shot = tmp_path / "finished.png"
+    await page.screenshot(path=shot, full_page=True)
+    assert shot.read_bytes().startswith(PNG_SIGNATURE)
+    assert shot.stat().st_size > 10_000
+    assert page_errors == []
+    await context.close()
+
+
+async def test_second_viewer_gets_every_event_of_the_same_session(
+    browser: Browser, start_service: StartService, page_errors: list[str]
+) -> None:
+    service = await start_service(producer_interval_ms=150)
+    context = await browser.new_context(viewport=PHONE)
+    first = await context.new_page()
+    watch(first, page_errors)
+    await first.goto(service.url)
+    session_id = await start_session(first)
+
+    link = first.get_by_role("link", name="Open a second viewer of this session")
+    async with context.expect_page(timeout=WAIT_MS) as opened:
+        await link.click()
+    second = await opened.value
+    watch(second, page_errors)
+    assert f"session={session_id}" in second.url
+
+    first_events, second_events = await asyncio.gather(
+        finished_events(first), finished_events(second)
+    )
+    check_demo_run(first_events, session_id)
+    assert second_events == first_events
+    await expect(second.locator("#session-id")).to_have_text(session_id)
+    assert [(s.session_id, s.last_event_id) for s in service.connects()] == [
+        (session_id, None),
+        (session_id, None),
+    ]
+    assert page_errors == []
+    await context.close()
+
+
+@pytest.fixture
+async def page_server(aiohttp_server: Any) -> str:
+    """A plain static server for web/ on its own port: a different origin from the service."""
+    app = web.Application()
+    app.router.add_static("/demo/", WEB_DIR)
+    server = await aiohttp_server(app)
+    return str(server.make_url("/demo/index.html"))
+
+
+async def test_page_from_another_origin_uses_the_configured_server(
+    browser: Browser, start_service: StartService, page_server: str, page_errors: list[str]
+) -> None:
+    service = await start_service()
+    context = await browser.new_context(viewport=PHONE)
+    page = await context.new_page()
+    watch(page, page_errors)
+    await page.goto(f"{page_server}?server={service.url}")
+    await expect(page.get_by_label("Server URL")).to_have_value(service.url)
+
+    session_id = await start_session(page)
+    events = await finished_events(page)
+    check_demo_run(events, session_id)
+    viewer_link = await page.locator("#second-viewer").get_attribute("href")
+    assert viewer_link is not None
+    assert viewer_link.startswith(page_server)
+    assert f"session={session_id}" in viewer_link
+    assert "server=" in viewer_link
+
+    # What a cross-origin EventSource sends when it resumes: `Last-Event-ID` needs a CORS
+    # preflight, and a client already past `finish` must be told to stop (204).
+    status = await page.evaluate(
+        """async ([url, lastId]) =>
+            (await fetch(url, {headers: {"Last-Event-ID": lastId}})).status""",
+        [f"{service.url}sse/connect?sessionId={session_id}", events[-1]["id"]],
+    )
+    assert status == 204
+    assert [s.status for s in service.connects("OPTIONS")] == [200]
+    assert service.connects()[-1].last_event_id == events[-1]["id"]
+    assert page_errors == []
+    await context.close()
