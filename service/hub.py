@@ -136,10 +136,15 @@ class HubClosedError(RuntimeError):
 class Hub:
     """One pub/sub connection per worker, multiplexed over any number of local listeners."""
 
-    def __init__(self, redis: Redis, control_channel: str, inbox_limit: int) -> None:
+    def __init__(
+        self, redis: Redis, control_channel: str, inbox_limit: int, timeout_s: float = 2.0
+    ) -> None:
         self._pubsub: Any = redis.pubsub()
         self._control_channel = control_channel.encode()
         self._inbox_limit = inbox_limit
+        # Silence longer than this gets a PING; twice this without any answer means the
+        # connection is dead even if TCP has not noticed (a partition, a frozen server).
+        self._idle_s = timeout_s
         self._channels: dict[bytes, _Channel] = {}
         # Futures for SUBSCRIBE commands sent but not yet confirmed, per channel, in send order:
         # Redis confirms in order, so each confirmation completes the oldest one.
@@ -257,7 +262,7 @@ class Hub:
         try:
             while True:
                 try:
-                    message = await self._pubsub.get_message(timeout=None)
+                    message = await self._next_message()
                 except (RedisConnectionError, RedisTimeoutError, OSError) as error:
                     failures += 1
                     self.connected = False
@@ -268,8 +273,8 @@ class Hub:
                     await asyncio.sleep(delay_s)
                     continue
                 failures = 0
-                if message is not None:
-                    self._handle(message)
+                if self._handle(message):
+                    await self._drop_stale_subscriptions()
         except Exception:
             # A bug, not a Redis outage: end every stream so clients reconnect to a healthy
             # worker, and let readiness report the failure instead of hanging silently.
@@ -277,7 +282,21 @@ class Hub:
             self.connected = False
             self._end_all(EndReason.HUB_FAILED)
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    async def _next_message(self) -> dict[str, Any]:
+        """The next message; pings a silent connection and gives up on one that stays silent."""
+        pinged = False
+        while True:
+            message = await self._pubsub.get_message(timeout=self._idle_s)
+            if message is not None:
+                return message  # type: ignore[no-any-return]
+            if pinged:
+                await self._pubsub.connection.disconnect()
+                raise RedisConnectionError(f"no answer to PING within {self._idle_s}s")
+            await self._pubsub.ping()
+            pinged = True
+
+    def _handle(self, message: dict[str, Any]) -> bool:
+        """Act on one message; True right after the subscription was re-established."""
         kind = message["type"]
         if kind in ("message", b"message"):
             self._dispatch(message["channel"], message["data"])
@@ -292,6 +311,15 @@ class Hub:
                     len(self._channels),
                 )
                 self._resync_all()
+                return True
+        return False
+
+    async def _drop_stale_subscriptions(self) -> None:
+        """Unsubscribe channels redis-py re-subscribed whose last listener left meanwhile."""
+        wanted = {*self._channels, self._control_channel}
+        stale = [name for name in self._pubsub.channels if name not in wanted]
+        if stale:
+            await self._pubsub.unsubscribe(*stale)
 
     def _on_reconnect(self, connection: object) -> None:
         del connection

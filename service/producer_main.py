@@ -27,7 +27,12 @@ async def run_producer(settings: Settings) -> None:
     async with contextlib.AsyncExitStack() as stack:
         client = await open_redis(settings)
         stack.push_async_callback(client.aclose)
-        hub = Hub(client, keys.hub_control, settings.listener_queue_size)
+        hub = Hub(
+            client,
+            keys.hub_control,
+            settings.listener_queue_size,
+            timeout_s=settings.redis_timeout_s,
+        )
         await hub.start()
         stack.push_async_callback(hub.close)
         publisher = Publisher(client, keys, settings.session_ttl_s, settings.log_maxlen)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from . import sse
 from .envelope import Delivery, parse_event_id
@@ -76,42 +77,49 @@ class EventStream:
         self._plan = plan
         self._last_id = plan.replay_after
         self._last_position = parse_event_id(plan.replay_after)
+        self._needs_resync = False
+        self._finished = False
         self.events_sent = 0
+        self.events_replayed = 0
 
     async def run(self) -> StreamEnd:
         """Replay what the client missed, then relay live events; return why it ended."""
         plan = self._plan
         expires_at = time.monotonic() + plan.ttl_ms / 1000
         await self._response.write(sse.retry(plan.retry_ms) + sse.comment("connected"))
-        if await self._replay(plan.replay_after, plan.detect_gap):
-            return StreamEnd.FINISHED
-        while True:
+        await self._replay(plan.replay_after, plan.detect_gap)
+        while not self._finished:
             wait_s = min(plan.heartbeat_interval_s, max(0.0, expires_at - time.monotonic()))
             items = await self._listener.take(wait_s)
             if items:
-                if await self._relay(items):
-                    return StreamEnd.FINISHED
+                await self._relay(items)
             elif self._listener.ended is not None:
                 return _END_BY_HUB[self._listener.ended]
             elif time.monotonic() >= expires_at:
-                ttl_ms = await self._sessions.ttl_ms(plan.session_id)
+                ttl_ms = await self._remaining_ttl_ms()
                 if ttl_ms <= 0:
                     return StreamEnd.EXPIRED
                 expires_at = time.monotonic() + ttl_ms / 1000
+            elif self._needs_resync:
+                await self._resync()
             else:
                 await self._response.write(sse.PING)
+        return StreamEnd.FINISHED
 
-    async def _relay(self, items: list[Incoming | Resync]) -> bool:
-        """Write new events among `items` in one write; True once `finish` went out."""
+    async def _relay(self, items: list[Incoming | Resync]) -> None:
+        """Write the new events among `items` in one write, stopping after `finish`."""
         frames: list[bytes] = []
-        finished = False
         for item in items:
             if isinstance(item, Resync):
+                self._needs_resync = True
+                continue
+            if self._needs_resync:
+                # Live events newer than a hole must wait until the log has filled it. If the
+                # log cannot be read yet, drop them: the next successful resync replays them.
                 await self._flush(frames)
                 frames = []
-                if await self._replay(self._last_id, detect_gap=True):
-                    return True
-                continue
+                if not await self._resync() or self._finished:
+                    return
             try:
                 delivery = item.delivery
             except ValueError:
@@ -120,13 +128,42 @@ class EventStream:
             if self._accept(delivery):
                 frames.append(delivery.frame)
                 if delivery.is_finish:
-                    finished = True
+                    self._finished = True
                     break
         await self._flush(frames)
-        return finished
+        if self._needs_resync and not self._finished:
+            await self._resync()
 
-    async def _replay(self, after: str, detect_gap: bool) -> bool:
-        """Write logged events after `after`; True if the log ends with `finish`."""
+    async def _resync(self) -> bool:
+        """Replay from the last event written, after the shared subscription came back.
+
+        Returns False while Redis cannot be read; the stream stays open (heartbeats go on)
+        and tries again on its next event or heartbeat.
+        """
+        try:
+            await self._replay(self._last_id, detect_gap=self._last_id != "0-0")
+        except RedisError as error:
+            log.info(
+                "session %s: resync postponed, redis unavailable: %s", self._plan.session_id, error
+            )
+            return False
+        self._needs_resync = False
+        return True
+
+    async def _remaining_ttl_ms(self) -> int:
+        """The session's TTL, or one more heartbeat while Redis cannot be asked."""
+        try:
+            return await self._sessions.ttl_ms(self._plan.session_id)
+        except RedisError as error:
+            log.info(
+                "session %s: TTL check postponed, redis unavailable: %s",
+                self._plan.session_id,
+                error,
+            )
+            return round(self._plan.heartbeat_interval_s * 1000)
+
+    async def _replay(self, after: str, detect_gap: bool) -> None:
+        """Write logged events after `after`, stopping after `finish`."""
         deliveries, gap = await self._sessions.read_log(
             self._plan.session_id, after, detect_gap=detect_gap
         )
@@ -135,12 +172,12 @@ class EventStream:
             frames.append(sse.Event(data=after, event=GAP_EVENT).encode())
         for delivery in deliveries:
             if self._accept(delivery):
+                self.events_replayed += 1
                 frames.append(delivery.frame)
                 if delivery.is_finish:
-                    await self._flush(frames)
-                    return True
+                    self._finished = True
+                    break
         await self._flush(frames)
-        return False
 
     def _accept(self, delivery: Delivery) -> bool:
         if delivery.position <= self._last_position:

@@ -147,8 +147,3 @@ async def test_unknown_route_is_a_json_404(client: Any) -> None:
     assert response.status == 404
     assert (await response.json())["error"] == "not_found"
 
-
-async def test_demo_page_is_served(client: Any) -> None:
-    response = await client.get("/")
-    assert response.status == 200
-    assert "EventSource" in await (await client.get("/web/app.js")).text()
