@@ -54,6 +54,14 @@ READ_EVENTS = """items => items.map(item => ({
 }))"""
 
 
+RECORD_STATES = """() => {
+    window.statusStates = [];
+    const status = document.getElementById("status");
+    new MutationObserver(() => window.statusStates.push(status.dataset.state))
+        .observe(status, {attributes: true, attributeFilter: ["data-state"]});
+}"""
+
+
 def require_chromium() -> str:
     """The Chromium path; skip without it (or Playwright), or fail when CI requires them."""
     reason = None
@@ -85,6 +93,7 @@ class Service:
 
     url: str
     seen: list[Seen] = field(default_factory=list)
+    streams: list[web.Request] = field(default_factory=list)
 
     def connects(self, method: str = "GET") -> list[Seen]:
         return [s for s in self.seen if s.path == "/sse/connect" and s.method == method]
@@ -123,6 +132,8 @@ def start_service(
         service = Service(url="")
 
         async def record(request: web.Request, response: web.StreamResponse) -> None:
+            if request.path == "/sse/connect" and response.status == 200:
+                service.streams.append(request)
             service.seen.append(
                 Seen(
                     request.method,
@@ -262,6 +273,37 @@ async def test_second_viewer_gets_every_event_of_the_same_session(
         (session_id, None),
     ]
     assert page_errors == []
+    await context.close()
+
+
+async def test_page_resumes_after_a_dropped_connection(
+    browser: Browser, start_service: StartService, page_errors: list[str]
+) -> None:
+    service = await start_service(producer_interval_ms=100)
+    context = await browser.new_context(viewport=PHONE)
+    page = await context.new_page()
+    watch(page, page_errors)
+    await page.goto(service.url)
+    await page.evaluate(RECORD_STATES)
+    session_id = await start_session(page)
+    await page.wait_for_function(
+        "document.querySelectorAll('#events li').length >= 3", timeout=WAIT_MS
+    )
+
+    transport = service.streams[0].transport
+    assert transport is not None
+    transport.close()  # the network drops the stream mid-run
+    events = await finished_events(page)
+
+    check_demo_run(events, session_id)
+    assert await page.evaluate("window.statusStates") == [
+        "requesting", "connecting", "open", "reconnecting", "open", "finished",
+    ]
+    first, resumed = service.connects()
+    assert first.last_event_id is None
+    assert resumed.last_event_id in [e["id"] for e in events[2:-1]]
+    # The browser's own console reports the dropped stream; nothing else may go wrong.
+    assert page_errors == ["console: Failed to load resource: net::ERR_INCOMPLETE_CHUNKED_ENCODING"]
     await context.close()
 
 
