@@ -24,9 +24,18 @@ from service.handlers import WEB_DIR
 from conftest import MakeSettings
 
 try:
-    from playwright.async_api import Browser, Page, async_playwright, expect
+    from playwright.async_api import (
+        Browser,
+        ConsoleMessage,
+        Page,
+        ViewportSize,
+        async_playwright,
+        expect,
+    )
+
+    HAVE_PLAYWRIGHT = True
 except ImportError:  # pragma: no cover - depends on the machine
-    async_playwright = None
+    HAVE_PLAYWRIGHT = False
 
 pytestmark = [pytest.mark.browser, pytest.mark.redis]
 
@@ -44,7 +53,7 @@ CHROMIUM_ARGS = [
 REQUIRE_BROWSER = os.environ.get("SSE_REQUIRE_REDIS") == "1" or bool(os.environ.get("CI"))
 RETRY_MS = 300
 WAIT_MS = 10_000
-PHONE = {"width": 360, "height": 800}
+PHONE: ViewportSize = {"width": 360, "height": 800}
 EVENT_ID = re.compile(r"^(\d+)-(\d+)$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 READ_EVENTS = """items => items.map(item => ({
@@ -65,7 +74,7 @@ RECORD_STATES = """() => {
 def require_chromium() -> str:
     """The Chromium path; skip without it (or Playwright), or fail when CI requires them."""
     reason = None
-    if async_playwright is None:
+    if not HAVE_PLAYWRIGHT:
         reason = "playwright is not installed (pip install -e '.[test]')"
     elif not CHROMIUM.exists():
         reason = f"{CHROMIUM} is missing (apt-get install chromium)"
@@ -153,7 +162,7 @@ def start_service(
 
 
 @pytest.fixture
-async def page_errors() -> list[str]:
+def page_errors() -> list[str]:
     """Script errors and console errors of every page a test watches; checked by the test."""
     return []
 
@@ -161,14 +170,14 @@ async def page_errors() -> list[str]:
 def watch(page: Page, errors: list[str]) -> list[str]:
     """Collect `page`'s script and console errors into `errors`; return its request URLs."""
     requested: list[str] = []
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            errors.append(f"console: {message.text}")
+
     page.on("request", lambda request: requested.append(request.url))
     page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
-    page.on(
-        "console",
-        lambda message: errors.append(f"console: {message.text}")
-        if message.type == "error"
-        else None,
-    )
+    page.on("console", on_console)
     return requested
 
 
