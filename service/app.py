@@ -7,6 +7,7 @@ from aiohttp import web
 
 from . import api, docs_page, handlers, openapi
 from . import resources as r
+from .access_log import access_log_middleware
 from .connections import RedisOpener, open_redis
 from .errors import error_middleware
 from .keys import Keys
@@ -18,14 +19,20 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
 
     `open_client` is the seam tests use to put several apps on one shared in-memory Redis.
     """
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[access_log_middleware, error_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
     app[r.settings_key] = settings
     app[r.redis_opener_key] = open_client
     app[r.keys_key] = Keys(settings.key_prefix)
+    app[r.lifecycle_key] = r.Lifecycle()
     app.cleanup_ctx.append(r.redis_ctx)
     app.cleanup_ctx.append(r.hub_ctx)
+    app.cleanup_ctx.append(r.metrics_ctx)
     if settings.producer == "embedded":
         app.cleanup_ctx.append(r.producer_ctx)
+    app.on_shutdown.append(r.drain_streams)
     _add_routes(app, settings)
     return app
 
@@ -50,6 +57,7 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
         web.get(r"/{name:app\.js|style\.css}", handlers.web_asset),
         web.get("/healthz", handlers.healthz),
         web.get("/readyz", handlers.readyz),
+        web.get("/metrics", handlers.serve_metrics),
         web.post("/sse/sessions/{sessionId}/events", api.publish_events),
         web.get("/sse/sessions/{sessionId}", api.session_status),
         web.delete("/sse/sessions/{sessionId}", api.delete_session),

@@ -16,7 +16,9 @@ from .errors import (
     SessionNotFound,
     TooManyConnections,
     TooManyForSession,
+    Unavailable,
 )
+from .metrics import CONTENT_TYPE, StreamMetrics, render
 from .producer import request_run
 from .sessions import Attachment, AttachStatus, is_valid_session_id
 from .stream import SSE_HEADERS, EventStream, StreamEnd, StreamPlan
@@ -40,6 +42,8 @@ async def connect(request: web.Request) -> web.StreamResponse:
     session_id = _session_id(request)
     last_event_id = _last_event_id(request)
     channel = keys.channel(session_id)
+    if app[r.lifecycle_key].draining:
+        raise Unavailable("this worker is shutting down", headers={"Retry-After": "1"})
     if hub.listener_count >= settings.max_connections:
         raise TooManyConnections(
             "this worker is at its connection limit", headers={"Retry-After": "1"}
@@ -70,13 +74,14 @@ async def connect(request: web.Request) -> web.StreamResponse:
             heartbeat_interval_s=settings.heartbeat_interval_s,
         )
         stream = EventStream(response, listener, app[r.sessions_key], plan)
-        await _run_stream(stream, session_id)
+        await _run_stream(stream, session_id, app[r.stream_metrics_key])
         return response
 
 
-async def _run_stream(stream: EventStream, session_id: str) -> None:
+async def _run_stream(stream: EventStream, session_id: str, metrics: StreamMetrics) -> None:
     started = time.monotonic()
     reason = StreamEnd.CLIENT_GONE
+    metrics.opened(stream)
     try:
         reason = await stream.run()
     except ConnectionResetError:
@@ -85,12 +90,24 @@ async def _run_stream(stream: EventStream, session_id: str) -> None:
         reason = StreamEnd.HUB_FAILED
         log.warning("stream of session %s lost redis: %s", session_id, error)
     finally:
+        metrics.closed(stream, reason)
+        duration_s = time.monotonic() - started
         log.info(
-            "stream end session=%s reason=%s events=%d duration=%.2fs",
+            "stream end session=%s reason=%s events=%d replayed=%d duration=%.2fs",
             session_id,
             reason.value,
             stream.events_sent,
-            time.monotonic() - started,
+            stream.events_replayed,
+            duration_s,
+            extra={
+                "fields": {
+                    "session": session_id,
+                    "reason": reason.value,
+                    "events": stream.events_sent,
+                    "replayed": stream.events_replayed,
+                    "duration_s": round(duration_s, 6),
+                }
+            },
         )
 
 
@@ -155,6 +172,12 @@ async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
     del request
     return web.json_response({"status": "ok"})
+
+
+async def serve_metrics(request: web.Request) -> web.Response:
+    """This worker's counters in the Prometheus text format."""
+    body = render(request.app[r.metrics_registry_key])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -29,6 +29,8 @@ from .tasks import cancel_and_wait
 log = logging.getLogger(__name__)
 
 SCAN_BATCH = 100
+RETRY_BASE_S = 0.1
+RETRY_CAP_S = 2.0
 
 # KEYS: run, lease. ARGV: token, lease_ms.
 # Returns false when the run is gone or finished, {-1, pttl} when another producer holds it,
@@ -40,6 +42,12 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {tonumber(fields[1]), tonumber(fields[2])}
 end
 return {-1, redis.call('PTTL', KEYS[2])}
+"""
+
+# KEYS: lease. ARGV: token. Deletes the lease only while the caller still holds it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 # KEYS: lease. ARGV: token, lease_ms.
@@ -91,7 +99,9 @@ class Producer:
         self._token_prefix = secrets.token_hex(8)
         self._claim = redis.register_script(_CLAIM)
         self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
         self._runs: dict[str, asyncio.Task[None]] = {}
+        self._tokens: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self.events_published = 0
 
@@ -102,10 +112,29 @@ class Producer:
         await ready
 
     async def close(self) -> None:
-        """Stop claiming and cancel running runs; their leases expire and others take over."""
+        """Stop claiming, cancel running runs and hand them back to the other producers.
+
+        Handing a run back (deleting its lease while still ours, then waking producers) lets
+        another producer resume it at once instead of after the lease expires.
+        """
+        held = dict(self._tokens)
         await cancel_and_wait([self._loop_task, *self._runs.values()])
         self._runs.clear()
         self._loop_task = None
+        for session_id, token in held.items():
+            await self._hand_back(session_id, token)
+
+    async def _hand_back(self, session_id: str, token: str) -> None:
+        try:
+            if await self._release(keys=[self._keys.lease(session_id)], args=[token]):
+                await request_run(self._redis, self._keys, session_id)
+                log.info("handed back run of session %s", session_id)
+        except RedisError as error:
+            log.warning(
+                "could not hand back run of session %s (its lease will expire): %s",
+                session_id,
+                error,
+            )
 
     @property
     def active_runs(self) -> int:
@@ -156,6 +185,7 @@ class Producer:
         await self._redis.zadd(k.runs, {session_id: now_ms + self._lease_ms}, xx=True)
         if first > 0:
             log.info("taking over run of session %s at event %d/%d", session_id, first + 1, second)
+        self._tokens[session_id] = token
         self._runs[session_id] = asyncio.create_task(
             self._execute(session_id, token, first, second), name=f"run-{session_id}"
         )
@@ -165,8 +195,8 @@ class Producer:
             for seq in range(first, count):
                 event, data = demo_event(session_id, seq, count, self._clock())
                 fence = Fence(token=token, seq=seq, lease_ms=self._lease_ms)
-                published = await self._publisher.publish(session_id, event, data, fence)
-                if published.outcome is PublishOutcome.LEASE_LOST:
+                outcome = await self._publish_until_redis_answers(session_id, event, data, fence)
+                if outcome is PublishOutcome.LEASE_LOST:
                     log.warning("run of session %s lost its lease at event %d", session_id, seq)
                     return
                 self.events_published += 1
@@ -175,10 +205,32 @@ class Producer:
             await self._redis.zrem(self._keys.runs, session_id)
             log.info("run of session %s finished", session_id)
         except RedisError as error:
-            # The lease will expire and a producer (maybe this one) will resume the run.
+            # The run's state is in Redis: a producer (maybe this one) resumes it later.
             log.warning("run of session %s interrupted: %s", session_id, error)
         finally:
             self._runs.pop(session_id, None)
+
+    async def _publish_until_redis_answers(
+        self, session_id: str, event: str, data: str, fence: Fence
+    ) -> PublishOutcome:
+        """Publish one event, pausing while Redis is away; the fence makes retries safe."""
+        delay_s = RETRY_BASE_S
+        while True:
+            try:
+                published = await self._publisher.publish(session_id, event, data, fence)
+            except RedisError as error:
+                log.warning(
+                    "run of session %s paused at event %d: %s; retrying in %.1fs",
+                    session_id,
+                    fence.seq,
+                    error,
+                    delay_s,
+                )
+                await asyncio.sleep(delay_s)
+                delay_s = min(RETRY_CAP_S, delay_s * 2)
+                continue
+            return published.outcome
+            self._tokens.pop(session_id, None)
 
     async def _wait_holding_lease(self, session_id: str, token: str) -> None:
         """Sleep one interval, renewing the lease if the interval is long compared to it."""
@@ -187,5 +239,8 @@ class Producer:
         while remaining_s > renew_every_s:
             await asyncio.sleep(renew_every_s)
             remaining_s -= renew_every_s
-            await self._renew(keys=[self._keys.lease(session_id)], args=[token, self._lease_ms])
+            try:
+                await self._renew(keys=[self._keys.lease(session_id)], args=[token, self._lease_ms])
+            except RedisError as error:
+                log.info("could not renew the lease of session %s: %s", session_id, error)
         await asyncio.sleep(remaining_s)

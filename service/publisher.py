@@ -19,13 +19,16 @@ from .sse import check_field
 # ARGV: channel, event, data, ttl_ms, maxlen, token ('' = no fencing), seq, lease_ms.
 # With a token the caller is a producer run: it must still hold the lease and be at `seq`,
 # and its progress advances in the same step as the publish, so no event goes out twice.
+# A retry of a publish whose reply was lost finds `next` already at seq + 1: 'done'.
 _PUBLISH = """
 local session, log, run, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local channel, event, data = ARGV[1], ARGV[2], ARGV[3]
 local token = ARGV[6]
 if token ~= '' then
   if redis.call('GET', lease) ~= token then return {'lost', ''} end
-  if redis.call('HGET', run, 'next') ~= ARGV[7] then return {'lost', ''} end
+  local next_seq = redis.call('HGET', run, 'next')
+  if next_seq == tostring(tonumber(ARGV[7]) + 1) then return {'done', ''} end
+  if next_seq ~= ARGV[7] then return {'lost', ''} end
 end
 if redis.call('EXISTS', session) == 0 then
   redis.call('HSET', session, 'issued', '0', 'epoch', '0-0')
@@ -61,6 +64,7 @@ class PublishOutcome(Enum):
     """Whether a fenced publish went out."""
 
     PUBLISHED = "ok"
+    ALREADY_PUBLISHED = "done"
     LEASE_LOST = "lost"
 
 
@@ -80,6 +84,7 @@ class Publisher:
         self._ttl_ms = max(1, round(session_ttl_s * 1000))
         self._log_maxlen = log_maxlen
         self._script = redis.register_script(_PUBLISH)
+        self.events_published = 0
 
     async def publish(
         self, session_id: str, event: str, data: str, fence: Fence | None = None
@@ -101,4 +106,7 @@ class Publisher:
             ],
         )
         outcome, event_id = (part.decode() if isinstance(part, bytes) else part for part in reply)
-        return Published(PublishOutcome(outcome), event_id)
+        published = Published(PublishOutcome(outcome), event_id)
+        if published.outcome is PublishOutcome.PUBLISHED:
+            self.events_published += 1
+        return published

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from .connections import RedisOpener
-from .hub import Hub
+from .hub import EndReason, Hub
 from .keys import Keys
+from .metrics import ServiceCollector, StreamMetrics, build_registry
 from .producer import Producer
 from .publisher import Publisher
 from .sessions import SessionStore
@@ -23,6 +27,20 @@ hub_key = web.AppKey("hub_key", Hub)
 sessions_key = web.AppKey("sessions_key", SessionStore)
 publisher_key = web.AppKey("publisher_key", Publisher)
 producer_key = web.AppKey("producer_key", Producer)
+stream_metrics_key = web.AppKey("stream_metrics_key", StreamMetrics)
+metrics_registry_key = web.AppKey("metrics_registry_key", CollectorRegistry)
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """Where the worker is in its life; handlers refuse new streams once it drains."""
+
+    draining: bool = False
+
+
+lifecycle_key = web.AppKey("lifecycle_key", Lifecycle)
+
+log = logging.getLogger(__name__)
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -39,7 +57,13 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     """The worker's shared subscription."""
-    hub = Hub(app[redis_key], app[keys_key].hub_control, app[settings_key].listener_queue_size)
+    settings = app[settings_key]
+    hub = Hub(
+        app[redis_key],
+        app[keys_key].hub_control,
+        settings.listener_queue_size,
+        timeout_s=settings.redis_timeout_s,
+    )
     await hub.start()
     app[hub_key] = hub
     yield
@@ -59,3 +83,27 @@ async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[producer_key] = producer
     yield
     await producer.close()
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    """This app's own metrics registry, reading the hub's, publisher's and streams' counters."""
+    streams = StreamMetrics()
+    app[stream_metrics_key] = streams
+    app[metrics_registry_key] = build_registry(
+        ServiceCollector(streams, app[hub_key], app[publisher_key])
+    )
+    yield
+
+
+async def drain_streams(app: web.Application) -> None:
+    """On shutdown (after the listening sockets closed): end every open stream now.
+
+    Each stream returns after what it already queued, its response ends cleanly, and its
+    client reconnects (after the `retry:` it was sent first) to another worker, resuming with
+    Last-Event-ID. Requests that still slip in are refused with 503 (see `Lifecycle`).
+    """
+    app[lifecycle_key].draining = True
+    hub = app.get(hub_key)
+    if hub is not None:
+        log.info("draining: ending %d open streams", hub.listener_count)
+        hub.end_listeners(EndReason.SHUTDOWN)

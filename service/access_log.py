@@ -1,0 +1,69 @@
+"""One log line per HTTP request: method, path, status, duration and request id.
+
+aiohttp's own access log is switched off (see logs.py) because it cannot carry the request id
+or structured fields. A stream's line is written when the stream ends, so its duration is the
+stream's lifetime. Probes and scrapes log at DEBUG so they do not drown the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+
+from .errors import REQUEST_ID_HEADER, Handler
+
+log = logging.getLogger(__name__)
+
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# nginx's convention for "the client went away before the response was complete".
+CLIENT_CLOSED_STATUS = 499
+
+
+@web.middleware
+async def access_log_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Time the request and log its outcome once, including when the client goes away."""
+    started = time.monotonic()
+    status = 500
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED_STATUS
+        raise
+    except web.HTTPException as error:
+        status = error.status
+        raise
+    finally:
+        # The error middleware names the id on finished responses; a stream is already sent.
+        request_id = _request_id(request, response)
+        duration_s = time.monotonic() - started
+        log.log(
+            logging.DEBUG if request.path in QUIET_PATHS else logging.INFO,
+            "%s %s %d %.3fs request=%s",
+            request.method,
+            request.path,
+            status,
+            duration_s,
+            request_id,
+            extra={
+                "fields": {
+                    "method": request.method,
+                    "path": request.path,
+                    "status": status,
+                    "duration_s": round(duration_s, 6),
+                    "request_id": request_id,
+                }
+            },
+        )
+
+
+def _request_id(request: web.Request, response: web.StreamResponse | None) -> str:
+    """The id the error middleware put on the response, else the caller's, else '-'."""
+    named = response.headers.get(REQUEST_ID_HEADER) if response is not None else None
+    text = named or request.headers.get(REQUEST_ID_HEADER, "")[:64]
+    return text if text and text.isprintable() else "-"
