@@ -209,6 +209,7 @@ class Producer:
             log.warning("run of session %s interrupted: %s", session_id, error)
         finally:
             self._runs.pop(session_id, None)
+            self._tokens.pop(session_id, None)
 
     async def _publish_until_redis_answers(
         self, session_id: str, event: str, data: str, fence: Fence
@@ -230,7 +231,6 @@ class Producer:
                 delay_s = min(RETRY_CAP_S, delay_s * 2)
                 continue
             return published.outcome
-            self._tokens.pop(session_id, None)
 
     async def _wait_holding_lease(self, session_id: str, token: str) -> None:
         """Sleep one interval, renewing the lease if the interval is long compared to it."""
