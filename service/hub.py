@@ -19,7 +19,9 @@ from enum import Enum
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .envelope import Delivery, decode_payload
@@ -125,24 +127,37 @@ class HubStats:
     """Counters exposed as metrics."""
 
     slow_listeners_dropped: int = 0
+    connects: int = 0
     reconnects: int = 0
     messages_received: int = 0
 
 
-class HubClosedError(RuntimeError):
-    """The hub is shutting down or its reader failed; the caller should end its stream."""
+class HubClosedError(RedisConnectionError):
+    """The shared subscription is closing, failed, or reconnecting.
+
+    It is a Redis connection error on purpose: callers answer it like any Redis outage
+    (503 with Retry-After), and the client retries, possibly on another worker.
+    """
 
 
 class Hub:
-    """One pub/sub connection per worker, multiplexed over any number of local listeners."""
+    """One pub/sub connection per worker, multiplexed over any number of local listeners.
+
+    The hub drives its connection itself rather than through redis-py's PubSub object, so
+    that reconnecting, re-subscribing and the commands sent by listeners are serialised
+    under one lock: a listener leaving during a reconnect can never write to a socket that
+    is being replaced.
+    """
 
     def __init__(
         self, redis: Redis, control_channel: str, inbox_limit: int, timeout_s: float = 2.0
     ) -> None:
-        self._pubsub: Any = redis.pubsub()
+        self._pool = redis.connection_pool
+        self._connection: Connection | None = None
+        self._lock = asyncio.Lock()
         self._control_channel = control_channel.encode()
         self._inbox_limit = inbox_limit
-        # Silence longer than this gets a PING; twice this without any answer means the
+        # Silence longer than this gets a PING; as long again without any answer means the
         # connection is dead even if TCP has not noticed (a partition, a frozen server).
         self._idle_s = timeout_s
         self._channels: dict[bytes, _Channel] = {}
@@ -156,23 +171,25 @@ class Hub:
         self.stats = HubStats()
 
     async def start(self) -> None:
-        """Subscribe the control channel (so the connection always has a subscription) and read."""
-        ack = self._expect_ack(self._control_channel)
-        await self._pubsub.subscribe(self._control_channel)
-        # redis-py re-subscribes every channel on reconnect; this hook tells us it happened.
-        self._pubsub.connection.register_connect_callback(self._on_reconnect)
-        self._reader = asyncio.create_task(self._read_forever(), name="hub-reader")
-        await asyncio.wait_for(asyncio.shield(ack), SUBSCRIBE_TIMEOUT_S)
-        self.connected = True
+        """Connect, subscribe the control channel, and start reading; live when this returns."""
+        connection: Connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        self._connection = connection
+        ready = self._expect_ack(self._control_channel)
+        self._reader = asyncio.create_task(self._read_forever(connection), name="hub-reader")
+        await asyncio.wait_for(asyncio.shield(ready), SUBSCRIBE_TIMEOUT_S)
 
     async def close(self) -> None:
-        """End every listener, stop the reader and release the connection."""
+        """End every listener, stop the reader and hand the connection back to the pool."""
         self._closing = True
         self._end_all(EndReason.SHUTDOWN)
         await cancel_and_wait([self._reader])
         self._reader = None
-        await self._pubsub.aclose()
         self.connected = False
+        if self._connection is not None:
+            async with self._lock:
+                await self._connection.disconnect()
+            await self._pool.release(self._connection)
+            self._connection = None
 
     def end_listeners(self, reason: EndReason) -> None:
         """End every local listener now (graceful drain), keeping the subscription alive."""
@@ -195,18 +212,24 @@ class Hub:
 
     @contextlib.asynccontextmanager
     async def listen(self, channel: str) -> AsyncIterator[Listener]:
-        """A listener on `channel` whose subscription is live when the block starts."""
+        """A listener on `channel` whose subscription is live when the block starts.
+
+        Raises HubClosedError when the hub is closing, has failed, or has no connection
+        to Redis right now (the caller answers 503 and the client retries).
+        """
         if self._closing or self._reader is None or self._reader.done():
-            raise HubClosedError("hub is not running")
+            raise HubClosedError("the shared subscription is not running")
         name = channel.encode()
         listener = Listener(self._inbox_limit)
         state = self._channels.get(name)
         if state is None:
+            if not self.connected:
+                raise HubClosedError("the shared subscription is reconnecting to redis")
             state = self._channels[name] = _Channel()
             state.ready = self._expect_ack(name)
             state.listeners.add(listener)
             try:
-                await self._pubsub.subscribe(name)
+                await self._send("SUBSCRIBE", name)
             except BaseException:
                 await self._leave(name, state, listener)
                 raise
@@ -214,7 +237,10 @@ class Hub:
             state.listeners.add(listener)
         try:
             if state.ready is not None and not state.ready.done():
-                await asyncio.wait_for(asyncio.shield(state.ready), SUBSCRIBE_TIMEOUT_S)
+                try:
+                    await asyncio.wait_for(asyncio.shield(state.ready), SUBSCRIBE_TIMEOUT_S)
+                except TimeoutError:
+                    raise HubClosedError("redis did not confirm the subscription") from None
             yield listener
         finally:
             await self._leave(name, state, listener)
@@ -224,13 +250,19 @@ class Hub:
         if state.listeners or self._channels.get(name) is not state:
             return
         del self._channels[name]
-        if self._closing:
-            return
+        if self._closing or not self.connected:
+            return  # a reconnect subscribes only the channels still in use
         try:
-            await self._pubsub.unsubscribe(name)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            # The reconnect path re-subscribes only channels still in use, so nothing leaks.
+            await self._send("UNSUBSCRIBE", name)
+        except (RedisError, OSError) as error:
             log.debug("unsubscribe %r failed: %s", name, error)
+
+    async def _send(self, *args: bytes | str) -> None:
+        """Write one command on the shared connection, never during a reconnect."""
+        async with self._lock:
+            if not self.connected or self._connection is None:
+                raise RedisConnectionError("the shared subscription is not connected")
+            await self._connection.send_command(*args, check_health=False)
 
     def _expect_ack(self, name: bytes) -> asyncio.Future[None]:
         future = asyncio.get_running_loop().create_future()
@@ -257,24 +289,23 @@ class Hub:
                 self.stats.slow_listeners_dropped += 1
                 log.warning("dropped a slow listener on %s (inbox full)", name.decode())
 
-    async def _read_forever(self) -> None:
+    async def _read_forever(self, connection: Connection) -> None:
         failures = 0
         try:
             while True:
                 try:
-                    message = await self._next_message()
+                    if not self.connected:
+                        await self._reconnect(connection)
+                        failures = 0
+                    await self._read_until_broken(connection)
                 except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-                    failures += 1
                     self.connected = False
+                    failures += 1
                     delay_s = _backoff_s(failures)
                     log.warning(
                         "shared subscription lost (%s); reconnecting in %.2fs", error, delay_s
                     )
                     await asyncio.sleep(delay_s)
-                    continue
-                failures = 0
-                if self._handle(message):
-                    await self._drop_stale_subscriptions()
         except Exception:
             # A bug, not a Redis outage: end every stream so clients reconnect to a healthy
             # worker, and let readiness report the failure instead of hanging silently.
@@ -282,49 +313,61 @@ class Hub:
             self.connected = False
             self._end_all(EndReason.HUB_FAILED)
 
-    async def _next_message(self) -> dict[str, Any]:
-        """The next message; pings a silent connection and gives up on one that stays silent."""
+    async def _reconnect(self, connection: Connection) -> None:
+        """(Re)open the connection and subscribe every channel in use with one command."""
+        first_time = self.stats.connects == 0
+        async with self._lock:
+            await connection.disconnect()
+            await connection.connect()  # type: ignore[no-untyped-call]
+            names = [self._control_channel, *self._channels]
+            # Commands sent on the old connection will never be confirmed; the one below
+            # confirms each channel exactly once.
+            self._pending_acks = {
+                name: deque([state.ready])
+                for name, state in self._channels.items()
+                if state.ready is not None and not state.ready.done()
+            } | {
+                name: waiting
+                for name, waiting in self._pending_acks.items()
+                if name == self._control_channel
+            }
+            await connection.send_command("SUBSCRIBE", *names, check_health=False)
+            self.connected = True
+        self.stats.connects += 1
+        if not first_time:
+            self.stats.reconnects += 1
+            self._resync_pending = True
+
+    async def _read_until_broken(self, connection: Connection) -> None:
+        """Read and act on messages; pings a silent connection, gives up on a dead one."""
         pinged = False
         while True:
-            message = await self._pubsub.get_message(timeout=self._idle_s)
-            if message is not None:
-                return message  # type: ignore[no-any-return]
-            if pinged:
-                await self._pubsub.connection.disconnect()
-                raise RedisConnectionError(f"no answer to PING within {self._idle_s}s")
-            await self._pubsub.ping()
-            pinged = True
+            response = await connection.read_response(
+                timeout=self._idle_s, disconnect_on_error=False, push_request=True
+            )
+            if response is None:
+                if pinged:
+                    raise RedisConnectionError(f"no answer to PING within {self._idle_s}s")
+                await self._send("PING")
+                pinged = True
+                continue
+            pinged = False
+            if isinstance(response, list) and len(response) == 3:
+                self._handle(response[0], response[1], response[2])
 
-    def _handle(self, message: dict[str, Any]) -> bool:
-        """Act on one message; True right after the subscription was re-established."""
-        kind = message["type"]
-        if kind in ("message", b"message"):
-            self._dispatch(message["channel"], message["data"])
-        elif kind in ("subscribe", b"subscribe"):
-            self._on_subscribed(message["channel"])
+    def _handle(self, kind: bytes, name: bytes, payload: Any) -> None:
+        if kind == b"message":
+            self._dispatch(name, payload)
+        elif kind == b"subscribe":
+            self._on_subscribed(name)
             if self._resync_pending:
-                # The first confirmation of the re-subscribe command: all channels are live again.
+                # The first confirmation of the re-subscribe command: all channels are live.
                 self._resync_pending = False
-                self.connected = True
                 log.info(
                     "shared subscription re-established; %d channels resubscribed",
                     len(self._channels),
                 )
                 self._resync_all()
-                return True
-        return False
-
-    async def _drop_stale_subscriptions(self) -> None:
-        """Unsubscribe channels redis-py re-subscribed whose last listener left meanwhile."""
-        wanted = {*self._channels, self._control_channel}
-        stale = [name for name in self._pubsub.channels if name not in wanted]
-        if stale:
-            await self._pubsub.unsubscribe(*stale)
-
-    def _on_reconnect(self, connection: object) -> None:
-        del connection
-        self.stats.reconnects += 1
-        self._resync_pending = True
 
     def _resync_all(self) -> None:
         for state in self._channels.values():
@@ -339,6 +382,7 @@ class Hub:
             for future in waiting:
                 if not future.done():
                     future.set_exception(HubClosedError(reason.value))
+                    future.exception()  # retrieved: nobody may be waiting for it any more
         self._pending_acks.clear()
 
 

@@ -73,13 +73,15 @@ async def test_a_full_inbox_ends_only_that_listener(hub: Hub, redis_client: redi
     assert hub.stats.slow_listeners_dropped == 1
 
 
-async def test_reader_failure_ends_listeners_and_refuses_new_ones(hub: Hub) -> None:
-    async def broken(**kwargs: Any) -> None:
-        raise RuntimeError("parser exploded")
+async def test_reader_failure_ends_listeners_and_refuses_new_ones(
+    hub: Hub, redis_client: redis.Redis
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("handler exploded")
 
     async with hub.listen("doomed") as listener:
-        hub._pubsub.get_message = broken  # the failure a bug in the reader would cause
-        await hub._pubsub.ping()  # wake the blocked read so the next call hits the fault
+        hub._handle = broken  # type: ignore[method-assign]  # the failure a bug would cause
+        await redis_client.publish("doomed", b"1-0\n\nboom")
         await wait_for(lambda: _ended(listener))
         assert listener.ended is EndReason.HUB_FAILED
     assert not hub.connected

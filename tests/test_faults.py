@@ -1,0 +1,150 @@
+"""Redis faults: a crashed and restarted server, a killed subscription, a server that is down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from service.keys import Keys
+from service.publisher import Publisher
+from service.resources import hub_key
+
+from conftest import MakeSettings, StartClient, wait_for
+from redis_process import RedisProcess, require_redis_server
+from sse_reader import ReceivedEvent, collect
+
+pytestmark = pytest.mark.redis
+
+STREAMS = 20
+TOKEN = "fault-test-token-0123456789"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server this test may kill and restart on the same port."""
+    server = RedisProcess(require_redis_server(), tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def publisher_client(own_redis: RedisProcess) -> AsyncIterator[redis.Redis]:
+    # Like any client of a Redis that restarts, it retries a command on a fresh connection.
+    client = redis.Redis.from_url(
+        own_redis.url, socket_timeout=2, retry=Retry(NoBackoff(), 3),
+        retry_on_error=[redis.ConnectionError],
+    )
+    yield client
+    await client.aclose()
+
+
+async def open_streams(client: Any, count: int) -> list[Any]:
+    responses = [
+        await client.get("/sse/connect", params={"sessionId": f"s{n}"}) for n in range(count)
+    ]
+    for response in responses:
+        assert response.status == 200
+        await response.content.readuntil(b"\n\n")
+    return responses
+
+
+async def publish_round(publisher: Publisher, first: int, last: int, finish: bool) -> None:
+    for n in range(STREAMS):
+        for k in range(first, last):
+            final = finish and k == last - 1
+            await publisher.publish(f"s{n}", "finish" if final else "", f"e{k}")
+
+
+def data_of(events: list[ReceivedEvent]) -> list[str]:
+    return [e.data for e in events if e.event != "gap"]
+
+
+async def test_streams_survive_a_redis_crash_and_restart(
+    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+    publisher_client: redis.Redis,
+) -> None:
+    settings = make_settings(redis_url=own_redis.url, demo_runs=False, producer="off",
+                             heartbeat_interval_s=0.5, redis_timeout_s=1.0)
+    client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
+    hub = client.server.app[hub_key]
+    streams = await open_streams(client, STREAMS)
+    readers = [asyncio.create_task(collect(r, timeout_s=30)) for r in streams]
+    publisher = Publisher(publisher_client, Keys(), session_ttl_s=60, log_maxlen=100)
+    await publish_round(publisher, 0, 5, finish=False)
+
+    own_redis.kill()
+    await asyncio.sleep(2)  # the outage the scenario prescribes, not a synchronisation
+    assert not any(reader.done() for reader in readers), "a stream closed during the outage"
+    own_redis.start()
+
+    async def reconnected() -> bool:
+        return hub.connected and hub.stats.reconnects >= 1
+
+    await wait_for(reconnected, timeout_s=10, interval_s=0.05)
+    await publish_round(publisher, 5, 10, finish=True)
+    results = await asyncio.gather(*readers)
+    for events in results:
+        assert data_of(events) == [f"e{k}" for k in range(10)]
+        # The restarted server came back empty: each stream was told its history is gone.
+        assert [e.event for e in events].count("gap") == 1
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_killed_subscription_loses_nothing(
+    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+    publisher_client: redis.Redis,
+) -> None:
+    settings = make_settings(redis_url=own_redis.url, demo_runs=False, producer="off")
+    client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
+    hub = client.server.app[hub_key]
+    streams = await open_streams(client, STREAMS)
+    readers = [asyncio.create_task(collect(r, timeout_s=30)) for r in streams]
+    publisher = Publisher(publisher_client, Keys(), session_ttl_s=60, log_maxlen=1000)
+    rounds = 30
+    for k in range(rounds):
+        if k == 10:
+            killed = await publisher_client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            assert int(killed) == 1
+        await publish_round(publisher, k, k + 1, finish=k == rounds - 1)
+    results = await asyncio.gather(*readers)
+    for events in results:
+        assert [e.event for e in events].count("gap") == 0
+        assert data_of(events) == [f"e{k}" for k in range(rounds)]
+    assert hub.stats.reconnects >= 1
+
+
+async def test_requests_fail_fast_with_503_while_redis_is_down(
+    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+) -> None:
+    settings = make_settings(redis_url=own_redis.url, publish_tokens=(TOKEN,),
+                             redis_timeout_s=1.0)
+    client = await start_client(settings)
+    assert (await client.get("/readyz")).status == 200
+    own_redis.kill()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    requests = {
+        "readyz": lambda: client.get("/readyz"),
+        "getSessionId": lambda: client.get("/sse/getSessionId"),
+        "connect": lambda: client.get("/sse/connect", params={"sessionId": "x"}),
+        "publish": lambda: client.post("/sse/sessions/x/events", json={"data": "d"},
+                                       headers=auth),
+    }
+    for name, send in requests.items():
+        started = time.monotonic()
+        response = await send()
+        elapsed_s = time.monotonic() - started
+        assert response.status == 503, name
+        assert elapsed_s < 1.0, f"{name} took {elapsed_s:.2f}s"
+        if name != "readyz":
+            assert response.headers["Retry-After"], name
+            assert (await response.json())["error"] == "unavailable", name
