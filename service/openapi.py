@@ -20,6 +20,9 @@ from .settings import Settings
 from .submission import EVENT_NAME_PATTERN, MAX_BATCH_EVENTS
 
 EVENT_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
+# An empty resume point counts as none, as EventSource sends no header before the first id.
+RESUME_POINT_PATTERN = r"^([0-9]{1,20}-[0-9]{1,20})?$"
+EVENT_ID_EXAMPLE = "1718000000000-0"
 JSON = "application/json"
 
 Spec = dict[str, Any]
@@ -60,6 +63,9 @@ def build_document(settings: Settings) -> Spec:
             },
             "/healthz": {"get": _healthz()},
             "/readyz": {"get": _readyz()},
+            "/metrics": {
+                "get": _static_op("This worker's counters, Prometheus text format.", "text/plain")
+            },
             "/openapi.json": {"get": _static_op("This document.", JSON, {"type": "object"})},
             "/docs": {"get": _static_op("This document, rendered as a page.", "text/html")},
             "/": {"get": _static_op("The browser demo page.", "text/html")},
@@ -135,7 +141,8 @@ def _connect(settings: Settings) -> Spec:
                 "required": False,
                 "description": "Resume point for clients that cannot set headers; the "
                 "`Last-Event-ID` header wins when both are present.",
-                "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
+                "schema": {"type": "string", "pattern": RESUME_POINT_PATTERN},
+                "example": EVENT_ID_EXAMPLE,
             },
             {
                 "name": "Last-Event-ID",
@@ -143,7 +150,8 @@ def _connect(settings: Settings) -> Spec:
                 "required": False,
                 "description": "Resume point, sent by EventSource when it reconnects: events "
                 "after this id are replayed from the log.",
-                "schema": {"type": "string", "pattern": EVENT_ID_PATTERN},
+                "schema": {"type": "string", "pattern": RESUME_POINT_PATTERN},
+                "example": EVENT_ID_EXAMPLE,
             },
         ],
         "responses": {
@@ -152,7 +160,7 @@ def _connect(settings: Settings) -> Spec:
                 "optional `event:` name and `data:` lines. Named events of the service itself: "
                 "`finish` (last event of the session) and `gap` (data: the resume point, whose "
                 "successors are no longer all in the log).",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": _ref("schemas", "StreamEvent")}},
             },
             "204": {
                 "description": "The resume point is at or after the session's `finish`; nothing "
@@ -166,7 +174,8 @@ def _connect(settings: Settings) -> Spec:
                           f"{settings.max_connections_per_session} streams on this worker."),
             "503": _error(
                 "`too_many_connections`: this worker holds "
-                f"{settings.max_connections} streams; `unavailable`: Redis is unreachable.",
+                f"{settings.max_connections} streams; `unavailable`: Redis is unreachable or "
+                "the worker is shutting down.",
                 retry_after=True,
             ),
         },
@@ -461,6 +470,17 @@ def _components(settings: Settings) -> Spec:
                         "as compact JSON text. At most "
                         f"{settings.max_event_bytes} bytes of UTF-8.",
                     },
+                },
+            },
+            "StreamEvent": {
+                "type": "object",
+                "description": "One event of a stream, as its fields (`id:`, `event:`, `data:` "
+                "lines joined by LF, `retry:`). Comments (`: connected`, `: ping`) are not events.",
+                "properties": {
+                    "id": _ref("schemas", "EventId"),
+                    "event": {"type": "string", "pattern": EVENT_NAME_PATTERN},
+                    "data": {"type": "string"},
+                    "retry": {"type": "integer", "minimum": 0},
                 },
             },
             "Published": {
