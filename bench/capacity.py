@@ -1,0 +1,58 @@
+"""Capacity: hold C idle streams on one fresh worker; memory per stream and Redis connections."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any
+
+import redis.asyncio as redis
+
+from .progress import Progress
+from .sse_client import SSEStream, close_all, open_many
+from .stack import Worker, rss_kib, wait_quiet, worker_redis_connections
+
+
+def _ignore(stream: SSEStream, event_id: bytes, event: bytes, data: bytes) -> None:
+    del stream, event_id, event, data
+
+
+async def run_capacity(
+    connections: int, worker: Worker, client: redis.Redis, progress: Progress, hold_s: float
+) -> dict[str, Any]:
+    """Open `connections` streams (one session each), hold them, measure, hang up."""
+    rss_before = rss_kib(worker.pid)
+    redis_before = await worker_redis_connections(client)
+    redis_memory_before = (await client.info("memory"))["used_memory"]
+    paths = [f"/sse/connect?sessionId={secrets.token_hex(8)}" for _ in range(connections)]
+    started = time.monotonic()
+    with progress.step(f"{worker.target} capacity C={connections}: connect", connections) as bar:
+        opened = await open_many(worker.port, paths, _ignore, on_done=bar.advance)
+    connect_s = time.monotonic() - started
+    await asyncio.sleep(hold_s)  # hold the streams a while: none may drop
+    await wait_quiet(worker.pid)  # and let the worker settle before reading its memory
+    held = sum(1 for stream in opened.streams if not stream.closed.done())
+    rss_after = rss_kib(worker.pid)
+    redis_after = await worker_redis_connections(client)
+    redis_memory_after = (await client.info("memory"))["used_memory"]
+    await close_all(opened.streams)
+    result: dict[str, Any] = {
+        "scenario": "capacity",
+        "target": worker.target,
+        "connections": connections,
+        "held": held,
+        "connect_failures": opened.failed,
+        "connects_per_s": round(len(opened.streams) / max(connect_s, 1e-9), 1),
+        "worker_rss_before_mib": round(rss_before / 1024, 1),
+        "worker_rss_after_mib": round(rss_after / 1024, 1),
+        "worker_kib_per_stream": round((rss_after - rss_before) / max(1, held), 2),
+        "worker_redis_connections_before": redis_before,
+        "worker_redis_connections": redis_after,
+        "redis_kib_per_stream": round(
+            (redis_memory_after - redis_memory_before) / 1024 / max(1, held), 2
+        ),
+    }
+    if opened.failed:
+        result["failure"] = opened.failure
+    return result

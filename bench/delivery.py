@@ -1,0 +1,125 @@
+"""Fan-out 1:1 (one stream per session) and broadcast 1:N (every stream on one session).
+
+Events are published through the service's own publish path (`Publisher`, one Lua script:
+log append plus PUBLISH), so both targets receive exactly the same Redis traffic. Each
+session's events are published in order by one lane; lanes run concurrently, paced to the
+offered rate (0 = as fast as the lanes can go).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+
+from service.keys import Keys
+from service.publisher import Publisher
+
+from .progress import Progress
+from .sse_client import close_all, open_many
+from .stack import Worker, cpu_s, redis_cpu_s, wait_quiet
+from .tally import Tally, event_data
+
+LANES = 16
+DRAIN_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStep:
+    """One measured step: `sessions` sessions, `streams_per_session` streams each."""
+
+    scenario: str
+    sessions: int
+    streams_per_session: int
+    events: int  # per session
+    rate: float  # offered events/s over all sessions; 0 = unpaced
+
+
+async def run_step(
+    step: DeliveryStep, worker: Worker, client: redis.Redis, progress: Progress
+) -> dict[str, Any]:
+    """Connect, publish, wait for every `finish`, and report what the receivers saw."""
+    session_ids = [secrets.token_hex(8) for _ in range(step.sessions)]
+    paths = [
+        f"/sse/connect?sessionId={sid}"
+        for sid in session_ids
+        for _ in range(step.streams_per_session)
+    ]
+    streams_total = len(paths)
+    tally = Tally(streams_total, step.events)
+    label = f"{worker.target} {step.scenario} C={streams_total} rate={step.rate or 'max'}"
+    with progress.step(f"{label}: connect", streams_total) as bar:
+        opened = await open_many(worker.port, paths, tally.sink, on_done=bar.advance)
+    result: dict[str, Any] = {
+        "scenario": step.scenario,
+        "target": worker.target,
+        "connections": streams_total,
+        "sessions": step.sessions,
+        "events_per_session": step.events,
+        "offered_rate": step.rate,
+        "connect_failures": opened.failed,
+    }
+    if opened.failed:
+        result["failure"] = opened.failure
+    tally.expect_streams(len(opened.streams))
+    await wait_quiet(worker.pid)
+    publisher = Publisher(client, Keys(), session_ttl_s=600, log_maxlen=1000)
+    cpu_before = cpu_s(worker.pid)
+    generator_cpu_before = time.process_time()
+    redis_cpu_before = await redis_cpu_s(client)
+    started_ns = time.monotonic_ns()
+    total = step.sessions * step.events
+    with progress.step(f"{label}: publish", total) as bar:
+        await _publish_all(publisher, session_ids, step.events, step.rate, bar.advance)
+    published_ns = time.monotonic_ns()
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            await tally.all_finished
+    except TimeoutError:
+        result["drain_timeout"] = True
+    worker_cpu = cpu_s(worker.pid) - cpu_before
+    generator_cpu = time.process_time() - generator_cpu_before
+    redis_cpu = await redis_cpu_s(client) - redis_cpu_before
+    await close_all(opened.streams)
+    deliveries = tally.received
+    elapsed_s = max(1e-9, (tally.last_ns - started_ns) / 1e9)
+    result.update(
+        publish_rate=round(total / max(1e-9, (published_ns - started_ns) / 1e9), 1),
+        deliveries=deliveries,
+        deliveries_per_s=round(deliveries / elapsed_s, 1),
+        worker_cpu_s=round(worker_cpu, 3),
+        worker_cpu_us_per_delivery=round(worker_cpu * 1e6 / max(1, deliveries), 2),
+        # Where the machine's CPU went while events flowed: who was the bottleneck.
+        generator_cpu_s=round(generator_cpu, 3),
+        redis_cpu_s=round(redis_cpu, 3),
+        wall_s=round(elapsed_s, 3),
+        **tally.summary(),
+    )
+    return result
+
+
+async def _publish_all(
+    publisher: Publisher, session_ids: list[str], events: int, rate: float, advance: Any
+) -> None:
+    lanes = min(LANES, len(session_ids))
+    start = time.monotonic()
+
+    async def lane(index: int) -> None:
+        mine = session_ids[index::lanes]
+        sent = 0
+        for seq in range(events):
+            name = "finish" if seq == events - 1 else ""
+            for session_id in mine:
+                if rate:
+                    delay_s = start + (sent * lanes + index) / rate - time.monotonic()
+                    if delay_s > 0:
+                        await asyncio.sleep(delay_s)
+                await publisher.publish(session_id, name, event_data(seq))
+                sent += 1
+                advance(1)
+
+    await asyncio.gather(*(lane(i) for i in range(lanes)))
