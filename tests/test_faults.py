@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from service.keys import Keys
 from service.publisher import Publisher
 from service.resources import hub_key
 
-from conftest import MakeSettings, StartClient, wait_for
+from conftest import MakeSettings, StartClient, logged_ids, wait_for
 from redis_process import RedisProcess, require_redis_server
 from sse_reader import ReceivedEvent, collect
 
@@ -148,3 +149,25 @@ async def test_requests_fail_fast_with_503_while_redis_is_down(
         if name != "readyz":
             assert response.headers["Retry-After"], name
             assert (await response.json())["error"] == "unavailable", name
+
+
+async def test_the_demo_producer_pauses_through_a_frozen_redis_and_continues(
+    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+    publisher_client: redis.Redis,
+) -> None:
+    settings = make_settings(redis_url=own_redis.url, producer_interval_ms=100,
+                             producer_lease_ms=5000, redis_timeout_s=0.5,
+                             heartbeat_interval_s=0.5)
+    client = await start_client(settings)
+    response = await client.get("/sse/connect", params={"sessionId": "frozen"})
+    head = await collect(response, until=3)
+    assert own_redis.process is not None
+    own_redis.process.send_signal(signal.SIGSTOP)  # unresponsive, but keeps its data
+    try:
+        await asyncio.sleep(1.5)  # the outage the scenario prescribes
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)
+    tail = await collect(response, timeout_s=20)
+    received = head + tail
+    assert [e.event for e in received] == ["message"] * 9 + ["finish"]
+    assert [e.id for e in received] == await logged_ids(publisher_client, "frozen")
