@@ -16,6 +16,8 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from service.loops import uvloop_installed
+
 from .capacity import run_capacity
 from .delivery import DeliveryStep, run_step
 from .progress import Progress
@@ -64,8 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rates",
         type=_rates,
         default=None,
-        help="fanout events/s over all sessions (default 250,500,1000,2000,"
-        "4000,max); broadcast events/s on the one session (default 10,50,200)",
+        help="fanout events/s over all sessions (default 500,1000,2000,"
+        "4000,max); broadcast events/s on the one session (default 5,20,50,max)",
     )
     parser.add_argument(
         "--duration",
@@ -96,9 +98,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--worker-loop",
-        choices=["default", "asyncio", "uvloop"],
-        default="default",
-        help="event loop of both targets' workers",
+        choices=["asyncio", "uvloop"],
+        default="uvloop" if uvloop_installed() else "asyncio",
+        help="event loop of both targets' workers (default: uvloop when installed)",
     )
     parser.add_argument(
         "--redis-url", default=None, help="use this Redis (flushed!) instead of starting one"
@@ -202,7 +204,7 @@ async def _capacity(run: Run) -> list[dict[str, Any]]:
 async def _delivery(run: Run, fanout: bool) -> list[dict[str, Any]]:
     args = run.args
     results = []
-    default_rates = [250, 500, 1000, 2000, 4000, 0] if fanout else [10, 50, 200]
+    default_rates = [500, 1000, 2000, 4000, 0] if fanout else [5, 20, 50, 0]
     for connections in args.connections or [1000]:
         config = WorkerConfig(max_connections=connections + 10, loop=args.worker_loop)
         async with run.workers(config) as workers:

@@ -102,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis-url", required=True)
-    parser.add_argument("--loop", choices=["default", "asyncio", "uvloop"], default="default")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--demo-interval-ms", type=int, default=0)
     args = parser.parse_args()
     loop = None

@@ -120,7 +120,7 @@ class WorkerConfig:
     max_connections: int
     demo_runs: bool = False
     demo_interval_ms: int = 1000
-    loop: str = "default"  # "default" (asyncio), or "uvloop" where the target supports it
+    loop: str = "asyncio"  # or "uvloop": both targets always run on the same loop
 
 
 @dataclass
@@ -158,9 +158,8 @@ def service_env(redis_url: str, port: int, config: WorkerConfig) -> dict[str, st
         SSE_DRAIN_TIMEOUT_S="1",
         # Per-stream INFO lines would be measured too; production keeps them, the bench not.
         SSE_LOG_LEVEL="WARNING",
+        SSE_EVENT_LOOP=config.loop,
     )
-    if config.loop != "default":
-        env["SSE_EVENT_LOOP"] = config.loop
     return env
 
 

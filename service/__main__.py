@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .app import create_app
 from .logs import configure_logging
+from .loops import new_event_loop
 from .producer_main import run_producer
 from .settings import DEFAULT_CONFIG_PATH, SettingsError, load_settings
 
@@ -40,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     if args.command == "producer":
-        asyncio.run(run_producer(settings))
+        with asyncio.Runner(loop_factory=lambda: new_event_loop(settings.event_loop)) as runner:
+            runner.run(run_producer(settings))
         return 0
     web.run_app(
         create_app(settings),
+        loop=new_event_loop(settings.event_loop),
         host=settings.host,
         port=settings.port,
         handler_cancellation=True,

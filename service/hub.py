@@ -74,7 +74,8 @@ class Listener:
     __slots__ = ("_items", "_limit", "_waiter", "ended")
 
     def __init__(self, limit: int) -> None:
-        self._items: deque[InboxItem] = deque()
+        # A list swapped out whole by `take`: one append per offer, no copy per take.
+        self._items: list[InboxItem] = []
         self._limit = limit
         self._waiter: asyncio.Future[None] | None = None
         self.ended: EndReason | None = None
@@ -99,21 +100,28 @@ class Listener:
     async def take(self, timeout_s: float) -> list[InboxItem]:
         """Everything queued, waiting up to `timeout_s` for the first item; [] on timeout or end."""
         if not self._items and self.ended is None:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            # A bare timer, not asyncio.timeout(): this runs once per delivery on every
+            # stream, and the context manager's bookkeeping showed up in worker profiles.
+            timer = loop.call_later(timeout_s, _release, waiter)
             try:
-                async with asyncio.timeout(timeout_s):
-                    await waiter
-            except TimeoutError:
-                pass
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
-        items = list(self._items)
-        self._items.clear()
+        items = self._items
+        self._items = []
         return items
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        if self._waiter is not None:
+            _release(self._waiter)
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass(slots=True)

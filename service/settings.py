@@ -45,6 +45,7 @@ class Settings:
     drain_timeout_s: float = 10.0
     log_level: str = "INFO"
     log_format: str = "plain"
+    event_loop: str = "auto"
     publish_tokens: tuple[str, ...] = field(default=(), repr=False)
     max_event_bytes: int = 256 * 1024
     max_body_bytes: int = 1024 * 1024
@@ -77,6 +78,11 @@ class Settings:
         _require("drain_timeout_s", self.drain_timeout_s >= 0, "must not be negative")
         _require("producer", self.producer in ("embedded", "off"), "must be 'embedded' or 'off'")
         _require("log_format", self.log_format in ("plain", "json"), "must be 'plain' or 'json'")
+        _require(
+            "event_loop",
+            self.event_loop in ("auto", "uvloop", "asyncio"),
+            "must be 'auto', 'uvloop' or 'asyncio'",
+        )
         _require(
             "log_level", self.log_level.upper() in _LOG_LEVELS, f"must be one of {_LOG_LEVELS}"
         )
