@@ -43,6 +43,7 @@ async def run_capacity(
         "connections": connections,
         "held": held,
         "connect_failures": opened.failed,
+        "connect_retries": opened.retries,
         "connects_per_s": round(len(opened.streams) / max(connect_s, 1e-9), 1),
         "worker_rss_before_mib": round(rss_before / 1024, 1),
         "worker_rss_after_mib": round(rss_after / 1024, 1),

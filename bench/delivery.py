@@ -62,6 +62,7 @@ async def run_step(
         "events_per_session": step.events,
         "offered_rate": step.rate,
         "connect_failures": opened.failed,
+        "connect_retries": opened.retries,
     }
     if opened.failed:
         result["failure"] = opened.failure

@@ -14,7 +14,8 @@ Result = dict[str, Any]
 
 COLUMNS = {
     "capacity": [
-        "target", "connections", "held", "connect_failures", "worker_kib_per_stream",
+        "target", "connections", "held", "connect_failures", "connect_retries",
+        "worker_kib_per_stream",
         "worker_rss_after_mib", "worker_redis_connections", "redis_kib_per_stream",
         "connects_per_s",
     ],

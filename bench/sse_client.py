@@ -175,6 +175,10 @@ async def fetch(port: int, path: str, timeout_s: float = 10.0) -> PlainResponse:
     return PlainResponse(status, body)
 
 
+RETRIES_503 = 5
+RETRY_DELAY_S = 1.0
+
+
 @dataclass
 class Opened:
     """The streams a batch of connects produced, and how many of them failed."""
@@ -182,6 +186,7 @@ class Opened:
     streams: list[SSEStream]
     failed: int
     failure: str
+    retries: int = 0  # connects answered 503 (busy, Retry-After) and tried again
 
 
 async def open_many(
@@ -203,25 +208,34 @@ async def open_many(
     streams: list[SSEStream] = []
     failures: list[str] = []
 
+    retries = 0
+
     async def one(tag: int, path: str) -> None:
-        async with gate:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    stream = await open_stream(port, path, sink, tag)
-                    status = await stream.headers_received
-            except (OSError, TimeoutError) as error:
-                failures.append(f"{type(error).__name__}: {error}")
-            else:
+        nonlocal retries
+        for attempt in range(RETRIES_503 + 1):
+            async with gate:
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        stream = await open_stream(port, path, sink, tag)
+                        status = await stream.headers_received
+                except (OSError, TimeoutError) as error:
+                    failures.append(f"{type(error).__name__}: {error}")
+                    break
                 if status == 200:
                     streams.append(stream)
-                else:
-                    stream.close()
-                    failures.append(f"HTTP {status}")
+                    break
+                stream.close()
+            # A 503 carries Retry-After: the worker is briefly busy. Retry as EventSource would.
+            if status != 503 or attempt == RETRIES_503:
+                failures.append(f"HTTP {status}")
+                break
+            retries += 1
+            await asyncio.sleep(RETRY_DELAY_S)
         if on_done is not None:
             on_done(1)
 
     await asyncio.gather(*(one(tag, path) for tag, path in enumerate(paths)))
-    return Opened(streams, len(failures), failures[0] if failures else "")
+    return Opened(streams, len(failures), failures[0] if failures else "", retries)
 
 
 async def close_all(streams: list[SSEStream], timeout_s: float = 30.0) -> None:
