@@ -109,6 +109,7 @@ def error_response(
 
 
 _HTTP_CODES = {
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",

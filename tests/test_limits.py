@@ -179,3 +179,8 @@ async def test_errors_are_logged_once_with_the_request_id(
     errors = [r for r in caplog.records if "malformed_json" in r.getMessage()]
     assert len(errors) == 1
     assert "req-limits-1" in errors[0].getMessage()
+
+
+async def test_cors_preflight_without_origin_is_403_json(client: Any) -> None:
+    response = await client.options("/sse/sessions/abc")
+    assert await error_of(response, 403) == "forbidden"
