@@ -105,7 +105,7 @@ class ServiceCollector:
             hub.stats.messages_received,
         )
         yield _gauge(
-            "hub_channels", "Session channels subscribed by this worker", hub.channel_count
+            "hub_channels", "Channels subscribed for local listeners", hub.channel_count
         )
         yield _gauge(
             "hub_connected", "1 while the shared subscription is connected", int(hub.connected)
