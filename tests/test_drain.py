@@ -1,0 +1,100 @@
+"""Graceful drain: shutdown ends open streams at once, refuses new ones, hands runs back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from service import resources as r
+from service.connections import RedisOpener
+from service.keys import Keys
+from service.producer import Producer
+
+from conftest import MakeSettings, StartClient, logged_ids, wait_for
+from sse_reader import SSEParser, read_events
+
+
+async def test_shutdown_ends_open_streams_cleanly_and_at_once(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
+) -> None:
+    # One event a minute: only the drain can end these streams within the test.
+    client = await start_client(make_settings(producer_interval_ms=60_000), fake_opener)
+    responses = [
+        await client.get("/sse/connect", params={"sessionId": f"drain-{n}"}) for n in range(5)
+    ]
+    parsers = [SSEParser() for _ in responses]
+    for response, parser in zip(responses, parsers, strict=True):
+        parser.feed((await response.content.readuntil(b": connected\n\n")).decode())
+
+    started = time.monotonic()
+    closing = asyncio.create_task(client.server.close())
+    for response, parser in zip(responses, parsers, strict=True):
+        # The stream ends like a finished response (no payload error), so EventSource retries.
+        async with asyncio.timeout(2):
+            events = [event async for event in read_events(response, parser)]
+        assert [e.event for e in events] in ([], ["message"])
+        assert parser.retry_ms == 500
+    async with asyncio.timeout(5):
+        await closing
+    assert time.monotonic() - started < 2.0
+
+
+async def test_a_draining_worker_refuses_new_streams_with_503(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
+) -> None:
+    client = await start_client(make_settings(), fake_opener)
+    await r.drain_streams(client.server.app)
+    response = await client.get("/sse/connect", params={"sessionId": "late"})
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    assert (await response.json())["error"] == "unavailable"
+    # Probes still answer: the process is alive until its cleanup finishes.
+    assert (await client.get("/healthz")).status == 200
+
+
+@pytest.mark.redis
+async def test_a_closing_producer_hands_its_run_to_another_at_once(
+    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    redis_client: redis.Redis,
+) -> None:
+    # With a 30 s lease, a takeover that waited for expiry could not finish in time.
+    settings = make_settings(
+        redis_url=redis_url, producer_interval_ms=100, producer_lease_ms=30_000,
+        producer_poll_ms=50,
+    )
+    first = await start_client(settings)
+    response = await first.get("/sse/connect", params={"sessionId": "handover"})
+    assert response.status == 200
+
+    async def three_logged() -> bool:
+        return len(await logged_ids(redis_client, "handover")) >= 3
+
+    await wait_for(three_logged)
+    second = await start_client(settings)
+    second_producer: Producer = second.server.app[r.producer_key]
+    lease_before = await redis_client.get(Keys().lease("handover"))
+    response.close()
+    await first.close()
+
+    async def all_logged() -> bool:
+        return len(await logged_ids(redis_client, "handover")) == 10
+
+    await wait_for(all_logged, timeout_s=5)
+    assert second_producer.events_published >= 1
+    assert await redis_client.get(Keys().lease("handover")) != lease_before
+    ids = await logged_ids(redis_client, "handover")
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+
+
+async def test_app_shutdown_with_nothing_open_is_quick(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
+) -> None:
+    client: Any = await start_client(make_settings(), fake_opener)
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        await client.close()
+    assert time.monotonic() - started < 1.0
