@@ -86,7 +86,8 @@ async def test_two_apps_in_one_process_keep_their_own_metrics(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
     busy = await start_client(make_settings(), fake_opener)
-    idle = await start_client(make_settings(demo_runs=False), fake_opener)
+    # Without a producer of its own, since either app's producer may execute a run.
+    idle = await start_client(make_settings(producer="off"), fake_opener)
     async with busy.get("/sse/connect", params={"sessionId": "busy"}) as response:
         assert len(await collect(response)) == 10
     assert (await scrape(busy))["sse_events_delivered_total"] == 10
