@@ -11,27 +11,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .envelope import Delivery, decode_payload
+from .pubsub_link import PubSubLink
 from .tasks import cancel_and_wait
+from .topology import topology_of
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 5.0
-RECONNECT_BASE_S = 0.05
-RECONNECT_CAP_S = 2.0
 
 
 class EndReason(Enum):
@@ -126,8 +122,9 @@ def _release(waiter: asyncio.Future[None]) -> None:
 
 @dataclass(slots=True)
 class _Channel:
+    link: PubSubLink
+    ready: asyncio.Future[None]
     listeners: set[Listener] = field(default_factory=set)
-    ready: asyncio.Future[None] | None = None
 
 
 @dataclass(slots=True)
@@ -135,7 +132,6 @@ class HubStats:
     """Counters exposed as metrics."""
 
     slow_listeners_dropped: int = 0
-    connects: int = 0
     reconnects: int = 0
     messages_received: int = 0
 
@@ -149,64 +145,67 @@ class HubClosedError(RedisConnectionError):
 
 
 class Hub:
-    """One pub/sub connection per worker, multiplexed over any number of local listeners.
+    """The worker's pub/sub connections, multiplexed over any number of local listeners.
 
-    The hub drives its connection itself rather than through redis-py's PubSub object, so
-    that reconnecting, re-subscribing and the commands sent by listeners are serialised
-    under one lock: a listener leaving during a reconnect can never write to a socket that
-    is being replaced.
+    On a single Redis that is one connection. On a Redis Cluster it is one connection per
+    shard that owns a channel in use (sharded pub/sub), never one per client.
     """
 
     def __init__(
-        self, redis: Redis, control_channel: str, inbox_limit: int, timeout_s: float = 2.0
+        self,
+        redis: Redis | RedisCluster,
+        control_channel: str,
+        inbox_limit: int,
+        timeout_s: float = 2.0,
     ) -> None:
-        self._pool = redis.connection_pool
-        self._connection: Connection | None = None
-        self._lock = asyncio.Lock()
+        self._topology = topology_of(redis)
         self._control_channel = control_channel.encode()
         self._inbox_limit = inbox_limit
-        # Silence longer than this gets a PING; as long again without any answer means the
-        # connection is dead even if TCP has not noticed (a partition, a frozen server).
-        self._idle_s = timeout_s
+        self._timeout_s = timeout_s
+        self._links: dict[str, PubSubLink] = {}
+        self._links_lock = asyncio.Lock()
         self._channels: dict[bytes, _Channel] = {}
-        # Futures for SUBSCRIBE commands sent but not yet confirmed, per channel, in send order:
-        # Redis confirms in order, so each confirmation completes the oldest one.
-        self._pending_acks: dict[bytes, deque[asyncio.Future[None]]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._resync_pending = False
+        self._reroutes: set[asyncio.Task[None]] = set()
         self._closing = False
-        self.connected = False
+        self._failed = False
         self.stats = HubStats()
 
     async def start(self) -> None:
-        """Connect, subscribe the control channel, and start reading; live when this returns."""
-        connection: Connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        self._connection = connection
-        ready = self._expect_ack(self._control_channel)
-        self._reader = asyncio.create_task(self._read_forever(connection), name="hub-reader")
-        await asyncio.wait_for(asyncio.shield(ready), SUBSCRIBE_TIMEOUT_S)
+        """Connect and subscribe the control channel, so readiness means something at once."""
+        link = await self._link_for(self._control_channel)
+        confirmed = asyncio.get_running_loop().create_future()
+        await link.subscribe(self._control_channel, confirmed)
+        await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
 
     async def close(self) -> None:
-        """End every listener, stop the reader and hand the connection back to the pool."""
+        """End every listener, stop reading and give the connections back."""
         self._closing = True
         self._end_all(EndReason.SHUTDOWN)
-        await cancel_and_wait([self._reader])
-        self._reader = None
-        self.connected = False
-        if self._connection is not None:
-            async with self._lock:
-                await self._connection.disconnect()
-            await self._pool.release(self._connection)
-            self._connection = None
+        await cancel_and_wait(self._reroutes)
+        for link in self._links.values():
+            await link.close()
+            await self._topology.release(link.connection)
+        self._links.clear()
+
+    @property
+    def connected(self) -> bool:
+        """True while every pub/sub connection is up (and the hub has not failed)."""
+        links = self._links.values()
+        return bool(links) and not self._failed and all(link.connected for link in links)
 
     def end_listeners(self, reason: EndReason) -> None:
-        """End every local listener now (graceful drain), keeping the subscription alive."""
+        """End every local listener now (graceful drain), keeping the subscriptions alive."""
         self._end_all(reason)
 
     @property
     def channel_count(self) -> int:
         """Channels this worker is subscribed to for listeners (excluding the control channel)."""
         return len(self._channels)
+
+    @property
+    def link_count(self) -> int:
+        """Pub/sub connections held: one, or one per cluster shard in use."""
+        return len(self._links)
 
     @property
     def listener_count(self) -> int:
@@ -222,29 +221,15 @@ class Hub:
     async def listen(self, channel: str) -> AsyncIterator[Listener]:
         """A listener on `channel` whose subscription is live when the block starts.
 
-        Raises HubClosedError when the hub is closing, has failed, or has no connection
-        to Redis right now (the caller answers 503 and the client retries).
+        Raises HubClosedError when the hub is closing or failed, or when the connection that
+        must carry the channel is down (the caller answers 503 and the client retries).
         """
-        if self._closing or self._reader is None or self._reader.done():
-            raise HubClosedError("the shared subscription is not running")
         name = channel.encode()
         listener = Listener(self._inbox_limit)
-        state = self._channels.get(name)
-        if state is None:
-            if not self.connected:
-                raise HubClosedError("the shared subscription is reconnecting to redis")
-            state = self._channels[name] = _Channel()
-            state.ready = self._expect_ack(name)
-            state.listeners.add(listener)
-            try:
-                await self._send("SUBSCRIBE", name)
-            except BaseException:
-                await self._leave(name, state, listener)
-                raise
-        else:
-            state.listeners.add(listener)
+        state = self._channels.get(name) or await self._open_channel(name)
+        state.listeners.add(listener)
         try:
-            if state.ready is not None and not state.ready.done():
+            if not state.ready.done():
                 try:
                     await asyncio.wait_for(asyncio.shield(state.ready), SUBSCRIBE_TIMEOUT_S)
                 except TimeoutError:
@@ -253,38 +238,52 @@ class Hub:
         finally:
             await self._leave(name, state, listener)
 
+    async def _open_channel(self, name: bytes) -> _Channel:
+        if self._closing or self._failed:
+            raise HubClosedError("the shared subscription is not running")
+        link = await self._link_for(name)
+        if not link.connected:
+            raise HubClosedError(f"pub/sub link {link.name} is reconnecting to redis")
+        existing = self._channels.get(name)
+        if existing is not None:  # another listener opened it while we waited for the link
+            return existing
+        state = self._channels[name] = _Channel(
+            link=link, ready=asyncio.get_running_loop().create_future()
+        )
+        try:
+            await link.subscribe(name, state.ready)
+        except BaseException:
+            if not state.listeners and self._channels.get(name) is state:
+                del self._channels[name]
+            raise
+        return state
+
+    async def _link_for(self, channel: bytes) -> PubSubLink:
+        node = self._topology.node_for(channel)
+        link = self._links.get(node)
+        if link is not None and link.running:
+            return link
+        async with self._links_lock:
+            link = self._links.get(node)
+            if link is None or not link.running:
+                connection = await self._topology.open_connection(node)
+                link = PubSubLink(node, connection, self._topology.dialect, self, self._timeout_s)
+                await link.start(SUBSCRIBE_TIMEOUT_S)
+                self._links[node] = link
+        return link
+
     async def _leave(self, name: bytes, state: _Channel, listener: Listener) -> None:
         state.listeners.discard(listener)
         if state.listeners or self._channels.get(name) is not state:
             return
         del self._channels[name]
-        if self._closing or not self.connected:
-            return  # a reconnect subscribes only the channels still in use
+        if self._closing:
+            return
         try:
-            await self._send("UNSUBSCRIBE", name)
+            await state.link.unsubscribe(name)
         except (RedisError, OSError) as error:
+            # A reconnect subscribes only channels still in use, so nothing is left behind.
             log.debug("unsubscribe %r failed: %s", name, error)
-
-    async def _send(self, *args: bytes | str) -> None:
-        """Write one command on the shared connection, never during a reconnect."""
-        async with self._lock:
-            if not self.connected or self._connection is None:
-                raise RedisConnectionError("the shared subscription is not connected")
-            await self._connection.send_command(*args, check_health=False)
-
-    def _expect_ack(self, name: bytes) -> asyncio.Future[None]:
-        future = asyncio.get_running_loop().create_future()
-        self._pending_acks.setdefault(name, deque()).append(future)
-        return future
-
-    def _on_subscribed(self, name: bytes) -> None:
-        waiting = self._pending_acks.get(name)
-        if waiting:
-            future = waiting.popleft()
-            if not waiting:
-                del self._pending_acks[name]
-            if not future.done():
-                future.set_result(None)
 
     def _dispatch(self, name: bytes, payload: bytes) -> None:
         state = self._channels.get(name)
@@ -297,103 +296,67 @@ class Hub:
                 self.stats.slow_listeners_dropped += 1
                 log.warning("dropped a slow listener on %s (inbox full)", name.decode())
 
-    async def _read_forever(self, connection: Connection) -> None:
-        failures = 0
+    # LinkOwner: what the pub/sub links report.
+
+    def on_message(self, channel: bytes, payload: bytes) -> None:
+        """Fan a published message out to the channel's local listeners."""
+        self._dispatch(channel, payload)
+
+    def channels_of(self, link: PubSubLink) -> list[bytes]:
+        """Channels in use routed to `link`, the control channel included."""
+        names = [name for name, state in self._channels.items() if state.link is link]
+        if self._topology.node_for(self._control_channel) == link.name:
+            names.append(self._control_channel)
+        return names
+
+    def on_resubscribed(self, link: PubSubLink) -> None:
+        """After a reconnect, every stream on `link` replays what it may have missed."""
+        self.stats.reconnects += 1
+        states = [state for state in self._channels.values() if state.link is link]
+        log.info("pub/sub link %s re-established; %d channels resubscribed",
+                 link.name, len(states))
+        for state in states:
+            _resync(state)
+
+    def on_dropped(self, link: PubSubLink, channel: bytes) -> None:
+        """The cluster moved the channel's slot: subscribe it where it lives now."""
+        state = self._channels.get(channel)
+        if state is None or state.link is not link or self._closing:
+            return
+        task = asyncio.create_task(self._reroute(channel, state), name="hub-reroute")
+        self._reroutes.add(task)
+        task.add_done_callback(self._reroutes.discard)
+
+    def on_failed(self) -> None:
+        """A link's reader died of a bug: end every stream rather than hang silently."""
+        self._failed = True
+        self._end_all(EndReason.HUB_FAILED)
+
+    async def _reroute(self, channel: bytes, state: _Channel) -> None:
         try:
-            while True:
-                try:
-                    if not self.connected:
-                        await self._reconnect(connection)
-                        failures = 0
-                    await self._read_until_broken(connection)
-                except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-                    self.connected = False
-                    failures += 1
-                    delay_s = _backoff_s(failures)
-                    log.warning(
-                        "shared subscription lost (%s); reconnecting in %.2fs", error, delay_s
-                    )
-                    await asyncio.sleep(delay_s)
-        except Exception:
-            # A bug, not a Redis outage: end every stream so clients reconnect to a healthy
-            # worker, and let readiness report the failure instead of hanging silently.
-            log.exception("hub reader failed; ending all listeners")
-            self.connected = False
-            self._end_all(EndReason.HUB_FAILED)
-
-    async def _reconnect(self, connection: Connection) -> None:
-        """(Re)open the connection and subscribe every channel in use with one command."""
-        first_time = self.stats.connects == 0
-        async with self._lock:
-            await connection.disconnect()
-            await connection.connect()  # type: ignore[no-untyped-call]
-            names = [self._control_channel, *self._channels]
-            # Commands sent on the old connection will never be confirmed; the one below
-            # confirms each channel exactly once.
-            self._pending_acks = {
-                name: deque([state.ready])
-                for name, state in self._channels.items()
-                if state.ready is not None and not state.ready.done()
-            } | {
-                name: waiting
-                for name, waiting in self._pending_acks.items()
-                if name == self._control_channel
-            }
-            await connection.send_command("SUBSCRIBE", *names, check_health=False)
-            self.connected = True
-        self.stats.connects += 1
-        if not first_time:
-            self.stats.reconnects += 1
-            self._resync_pending = True
-
-    async def _read_until_broken(self, connection: Connection) -> None:
-        """Read and act on messages; pings a silent connection, gives up on a dead one."""
-        pinged = False
-        while True:
-            response = await connection.read_response(
-                timeout=self._idle_s, disconnect_on_error=False, push_request=True
-            )
-            if response is None:
-                if pinged:
-                    raise RedisConnectionError(f"no answer to PING within {self._idle_s}s")
-                await self._send("PING")
-                pinged = True
-                continue
-            pinged = False
-            if isinstance(response, list) and len(response) == 3:
-                self._handle(response[0], response[1], response[2])
-
-    def _handle(self, kind: bytes, name: bytes, payload: Any) -> None:
-        if kind == b"message":
-            self._dispatch(name, payload)
-        elif kind == b"subscribe":
-            self._on_subscribed(name)
-            if self._resync_pending:
-                # The first confirmation of the re-subscribe command: all channels are live.
-                self._resync_pending = False
-                log.info(
-                    "shared subscription re-established; %d channels resubscribed",
-                    len(self._channels),
-                )
-                self._resync_all()
-
-    def _resync_all(self) -> None:
-        for state in self._channels.values():
+            await self._topology.refresh()
+            link = await self._link_for(channel)
+            confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            state.link = link
+            await link.subscribe(channel, confirmed)
+            await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError, LookupError) as error:
+            log.warning("could not move channel %r to its new shard: %s", channel, error)
             for listener in state.listeners:
-                listener.offer(Resync.AFTER_RECONNECT)
+                listener.end(EndReason.HUB_FAILED)
+            return
+        log.info("channel %r moved to %s", channel, state.link.name)
+        _resync(state)
 
     def _end_all(self, reason: EndReason) -> None:
         for state in self._channels.values():
             for listener in state.listeners:
                 listener.end(reason)
-        for waiting in self._pending_acks.values():
-            for future in waiting:
-                if not future.done():
-                    future.set_exception(HubClosedError(reason.value))
-                    future.exception()  # retrieved: nobody may be waiting for it any more
-        self._pending_acks.clear()
+            if not state.ready.done():
+                state.ready.set_exception(HubClosedError(reason.value))
+                state.ready.exception()  # marked retrieved: nobody may be waiting any more
 
 
-def _backoff_s(failures: int) -> float:
-    """Capped exponential backoff with full jitter."""
-    return random.uniform(0, min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2**failures))
+def _resync(state: _Channel) -> None:
+    for listener in state.listeners:
+        listener.offer(Resync.AFTER_RECONNECT)

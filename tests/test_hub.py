@@ -80,7 +80,7 @@ async def test_reader_failure_ends_listeners_and_refuses_new_ones(
         raise RuntimeError("handler exploded")
 
     async with hub.listen("doomed") as listener:
-        hub._handle = broken  # type: ignore[method-assign]  # the failure a bug would cause
+        hub.on_message = broken  # type: ignore[method-assign]  # the failure a bug would cause
         await redis_client.publish("doomed", b"1-0\n\nboom")
         await wait_for(lambda: _ended(listener))
         assert listener.ended is EndReason.HUB_FAILED

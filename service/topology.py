@@ -1,0 +1,97 @@
+"""Which Redis node carries a pub/sub channel: the one server, or the cluster shard of its slot.
+
+redis-py's asyncio cluster client routes commands but the hub needs raw connections it can
+drive itself (see pubsub_link), one per shard that owns a channel in use; this module
+builds them from the client's own node table.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
+
+from .pubsub_link import PLAIN, SHARDED, Dialect
+
+SINGLE_NODE = "redis"
+
+
+class Topology(Protocol):
+    """Where channels live and how to open a connection there."""
+
+    @property
+    def dialect(self) -> Dialect:
+        """Plain pub/sub on one server, sharded pub/sub on a cluster."""
+
+    def node_for(self, channel: bytes) -> str:
+        """The name of the node whose connection must carry `channel`."""
+
+    async def open_connection(self, node: str) -> Connection:
+        """A new, not yet connected, connection to `node`."""
+
+    async def release(self, connection: Connection) -> None:
+        """Give back a connection opened by `open_connection`."""
+
+    async def refresh(self) -> None:
+        """Re-read the slot table after the cluster moved a slot."""
+
+
+class SingleNode:
+    """One Redis server: every channel on one connection taken from the client's pool."""
+
+    dialect = PLAIN
+
+    def __init__(self, client: Redis) -> None:
+        self._pool = client.connection_pool
+
+    def node_for(self, channel: bytes) -> str:
+        del channel
+        return SINGLE_NODE
+
+    async def open_connection(self, node: str) -> Connection:
+        del node
+        connection: Connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        return connection
+
+    async def release(self, connection: Connection) -> None:
+        await connection.disconnect()
+        await self._pool.release(connection)
+
+    async def refresh(self) -> None:
+        """Nothing moves on a single server."""
+
+
+class ClusterShards:
+    """A Redis Cluster: each channel on a connection to the primary owning its hash slot."""
+
+    dialect = SHARDED
+
+    def __init__(self, client: RedisCluster) -> None:
+        self._client = client
+
+    def node_for(self, channel: bytes) -> str:
+        node = self._client.get_node_from_key(channel.decode())
+        if node is None:  # pragma: no cover - raises SlotNotCoveredError instead
+            raise LookupError(f"no node serves channel {channel!r}")
+        return node.name
+
+    async def open_connection(self, node: str) -> Connection:
+        cluster_node = self._client.get_node(node_name=node)
+        if cluster_node is None:
+            raise LookupError(f"unknown cluster node {node}")
+        return cluster_node.connection_class(**cluster_node.connection_kwargs)
+
+    async def release(self, connection: Connection) -> None:
+        await connection.disconnect()
+
+    async def refresh(self) -> None:
+        await self._client.nodes_manager.initialize()
+
+
+def topology_of(client: Redis | RedisCluster) -> Topology:
+    """The topology matching the kind of client."""
+    if isinstance(client, RedisCluster):
+        return ClusterShards(client)
+    return SingleNode(client)
