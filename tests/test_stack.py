@@ -1,0 +1,355 @@
+"""The scale-out stack: docker-compose.yml, the Dockerfile and config/nginx.conf, checked
+without a container engine, and the same topology run as local processes behind nginx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as redis
+import yaml
+
+from service.__main__ import main as cli_main
+from service.handlers import WEB_DIR
+from service.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
+
+from conftest import MakeSettings, StartClient, logged_ids, wait_for
+from sse_reader import ReceivedEvent, SSEParser, read_events
+from stack_processes import (
+    NGINX_CONF,
+    ROOT,
+    Stack,
+    Worker,
+    local_nginx_conf,
+    nginx_argv,
+    require_nginx,
+    service_env,
+)
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+APP_SERVICES = ("worker", "producer")
+
+
+# --- docker-compose.yml, Dockerfile and nginx.conf, without an engine ---
+
+
+def test_compose_has_the_documented_services() -> None:
+    assert set(SERVICES) == {"redis", "worker", "producer", "nginx"}
+    assert SERVICES["redis"]["image"].startswith("redis:7")
+    assert SERVICES["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert SERVICES["nginx"]["image"].startswith("nginx:")
+    assert SERVICES["worker"]["deploy"]["replicas"] >= 2
+    for name in APP_SERVICES:
+        assert SERVICES[name]["build"] == "."
+        assert SERVICES[name]["image"] == SERVICES["worker"]["image"]
+        assert SERVICES[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert SERVICES["nginx"]["depends_on"]["worker"]["condition"] == "service_healthy"
+    # The image's /healthz check means nothing for a process without an HTTP server.
+    assert SERVICES["producer"]["healthcheck"] == {"disable": True}
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_compose_commands_exist_in_the_cli(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    python, flag, module, *args = SERVICES[name]["command"]
+    assert (python, flag, module) == ("python", "-m", "service")
+    with pytest.raises(SystemExit) as accepted:
+        cli_main([*args, "--help"])
+    assert accepted.value.code == 0
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["no-such-command", "--help"])
+    assert refused.value.code == 2
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_compose_environment_is_valid_settings(name: str) -> None:
+    environment: dict[str, str] = SERVICES[name]["environment"]
+    assert all(isinstance(value, str) for value in environment.values()), "quote env values"
+    # load_settings refuses unknown SSE_* names and values of the wrong type.
+    settings = load_settings(DEFAULT_CONFIG_PATH, environment)
+    assert settings.redis_url == "redis://redis:6379/0"
+    assert "redis" in SERVICES
+
+
+def test_compose_ports_line_up_with_nginx_and_the_workers() -> None:
+    worker = load_settings(DEFAULT_CONFIG_PATH, SERVICES["worker"]["environment"])
+    assert worker.host == "0.0.0.0"
+    assert worker.producer == "off", "the producer service executes the runs"
+    assert SERVICES["worker"]["expose"] == [str(worker.port)]
+    conf = NGINX_CONF.read_text()
+    assert re.search(rf"^\s*server worker:{worker.port} ", conf, re.M)
+    [mapping] = SERVICES["nginx"]["ports"]
+    host_port, container_port = mapping.split(":")
+    assert host_port == "8080"
+    assert re.search(rf"^\s*listen {container_port};$", conf, re.M)
+    assert SERVICES["nginx"]["volumes"] == ["./config/nginx.conf:/etc/nginx/nginx.conf:ro"]
+    # docker stop waits stop_grace_period before SIGKILL: longer than the drain.
+    grace_s = float(SERVICES["worker"]["stop_grace_period"].removesuffix("s"))
+    assert grace_s > worker.drain_timeout_s
+
+
+def test_dockerfile_is_slim_multi_stage_and_not_root() -> None:
+    stages = re.findall(r"^FROM (\S+)", DOCKERFILE, re.M)
+    assert stages == ["python:3.11-slim", "python:3.11-slim"]
+    final = DOCKERFILE.split("\nFROM ")[-1]
+    assert "apt-get" not in final
+    assert "gcc" not in final
+    [user] = re.findall(r"^USER (\S+)$", final, re.M)
+    assert user not in ("root", "0")
+    [cmd] = re.findall(r"^CMD (.+)$", final, re.M)
+    assert json.loads(cmd) == SERVICES["worker"]["command"]
+    assert "SSE_HOST=0.0.0.0" in final
+    # The code finds its config file and web page next to the package: all three are copied.
+    for path in ("service", DEFAULT_CONFIG_PATH.parent.name, WEB_DIR.name):
+        assert re.search(rf"^COPY {path} \./{path}$", final, re.M), path
+        assert f"!{path}/" in (ROOT / ".dockerignore").read_text()
+
+
+async def test_dockerfile_healthcheck_passes_only_when_the_worker_answers(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: Any
+) -> None:
+    [command] = re.findall(r"^\s+CMD (python -c .+)$", DOCKERFILE, re.M)
+    client = await start_client(make_settings(), fake_opener)
+    port = client.server.port
+    assert await _shell_status(command, service_env(port=port)) == 0
+    await client.close()
+    assert await _shell_status(command, service_env(port=port)) != 0
+
+
+async def _shell_status(command: str, env: dict[str, str]) -> int:
+    process = await asyncio.create_subprocess_shell(
+        command, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    async with asyncio.timeout(10):
+        return await process.wait()
+
+
+def test_nginx_config_keeps_streams_unbuffered() -> None:
+    conf = NGINX_CONF.read_text()
+    [connect] = re.findall(r"location = /sse/connect \{(.*?)\}", conf, re.S)
+    for directive in ("proxy_buffering off;", "proxy_cache off;", "gzip off;"):
+        assert directive in connect
+    for directive in ("proxy_http_version 1.1;", 'proxy_set_header Connection "";',
+                      "proxy_set_header Last-Event-ID $http_last_event_id;"):
+        assert directive in conf
+    assert re.search(r"^\s*keepalive \d+;", conf, re.M)
+    [read_timeout] = re.findall(r"proxy_read_timeout (\d+)s;", connect)
+    defaults = Settings()
+    assert int(read_timeout) > defaults.session_ttl_s + defaults.heartbeat_interval_s
+    assert "proxy_next_upstream error timeout http_503;" in conf
+
+
+def test_nginx_accepts_the_config(tmp_path: Path) -> None:
+    binary = require_nginx()
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for prefix in (good, bad):
+        prefix.mkdir()
+    (good / "nginx.conf").write_text(local_nginx_conf([18081, 18082, 18083], 18080))
+    # The check is not vacuous: the same file with a typo is refused.
+    (bad / "nginx.conf").write_text(
+        local_nginx_conf([18081], 18080).replace("proxy_buffering off;", "proxy_bufering off;")
+    )
+    accepted = subprocess.run(
+        nginx_argv(binary, good, "-t"), check=False, capture_output=True, timeout=10
+    )
+    assert accepted.returncode == 0, accepted.stderr.decode()
+    refused = subprocess.run(
+        nginx_argv(binary, bad, "-t"), check=False, capture_output=True, timeout=10
+    )
+    assert refused.returncode != 0
+    assert b"proxy_bufering" in refused.stderr
+
+
+# --- the topology as processes: redis-server, 3 workers, a producer, nginx ---
+
+CLIENTS = 50
+EVENTS_PER_RUN = 10
+STACK_SETTINGS: dict[str, object] = {
+    "producer_interval_ms": 300,
+    "producer_poll_ms": 100,
+    "producer_lease_ms": 1000,
+    "retry_ms": 100,
+    "drain_timeout_s": 5,
+    "session_ttl_s": 30,
+    "log_level": "INFO",
+}
+
+
+@pytest.fixture
+def stack(redis_url: str, tmp_path: Path) -> Iterator[Stack]:
+    processes = Stack(redis_url, tmp_path, require_nginx(), settings=STACK_SETTINGS)
+    try:
+        processes.start()
+        yield processes
+    finally:
+        processes.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    timeout = aiohttp.ClientTimeout(total=None, connect=5, sock_read=10)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=0)
+    ) as session:
+        yield session
+
+
+@dataclass
+class Client:
+    """One browser-like client: a session id, then a stream it resumes until `finish`."""
+
+    session_id: str = ""
+    events: list[ReceivedEvent] = field(default_factory=list)
+    connects: int = 0
+    refusals: list[int] = field(default_factory=list)
+    breaks: list[str] = field(default_factory=list)
+
+    async def run(self, http: aiohttp.ClientSession, url: str) -> None:
+        """Follow EventSource: reconnect after `retry` with the last dispatched event's id."""
+        self.session_id = await _session_id(http, url)
+        retry_s = 0.1
+        while not self.events or self.events[-1].event != "finish":
+            # As in a browser, the resume point is the id of the last *dispatched* event.
+            headers = {"Last-Event-ID": self.events[-1].id} if self.events else {}
+            parser = SSEParser()
+            try:
+                await self._connect(http, url, headers, parser)
+            except aiohttp.ClientError as error:
+                self.breaks.append(repr(error))
+            retry_s = (parser.retry_ms or 100) / 1000
+            if not self.events or self.events[-1].event != "finish":
+                await asyncio.sleep(retry_s)
+
+    async def _connect(self, http: aiohttp.ClientSession, url: str, headers: dict[str, str],
+                       parser: SSEParser) -> None:
+        params = {"sessionId": self.session_id}
+        async with http.get(f"{url}/sse/connect", params=params, headers=headers) as response:
+            self.connects += 1
+            if response.status != 200:
+                self.refusals.append(response.status)
+                return
+            async for event in read_events(response, parser):
+                self.events.append(event)
+                if event.event == "finish":
+                    return
+
+
+async def _session_id(http: aiohttp.ClientSession, url: str) -> str:
+    while True:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with http.get(f"{url}/sse/getSessionId") as response:
+                if response.status == 200:
+                    return await response.text()
+        await asyncio.sleep(0.1)
+
+
+async def run_clients_and_interrupt(
+    stack: Stack, http: aiohttp.ClientSession, interrupt: Worker, signum: signal.Signals
+) -> tuple[list[Client], float, float]:
+    """50 clients through nginx; once each holds 3 events, signal one worker.
+
+    Returns the clients, the streams the worker had open then, and how long it took to exit.
+    """
+    clients = [Client() for _ in range(CLIENTS)]
+    async with asyncio.timeout(40):
+        runs = [asyncio.create_task(c.run(http, stack.url)) for c in clients]
+        try:
+
+            async def all_midway() -> bool:
+                return min(len(c.events) for c in clients) >= 3
+
+            await wait_for(all_midway, timeout_s=20, interval_s=0.02)
+            open_streams = await _open_streams(http, interrupt)
+            assert not any(run.done() for run in runs), "a session finished too early"
+            signalled = time.monotonic()
+            interrupt.send(signum)
+
+            async def exited() -> bool:
+                return not interrupt.running
+
+            await wait_for(exited, timeout_s=15, interval_s=0.02)
+            exit_s = time.monotonic() - signalled
+            await asyncio.gather(*runs)
+        finally:
+            for run in runs:
+                run.cancel()
+    return clients, open_streams, exit_s
+
+
+async def _open_streams(http: aiohttp.ClientSession, worker: Worker) -> float:
+    async with http.get(f"{worker.url}/metrics") as response:
+        text = await response.text()
+    [value] = re.findall(r"^sse_open_streams (\S+)$", text, re.M)
+    return float(value)
+
+
+async def assert_every_client_got_every_event_once(
+    clients: list[Client], redis_client: redis.Redis
+) -> None:
+    for client in clients:
+        ids = [event.id for event in client.events]
+        assert len(ids) == EVENTS_PER_RUN, (client.session_id, ids, client.breaks)
+        assert ids == await logged_ids(redis_client, client.session_id)
+        assert [e.event for e in client.events] == ["message"] * 9 + ["finish"]
+        assert all(client.session_id in event.data for event in client.events)
+
+
+@pytest.mark.redis
+@pytest.mark.stack
+async def test_kill_9_of_a_worker_loses_no_event(
+    stack: Stack, http: aiohttp.ClientSession, redis_client: redis.Redis,
+) -> None:
+    victim = stack.workers[0]
+    clients, open_streams, _ = await run_clients_and_interrupt(
+        stack, http, victim, signal.SIGKILL
+    )
+    print(f"killed a worker holding {open_streams:.0f} streams; "
+          f"{sum(c.connects - 1 for c in clients)} reconnects")
+    try:
+        assert open_streams > 0, "the killed worker held no stream"
+        reconnected = sum(client.connects - 1 for client in clients)
+        assert reconnected >= open_streams
+        await assert_every_client_got_every_event_once(clients, redis_client)
+    except AssertionError:
+        print(stack.logs())
+        raise
+
+
+@pytest.mark.redis
+@pytest.mark.stack
+async def test_sigterm_drains_a_worker_under_load_without_loss(
+    stack: Stack, http: aiohttp.ClientSession, redis_client: redis.Redis,
+) -> None:
+    draining = stack.workers[0]
+    clients, open_streams, exit_s = await run_clients_and_interrupt(
+        stack, http, draining, signal.SIGTERM
+    )
+    print(f"drained a worker holding {open_streams:.0f} streams in {exit_s:.3f}s; "
+          f"{sum(c.connects - 1 for c in clients)} reconnects")
+    try:
+        assert draining.process is not None
+        assert draining.process.returncode == 0
+        assert exit_s < float(str(STACK_SETTINGS["drain_timeout_s"]))
+        assert open_streams > 0, "the drained worker held no stream"
+        ended = draining.log_text().count("reason=shutdown")
+        assert ended == open_streams
+        # Streams ended cleanly, and nginx sent every retry past the departing worker.
+        assert all(not client.refusals for client in clients)
+        await assert_every_client_got_every_event_once(clients, redis_client)
+    except AssertionError:
+        print(f"worker exited after {exit_s:.2f}s")
+        print(stack.logs())
+        raise
