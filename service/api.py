@@ -17,6 +17,7 @@ from .envelope import FINISH_EVENT
 from .errors import InvalidParameter, SessionNotFound, UnsupportedMediaType
 from .sessions import is_valid_session_id
 from .submission import parse_body
+from .topology import subscriber_count
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +67,20 @@ async def session_status(request: web.Request) -> web.Response:
     session_id = _session_id(request)
     keys = request.app[r.keys_key]
     channel = keys.channel(session_id)
-    async with request.app[r.redis_key].pipeline(transaction=False) as pipe:
+    redis = request.app[r.redis_key]
+    async with redis.pipeline(transaction=False) as pipe:
         pipe.pttl(keys.session(session_id))
         pipe.hget(keys.session(session_id), "finished")
         pipe.xrevrange(keys.log(session_id), count=1)
-        pipe.pubsub_numsub(channel)
-        ttl_ms, finished, newest, numsub = await pipe.execute()
+        ttl_ms, finished, newest = await pipe.execute()
+    subscribers = await subscriber_count(redis, channel)
     if ttl_ms == -2:
         raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
     return web.json_response(
         {
             "sessionId": session_id,
             "ttlMs": ttl_ms if ttl_ms >= 0 else None,
-            "subscribers": int(numsub[0][1]) if numsub else 0,
+            "subscribers": subscribers,
             "localStreams": request.app[r.hub_key].listeners_of(channel),
             "finished": finished is not None,
             "lastEventId": _text(newest[0][0]) if newest else None,

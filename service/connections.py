@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -17,38 +19,29 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 Redis = redis.Redis
+# A worker talks to one server or to a Redis Cluster; both clients offer what it uses.
+RedisClient = redis.Redis | RedisCluster
 
 
 class RedisOpener(Protocol):
     """Opens the client a worker uses; `open_redis` in production, a shared fake in tests."""
 
-    async def __call__(self, settings: Settings, /) -> Redis: ...
+    async def __call__(self, settings: Settings, /) -> RedisClient: ...
 
 CONNECT_ATTEMPTS = 5
 
 
-async def open_redis(settings: Settings) -> Redis:
+async def open_redis(settings: Settings) -> RedisClient:
     """A connected client; retries a few times so a worker can start just before Redis does."""
     if settings.embedded_redis:
         return _embedded_redis()
-    # A blocking pool: a burst of requests queues for a connection instead of opening one
-    # each, so the worker's Redis connection count stays fixed whatever the client count.
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_timeout_s,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        retry=Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=2),
-        health_check_interval=30,
-    )
-    client: Redis = redis.Redis.from_pool(pool)
+    client = _cluster_client(settings) if settings.redis_cluster else _server_client(settings)
     delay_s = 0.2
     for attempt in range(1, CONNECT_ATTEMPTS):
         try:
             await client.ping()
             break
-        except (RedisConnectionError, RedisTimeoutError) as error:
+        except _UNREACHABLE as error:
             log.warning(
                 "redis at %s not reachable (attempt %d/%d): %s; retrying in %.1fs",
                 _redacted(settings.redis_url),
@@ -62,11 +55,57 @@ async def open_redis(settings: Settings) -> Redis:
     else:
         try:
             await client.ping()
-        except (RedisConnectionError, RedisTimeoutError):
+        except _UNREACHABLE:
             await client.aclose()
             raise
-    log.info("connected to redis at %s", _redacted(settings.redis_url))
+    log.info("connected to redis%s at %s", " cluster" if settings.redis_cluster else "",
+             _redacted(settings.redis_url))
     return client
+
+
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, ClusterDownError)
+
+
+def _server_client(settings: Settings) -> Redis:
+    # A blocking pool: a burst of requests queues for a connection instead of opening one
+    # each, so the worker's Redis connection count stays fixed whatever the client count.
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        retry=Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=2),
+        health_check_interval=30,
+    )
+    return redis.Redis.from_pool(pool)
+
+
+class QueueingRedisCluster(RedisCluster):
+    """redis-py's cluster client, with commands queueing for a connection.
+
+    Its per-node pools raise MaxConnectionsError when full instead of waiting (unlike
+    BlockingConnectionPool on one server), so a burst of requests would fail. A semaphore
+    of the same size makes them wait their turn; the per-node pools then never run dry.
+    """
+
+    def __init__(self, *, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(max_connections=max_connections, **kwargs)
+        self._in_flight = asyncio.Semaphore(max_connections)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._in_flight:
+            return await super().execute_command(*args, **kwargs)
+
+
+def _cluster_client(settings: Settings) -> RedisCluster:
+    # redis-py's cluster client keeps a pool per node and follows MOVED/ASK itself.
+    return QueueingRedisCluster.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
 
 
 def _embedded_redis() -> Redis:

@@ -16,15 +16,16 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .connections import RedisClient
 from .envelope import FINISH_EVENT
 from .hub import Hub, HubClosedError
 from .keys import Keys
 from .publisher import Fence, Publisher, PublishOutcome
 from .settings import Settings
 from .tasks import cancel_and_wait
+from .topology import publish_command
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,10 @@ def demo_event(session_id: str, seq: int, count: int, now: datetime) -> tuple[st
     return "", f"server time: {clock} id: {session_id}"
 
 
-async def request_run(redis: Redis, keys: Keys, session_id: str) -> None:
+async def request_run(redis: RedisClient, keys: Keys, session_id: str) -> None:
     """Make a waiting run visible to every producer and wake them."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(keys.runs, {session_id: 0})
-        pipe.publish(keys.producer_wake, session_id)
-        await pipe.execute()
+    await redis.zadd(keys.runs, {session_id: 0})
+    await redis.execute_command(publish_command(redis), keys.producer_wake, session_id)
 
 
 class Producer:
@@ -80,7 +79,7 @@ class Producer:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         hub: Hub,
         *,
         publisher: Publisher,

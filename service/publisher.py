@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from redis.asyncio import Redis
-
+from .connections import RedisClient
 from .keys import Keys
 from .sse import check_field
+from .topology import publish_command
 
 # KEYS: session, log, run, lease.
-# ARGV: channel, event, data, ttl_ms, maxlen, token ('' = no fencing), seq, lease_ms.
+# ARGV: channel, event, data, ttl_ms, maxlen, token ('' = no fencing), seq, lease_ms,
+# publish command (SPUBLISH on a cluster: the channel shares the keys' slot).
 # With a token the caller is a producer run: it must still hold the lease and be at `seq`,
 # and its progress advances in the same step as the publish, so no event goes out twice.
 # A retry of a publish whose reply was lost finds `next` already at seq + 1: 'done'.
@@ -36,7 +37,7 @@ if redis.call('EXISTS', session) == 0 then
 end
 local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], '*', 'e', event, 'd', data)
 redis.call('PEXPIRE', log, redis.call('PTTL', session))
-redis.call('PUBLISH', channel, id .. '\\n' .. event .. '\\n' .. data)
+redis.call(ARGV[9], channel, id .. '\\n' .. event .. '\\n' .. data)
 if event == 'finish' then redis.call('HSET', session, 'finished', id) end
 if token ~= '' then
   local next_seq = redis.call('HINCRBY', run, 'next', 1)
@@ -79,11 +80,14 @@ class Published:
 class Publisher:
     """Appends events to session logs and publishes them for live delivery."""
 
-    def __init__(self, redis: Redis, keys: Keys, session_ttl_s: float, log_maxlen: int) -> None:
+    def __init__(
+        self, redis: RedisClient, keys: Keys, session_ttl_s: float, log_maxlen: int
+    ) -> None:
         self._keys = keys
         self._ttl_ms = max(1, round(session_ttl_s * 1000))
         self._log_maxlen = log_maxlen
         self._script = redis.register_script(_PUBLISH)
+        self._publish_command = publish_command(redis)
         self.events_published = 0
 
     async def publish(
@@ -103,6 +107,7 @@ class Publisher:
                 fence.token if fence else "",
                 fence.seq if fence else 0,
                 fence.lease_ms if fence else 0,
+                self._publish_command,
             ],
         )
         outcome, event_id = (part.decode() if isinstance(part, bytes) else part for part in reply)

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 
-from .connections import RedisOpener
+from .connections import RedisClient, RedisOpener
 from .hub import EndReason, Hub
 from .keys import Keys
 from .metrics import ServiceCollector, StreamMetrics, build_registry
@@ -22,7 +21,7 @@ from .settings import Settings
 settings_key = web.AppKey("settings_key", Settings)
 redis_opener_key = web.AppKey("redis_opener_key", RedisOpener)
 keys_key = web.AppKey("keys_key", Keys)
-redis_key = web.AppKey("redis_key", Redis)
+redis_key: web.AppKey[RedisClient] = web.AppKey("redis_key")
 hub_key = web.AppKey("hub_key", Hub)
 sessions_key = web.AppKey("sessions_key", SessionStore)
 publisher_key = web.AppKey("publisher_key", Publisher)

@@ -7,8 +7,7 @@ import secrets
 from dataclasses import dataclass
 from enum import Enum
 
-from redis.asyncio import Redis
-
+from .connections import RedisClient
 from .envelope import Delivery, decode_log_entry
 from .keys import Keys
 
@@ -99,7 +98,7 @@ return 1
 class SessionStore:
     """Session records, kept under `Keys`, each expiring after its TTL."""
 
-    def __init__(self, redis: Redis, keys: Keys, ttl_s: float) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, ttl_s: float) -> None:
         self._redis = redis
         self._keys = keys
         self._ttl_ms = max(1, round(ttl_s * 1000))

@@ -26,6 +26,7 @@ class Settings:
     redis_url: str = ""
     redis_timeout_s: float = 2.0
     redis_max_connections: int = 3
+    redis_cluster: bool = False
     key_prefix: str = "sse"
     session_ttl_s: float = 60.0
     require_issued_session: bool = False
@@ -68,6 +69,11 @@ class Settings:
         for name in ("session_ttl_s", "heartbeat_interval_s", "redis_timeout_s"):
             _require(name, getattr(self, name) > 0, "must be positive")
         _require("port", self.port <= 65535, "must be at most 65535")
+        _require(
+            "redis_cluster",
+            not self.redis_cluster or bool(self.redis_url),
+            "needs a redis_url (any node of the cluster)",
+        )
         _require(
             "redis_max_connections",
             self.redis_max_connections >= 2,

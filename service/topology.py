@@ -7,7 +7,7 @@ builds them from the client's own node table.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -88,6 +88,30 @@ class ClusterShards:
 
     async def refresh(self) -> None:
         await self._client.nodes_manager.initialize()
+
+
+def publish_command(client: Redis | RedisCluster) -> str:
+    """PUBLISH on one server; SPUBLISH on a cluster, so a message goes to one shard only."""
+    return "SPUBLISH" if isinstance(client, RedisCluster) else "PUBLISH"
+
+
+async def subscriber_count(client: Redis | RedisCluster, channel: str) -> int:
+    """Connections subscribed to `channel`: PUBSUB NUMSUB, or SHARDNUMSUB on its shard."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # a no-op once the slot table is known
+        node = client.get_node_from_key(channel)
+        reply = await client.execute_command(
+            "PUBSUB", "SHARDNUMSUB", channel, target_nodes=node
+        )
+    else:
+        reply = await client.pubsub_numsub(channel)
+    return _count_of(reply)
+
+
+def _count_of(reply: Any) -> int:
+    # redis-py parses NUMSUB into [(channel, n)]; SHARDNUMSUB arrives as [channel, n].
+    first = reply[0]
+    return int(first[1] if isinstance(first, list | tuple) else reply[1])
 
 
 def topology_of(client: Redis | RedisCluster) -> Topology:

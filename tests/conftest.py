@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import fakeredis
 import pytest
 import redis.asyncio as redis
 from aiohttp.test_utils import TestClient
+from redis.asyncio.cluster import RedisCluster
 
 from service.app import create_app
-from service.connections import RedisOpener, open_redis
+from service.connections import RedisClient, RedisOpener, open_redis
 from service.keys import Keys
 from service.settings import Settings, build_settings
 
-from redis_process import RedisProcess, require_redis_server
+from redis_process import RedisClusterProcesses, RedisProcess, require_redis_server
 
 # Fast, test-friendly defaults; each test overrides what it is about.
 FAST_SETTINGS: dict[str, Any] = {
@@ -67,6 +69,79 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
     await client.aclose()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A three-primary Redis Cluster on loopback ports, for the whole run."""
+    cluster = RedisClusterProcesses(require_redis_server(), tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A real Redis deployment to run a test against: one server, or a cluster."""
+
+    url: str
+    cluster: bool
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings that point a worker at it."""
+        return {"redis_url": self.url, "redis_cluster": self.cluster}
+
+    def client(self) -> RedisClient:
+        """A plain client for assertions about its state."""
+        if self.cluster:
+            return RedisCluster.from_url(self.url)
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
+    """Each integration test twice: on one redis-server and on a Redis Cluster, both flushed."""
+    if request.param == "single":
+        target = RedisTarget(request.getfixturevalue("redis_server").url, cluster=False)
+    else:
+        target = RedisTarget(request.getfixturevalue("redis_cluster").url, cluster=True)
+    client = target.client()
+    if isinstance(client, RedisCluster):
+        await client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        await client.flushall()
+    await client.aclose()
+    return target
+
+
+@pytest.fixture
+async def target_client(redis_target: RedisTarget) -> AsyncIterator[RedisClient]:
+    """A client on the `redis_target` deployment."""
+    client = redis_target.client()
+    yield client
+    await client.aclose()
+
+
+async def pubsub_connections(client: RedisClient) -> int:
+    """Pub/sub connections open on the server, or on all cluster primaries together."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+        total = 0
+        for node in client.get_primaries():
+            listed = await client.execute_command(
+                "CLIENT", "LIST", "TYPE", "pubsub", target_nodes=node
+            )
+            total += len([line for line in _lines(listed) if line])
+        return total
+    return len(await client.client_list(_type="pubsub"))
+
+
+def _lines(listed: Any) -> list[str]:
+    text = listed.decode() if isinstance(listed, bytes) else str(listed)
+    return text.splitlines()
+
+
 async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float = 5.0,
                    interval_s: float = 0.01) -> None:
     """Poll `condition` until it holds; fail the test if the deadline passes first."""
@@ -75,7 +150,7 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float = 
             await asyncio.sleep(interval_s)
 
 
-async def logged_ids(client: redis.Redis, session_id: str) -> list[str]:
+async def logged_ids(client: RedisClient, session_id: str) -> list[str]:
     """The ids in a session's event log, oldest first."""
     entries = await client.xrange(Keys().log(session_id))
     return [entry_id.decode() for entry_id, _ in entries]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,25 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too, both below 65536."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        if _can_bind(port) and _can_bind(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _can_bind(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass
@@ -86,3 +106,56 @@ class RedisProcess:
                 self.process.kill()
                 self.process.wait(5)
             self.process = None
+
+
+@dataclass
+class RedisClusterProcesses:
+    """A Redis Cluster of `size` primaries (no replicas) on free loopback ports."""
+
+    binary: str
+    workdir: Path
+    size: int = 3
+    nodes: list[RedisProcess] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """A seed node; the client discovers the rest."""
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is needed to create a cluster")
+        for index in range(self.size):
+            node = RedisProcess(
+                self.binary, self.workdir / f"node{index}", port=free_cluster_port(),
+                extra_args=("--cluster-enabled", "yes",
+                            "--cluster-config-file", f"nodes-{index}.conf",
+                            "--cluster-node-timeout", "2000"),
+            )
+            node.start()
+            self.nodes.append(node)
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0",
+             "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(self._state_ok(cli, node.port) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _state_ok(cli: str, port: int) -> bool:
+        info = subprocess.run(
+            [cli, "-p", str(port), "cluster", "info"],
+            check=False, capture_output=True, text=True, timeout=5,
+        )
+        return "cluster_state:ok" in info.stdout
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes.clear()

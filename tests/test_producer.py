@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as redis
 
+from service.connections import RedisClient
 from service.keys import Keys
 from service.producer import demo_event
 
-from conftest import MakeSettings, StartClient, logged_ids
+from conftest import MakeSettings, RedisTarget, StartClient, logged_ids
 from sse_reader import collect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,10 +32,10 @@ def test_demo_events_are_worded_like_the_original() -> None:
 
 @pytest.mark.redis
 async def test_concurrent_first_connections_on_three_instances_start_one_run(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
-    redis_client: redis.Redis,
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    target_client: RedisClient,
 ) -> None:
-    settings = make_settings(redis_url=redis_url, producer_interval_ms=30)
+    settings = make_settings(**redis_target.settings, producer_interval_ms=30)
     clients = [await start_client(settings) for _ in range(3)]
 
     async def read(client: Any) -> list[str]:
@@ -45,16 +45,17 @@ async def test_concurrent_first_connections_on_three_instances_start_one_run(
     results = await asyncio.gather(*(read(c) for c in clients for _ in range(3)))
     assert all(result == results[0] for result in results)
     assert len(results[0]) == 10
-    assert await redis_client.xlen(Keys().log("race")) == 10
+    assert await target_client.xlen(Keys().log("race")) == 10
 
 
 class ProducerProcess:
     """`python -m service producer` as a child process, as the compose stack runs it."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, target: RedisTarget) -> None:
         env = {
             **os.environ,
-            "SSE_REDIS_URL": redis_url,
+            "SSE_REDIS_URL": target.url,
+            "SSE_REDIS_CLUSTER": str(target.cluster).lower(),
             "SSE_PRODUCER_INTERVAL_MS": "150",
             "SSE_PRODUCER_LEASE_MS": "800",
             "SSE_PRODUCER_POLL_MS": "100",
@@ -80,11 +81,11 @@ class ProducerProcess:
 
 @pytest.mark.redis
 async def test_a_killed_producer_process_is_taken_over_without_loss_or_repeat(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
-    redis_client: redis.Redis,
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    target_client: RedisClient,
 ) -> None:
-    worker = await start_client(make_settings(redis_url=redis_url, producer="off"))
-    doomed = ProducerProcess(redis_url)
+    worker = await start_client(make_settings(**redis_target.settings, producer="off"))
+    doomed = ProducerProcess(redis_target)
     try:
         await doomed.wait_running()
         response = await worker.get("/sse/connect", params={"sessionId": "orphan"})
@@ -93,9 +94,9 @@ async def test_a_killed_producer_process_is_taken_over_without_loss_or_repeat(
         doomed.kill()
     assert doomed.process.returncode == -signal.SIGKILL
     # A new worker with an in-process producer finds the orphaned run once its lease lapses.
-    await start_client(make_settings(redis_url=redis_url, producer_lease_ms=800))
+    await start_client(make_settings(**redis_target.settings, producer_lease_ms=800))
     tail = await collect(response, timeout_s=20)
     received = head + tail
-    logged = await logged_ids(redis_client, "orphan")
+    logged = await logged_ids(target_client, "orphan")
     assert [e.id for e in received] == logged
     assert [e.event for e in received] == ["message"] * 9 + ["finish"]

@@ -7,13 +7,13 @@ import random
 from typing import Any
 
 import pytest
-import redis.asyncio as redis
 
+from service.connections import RedisClient
 from service.envelope import parse_event_id
 from service.keys import Keys
 from service.publisher import Publisher
 
-from conftest import MakeSettings, StartClient, logged_ids, wait_for
+from conftest import MakeSettings, RedisTarget, StartClient, logged_ids, wait_for
 from sse_reader import ReceivedEvent, collect
 
 pytestmark = pytest.mark.redis
@@ -25,10 +25,10 @@ async def connect(client: Any, session_id: str, last_event_id: str | None = None
 
 
 async def test_resume_on_another_instance_gets_the_rest_exactly_once(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
-    redis_client: redis.Redis,
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    target_client: RedisClient,
 ) -> None:
-    settings = make_settings(redis_url=redis_url, producer_interval_ms=100)
+    settings = make_settings(**redis_target.settings, producer_interval_ms=100)
     first, second = await start_client(settings), await start_client(settings)
     session_id = await (await first.get("/sse/getSessionId")).text()
     response = await connect(first, session_id)
@@ -36,16 +36,16 @@ async def test_resume_on_another_instance_gets_the_rest_exactly_once(
     response.close()
     response = await connect(second, session_id, head[-1].id)
     tail = await collect(response)
-    logged = await logged_ids(redis_client, session_id)
+    logged = await logged_ids(target_client, session_id)
     assert [e.id for e in head + tail] == logged
     assert len(logged) == 10
     assert tail[-1].event == "finish"
 
 
 async def test_query_parameter_resumes_like_the_header(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
 ) -> None:
-    client = await start_client(make_settings(redis_url=redis_url))
+    client = await start_client(make_settings(**redis_target.settings))
     response = await connect(client, "by-query")
     events = await collect(response)
     resumed = await client.get(
@@ -56,11 +56,11 @@ async def test_query_parameter_resumes_like_the_header(
 
 
 async def test_seam_between_replay_and_live_has_no_gap_and_no_duplicate(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
-    redis_client: redis.Redis,
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    target_client: RedisClient,
 ) -> None:
     count = 150
-    settings = make_settings(redis_url=redis_url, producer_interval_ms=3,
+    settings = make_settings(**redis_target.settings, producer_interval_ms=3,
                              producer_event_count=count)
     clients = [await start_client(settings) for _ in range(2)]
     rng = random.Random(7)
@@ -75,15 +75,15 @@ async def test_seam_between_replay_and_live_has_no_gap_and_no_duplicate(
             response.close()
             received.extend(batch)
             last_id = received[-1].id if received else None
-    logged = await logged_ids(redis_client, "seam")
+    logged = await logged_ids(target_client, "seam")
     assert len(logged) == count
     assert [e.id for e in received] == logged
 
 
 async def test_reconnect_after_finish_gets_204(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
 ) -> None:
-    client = await start_client(make_settings(redis_url=redis_url))
+    client = await start_client(make_settings(**redis_target.settings))
     events = await collect(await connect(client, "done"))
     assert events[-1].event == "finish"
     response = await connect(client, "done", events[-1].id)
@@ -94,9 +94,9 @@ async def test_reconnect_after_finish_gets_204(
 
 
 async def test_fresh_connect_to_a_finished_session_starts_a_new_run(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
 ) -> None:
-    client = await start_client(make_settings(redis_url=redis_url))
+    client = await start_client(make_settings(**redis_target.settings))
     first_run = await collect(await connect(client, "again"))
     second_run = await collect(await connect(client, "again"))
     assert len(first_run) == len(second_run) == 10
@@ -104,9 +104,9 @@ async def test_fresh_connect_to_a_finished_session_starts_a_new_run(
 
 
 async def test_second_viewer_joining_mid_run_gets_the_run_so_far(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
 ) -> None:
-    settings = make_settings(redis_url=redis_url, producer_interval_ms=50)
+    settings = make_settings(**redis_target.settings, producer_interval_ms=50)
     first, second = await start_client(settings), await start_client(settings)
     early = await connect(first, "joined")
     head = await collect(early, until=3)
@@ -116,17 +116,17 @@ async def test_second_viewer_joining_mid_run_gets_the_run_so_far(
 
 
 async def test_trimmed_history_is_announced_with_a_gap_event(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
-    redis_client: redis.Redis,
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    target_client: RedisClient,
 ) -> None:
-    settings = make_settings(redis_url=redis_url, demo_runs=False, log_maxlen=10)
+    settings = make_settings(**redis_target.settings, demo_runs=False, log_maxlen=10)
     client = await start_client(settings)
-    publisher = Publisher(redis_client, Keys(), session_ttl_s=30, log_maxlen=10)
+    publisher = Publisher(target_client, Keys(), session_ttl_s=30, log_maxlen=10)
     first = await publisher.publish("trimmed", "", "event 0")
     for n in range(1, 400):
         await publisher.publish("trimmed", "", f"event {n}")
     await publisher.publish("trimmed", "finish", "end")
-    kept = await redis_client.xlen(Keys().log("trimmed"))
+    kept = await target_client.xlen(Keys().log("trimmed"))
     assert kept < 400
     events = await collect(await connect(client, "trimmed", first.event_id))
     assert events[0].event == "gap"
@@ -136,16 +136,16 @@ async def test_trimmed_history_is_announced_with_a_gap_event(
 
 
 async def test_expired_session_leaves_no_keys_behind(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
-    redis_client: redis.Redis,
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    target_client: RedisClient,
 ) -> None:
-    client = await start_client(make_settings(redis_url=redis_url, session_ttl_s=1.0))
+    client = await start_client(make_settings(**redis_target.settings, session_ttl_s=1.0))
     events = await collect(await connect(client, "ephemeral"))
     assert events[-1].event == "finish"
 
     async def nothing_left() -> bool:
-        keys = await redis_client.keys("*")
-        members = await redis_client.zcard(Keys().runs)
+        keys = await target_client.keys("*")
+        members = await target_client.zcard(Keys().runs)
         return keys == [] and members == 0
 
     await wait_for(nothing_left, timeout_s=5, interval_s=0.1)
