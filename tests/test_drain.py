@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as redis
 
@@ -13,9 +18,12 @@ from service import resources as r
 from service.connections import RedisOpener
 from service.keys import Keys
 from service.producer import Producer
+from service.tasks import cancel_and_wait
 
 from conftest import MakeSettings, StartClient, logged_ids, wait_for
+from redis_process import free_port
 from sse_reader import SSEParser, read_events
+from stack_processes import Worker, service_env
 
 
 async def test_shutdown_ends_open_streams_cleanly_and_at_once(
@@ -98,3 +106,70 @@ async def test_app_shutdown_with_nothing_open_is_quick(
     async with asyncio.timeout(5):
         await client.close()
     assert time.monotonic() - started < 1.0
+
+
+async def test_cancel_and_wait_works_in_a_task_whose_own_cancel_was_handled() -> None:
+    # aiohttp's run_app cancels its main task on SIGTERM and then runs the app's cleanup in it.
+    async def clean_up_after_being_cancelled() -> bool:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(3600)
+        child = asyncio.create_task(asyncio.sleep(3600))
+        await cancel_and_wait([child])
+        return child.cancelled()
+
+    main = asyncio.create_task(clean_up_after_being_cancelled())
+    await asyncio.sleep(0)
+    main.cancel()
+    async with asyncio.timeout(5):
+        assert await main is True
+
+
+@pytest.mark.redis
+async def test_sigterm_on_a_worker_with_its_producer_hands_the_run_over(
+    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    redis_client: redis.Redis, tmp_path: Path,
+) -> None:
+    lease = {"producer_interval_ms": 150, "producer_lease_ms": 30_000, "producer_poll_ms": 50}
+    worker = Worker(
+        "worker", [sys.executable, "-m", "service", "serve"],
+        service_env(redis_url=redis_url, port=free_port(), drain_timeout_s=5, **lease),
+        tmp_path / "worker.log",
+    )
+    worker.port = int(worker.env["SSE_PORT"])
+    worker.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def ready() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"{worker.url}/readyz") as response:
+                        return response.status == 200
+                return False
+
+            await wait_for(ready, timeout_s=15, interval_s=0.05)
+            async with http.get(f"{worker.url}/sse/connect",
+                                params={"sessionId": "moving"}) as response:
+                assert response.status == 200
+
+                async def two_logged() -> bool:
+                    return len(await logged_ids(redis_client, "moving")) >= 2
+
+                await wait_for(two_logged)
+                # Another worker's producer is ready to take over, but only a hand-back lets
+                # it do so before the 30 s lease runs out.
+                await start_client(make_settings(redis_url=redis_url, **lease))
+                worker.send(signal.SIGTERM)
+
+                async def exited() -> bool:
+                    return not worker.running
+
+                await wait_for(exited, timeout_s=5)
+
+        async def all_logged() -> bool:
+            return len(await logged_ids(redis_client, "moving")) == 10
+
+        await wait_for(all_logged, timeout_s=5)
+        assert worker.process is not None
+        assert worker.process.returncode == 0, worker.log_text()
+        assert "handed back run of session moving" in worker.log_text()
+    finally:
+        worker.stop()
