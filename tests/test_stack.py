@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -80,8 +81,9 @@ def test_compose_environment_is_valid_settings(name: str) -> None:
     assert all(isinstance(value, str) for value in environment.values()), "quote env values"
     # load_settings refuses unknown SSE_* names and values of the wrong type.
     settings = load_settings(DEFAULT_CONFIG_PATH, environment)
-    assert settings.redis_url == "redis://redis:6379/0"
-    assert "redis" in SERVICES
+    redis_address = urlsplit(settings.redis_url)
+    assert redis_address.hostname in SERVICES
+    assert redis_address.port == 6379
 
 
 def test_compose_ports_line_up_with_nginx_and_the_workers() -> None:
