@@ -8,6 +8,7 @@ from aiohttp import web
 from . import api, docs_page, handlers, openapi
 from . import resources as r
 from .access_log import access_log_middleware
+from .admission import Admission
 from .connections import RedisOpener, open_redis
 from .errors import error_middleware
 from .keys import Keys
@@ -27,6 +28,7 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
     app[r.redis_opener_key] = open_client
     app[r.keys_key] = Keys(settings.key_prefix)
     app[r.lifecycle_key] = r.Lifecycle()
+    app[r.admission_key] = Admission(settings.max_connections, settings.max_connections_per_session)
     app.cleanup_ctx.append(r.redis_ctx)
     app.cleanup_ctx.append(r.hub_ctx)
     app.cleanup_ctx.append(r.metrics_ctx)

@@ -14,8 +14,6 @@ from .envelope import parse_event_id
 from .errors import (
     InvalidParameter,
     SessionNotFound,
-    TooManyConnections,
-    TooManyForSession,
     Unavailable,
 )
 from .metrics import CONTENT_TYPE, StreamMetrics, render
@@ -38,19 +36,20 @@ async def get_session_id(request: web.Request) -> web.Response:
 async def connect(request: web.Request) -> web.StreamResponse:
     """Stream a session's events: replay what the client missed, then live until the end."""
     app = request.app
-    settings, hub, keys = app[r.settings_key], app[r.hub_key], app[r.keys_key]
     session_id = _session_id(request)
     last_event_id = _last_event_id(request)
-    channel = keys.channel(session_id)
     if app[r.lifecycle_key].draining:
         raise Unavailable("this worker is shutting down", headers={"Retry-After": "1"})
-    if hub.listener_count >= settings.max_connections:
-        raise TooManyConnections(
-            "this worker is at its connection limit", headers={"Retry-After": "1"}
-        )
-    if hub.listeners_of(channel) >= settings.max_connections_per_session:
-        raise TooManyForSession("too many open streams for this session")
-    async with hub.listen(channel) as listener:
+    with app[r.admission_key].admit(session_id):
+        return await _serve_stream(request, session_id, last_event_id)
+
+
+async def _serve_stream(
+    request: web.Request, session_id: str, last_event_id: str | None
+) -> web.StreamResponse:
+    app = request.app
+    settings, hub, keys = app[r.settings_key], app[r.hub_key], app[r.keys_key]
+    async with hub.listen(keys.channel(session_id)) as listener:
         attachment = await app[r.sessions_key].attach(
             session_id,
             last_event_id,

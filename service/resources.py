@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from .admission import Admission
 from .connections import RedisClient, RedisOpener
 from .hub import EndReason, Hub
 from .keys import Keys
@@ -23,6 +24,7 @@ redis_opener_key = web.AppKey("redis_opener_key", RedisOpener)
 keys_key = web.AppKey("keys_key", Keys)
 redis_key: web.AppKey[RedisClient] = web.AppKey("redis_key")
 hub_key = web.AppKey("hub_key", Hub)
+admission_key = web.AppKey("admission_key", Admission)
 sessions_key = web.AppKey("sessions_key", SessionStore)
 publisher_key = web.AppKey("publisher_key", Publisher)
 producer_key = web.AppKey("producer_key", Producer)

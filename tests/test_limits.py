@@ -10,9 +10,10 @@ import fakeredis
 import pytest
 
 from service.connections import RedisOpener
+from service.resources import admission_key
 from service.submission import MAX_BATCH_EVENTS
 
-from conftest import MakeSettings, StartClient
+from conftest import MakeSettings, StartClient, wait_for
 
 TOKEN = "limits-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -126,14 +127,23 @@ async def test_wrong_method_is_405_json_with_allow(client: Any) -> None:
 async def test_worker_connection_limit_is_503_with_retry_after(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
-    # producer "off": the embedded producer's wake-up listener would take a slot of its own.
-    settings = make_settings(demo_runs=False, producer="off", max_connections=1)
+    # The embedded producer's own subscription does not count: the limit is on streams.
+    settings = make_settings(demo_runs=False, max_connections=1)
     client = await start_client(settings, fake_opener)
     async with client.get("/sse/connect", params={"sessionId": "first"}) as open_stream:
         assert open_stream.status == 200
         response = await client.get("/sse/connect", params={"sessionId": "second"})
         assert await error_of(response, 503) == "too_many_connections"
         assert response.headers["Retry-After"].isdigit()
+    # The place is given back when the stream ends.
+    admission = client.server.app[admission_key]
+
+    async def released() -> bool:
+        return admission.admitted == 0
+
+    await wait_for(released)
+    async with client.get("/sse/connect", params={"sessionId": "third"}) as later:
+        assert later.status == 200
 
 
 async def test_session_connection_limit_is_429(
