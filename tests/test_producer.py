@@ -52,8 +52,10 @@ class ProducerProcess:
     """`python -m service producer` as a child process, as the compose stack runs it."""
 
     def __init__(self, target: RedisTarget) -> None:
+        # Only the settings of this test: the CI's own SSE_* variables are not settings.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("SSE_")}
         env = {
-            **os.environ,
+            **inherited,
             "SSE_REDIS_URL": target.url,
             "SSE_REDIS_CLUSTER": str(target.cluster).lower(),
             "SSE_PRODUCER_INTERVAL_MS": "150",
