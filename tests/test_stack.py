@@ -48,7 +48,8 @@ APP_SERVICES = ("worker", "producer")
 
 
 def test_compose_has_the_documented_services() -> None:
-    assert set(SERVICES) == {"redis", "worker", "producer", "nginx"}
+    default_stack = {name for name, service in SERVICES.items() if "profiles" not in service}
+    assert default_stack == {"redis", "worker", "producer", "nginx"}
     assert SERVICES["redis"]["image"].startswith("redis:7")
     assert SERVICES["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert SERVICES["nginx"]["image"].startswith("nginx:")
@@ -84,6 +85,34 @@ def test_compose_environment_is_valid_settings(name: str) -> None:
     redis_address = urlsplit(settings.redis_url)
     assert redis_address.hostname in SERVICES
     assert redis_address.port == 6379
+
+
+CLUSTER_SERVICES = ("worker-cluster", "producer-cluster")
+
+
+def test_compose_cluster_profile_runs_the_same_stack_on_three_shards() -> None:
+    profile = {name for name, svc in SERVICES.items() if "cluster" in svc.get("profiles", ())}
+    nodes = {"redis-node-1", "redis-node-2", "redis-node-3"}
+    assert profile == nodes | {"redis-cluster-init", "nginx-cluster", *CLUSTER_SERVICES}
+    init = SERVICES["redis-cluster-init"]
+    assert set(init["depends_on"]) == nodes
+    script = " ".join(init["command"])
+    assert "--cluster create" in script
+    assert all(node in script for node in nodes)
+    for name in nodes:
+        assert "--cluster-enabled" in SERVICES[name]["command"]
+    for name in CLUSTER_SERVICES:
+        service = SERVICES[name]
+        assert service["command"] == SERVICES[name.removesuffix("-cluster")]["command"]
+        settings = load_settings(DEFAULT_CONFIG_PATH, service["environment"])
+        assert settings.redis_cluster
+        assert urlsplit(settings.redis_url).hostname in nodes
+        condition = service["depends_on"]["redis-cluster-init"]["condition"]
+        assert condition == "service_completed_successfully"
+    # The cluster's nginx reuses nginx.conf: its workers answer to the name "worker".
+    assert SERVICES["worker-cluster"]["networks"]["cluster"]["aliases"] == ["worker"]
+    assert SERVICES["nginx-cluster"]["volumes"] == SERVICES["nginx"]["volumes"]
+    assert SERVICES["nginx-cluster"]["ports"] == ["8081:8080"]
 
 
 def test_compose_ports_line_up_with_nginx_and_the_workers() -> None:
