@@ -13,7 +13,7 @@ import time
 
 from aiohttp import web
 
-from .errors import REQUEST_ID_HEADER, Handler
+from .errors import Handler, request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         status = error.status
         raise
     finally:
-        # The error middleware names the id on finished responses; a stream is already sent.
-        request_id = _request_id(request, response)
+        request_id = request_id_of(request)
         duration_s = time.monotonic() - started
         log.log(
             logging.DEBUG if request.path in QUIET_PATHS else logging.INFO,
@@ -60,10 +59,3 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
                 }
             },
         )
-
-
-def _request_id(request: web.Request, response: web.StreamResponse | None) -> str:
-    """The id the error middleware put on the response, else the caller's, else '-'."""
-    named = response.headers.get(REQUEST_ID_HEADER) if response is not None else None
-    text = named or request.headers.get(REQUEST_ID_HEADER, "")[:64]
-    return text if text and text.isprintable() else "-"

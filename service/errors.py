@@ -117,12 +117,23 @@ _HTTP_CODES = {
 }
 
 
+request_id_key = web.RequestKey("request_id_key", str)
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's `X-Request-Id` if usable, else a new one; the same for the whole request."""
+    request_id = request.get(request_id_key)
+    if request_id is None:
+        given = request.headers.get(REQUEST_ID_HEADER, "")[:64]
+        request_id = given if given and given.isprintable() else uuid.uuid4().hex
+        request[request_id_key] = request_id
+    return request_id
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Tag the request with an id; turn any error into the JSON shape, never a traceback."""
-    request_id = request.headers.get(REQUEST_ID_HEADER, "")[:64] or uuid.uuid4().hex
-    if not request_id.isprintable():
-        request_id = uuid.uuid4().hex
+    request_id = request_id_of(request)
     try:
         response = await handler(request)
     except ServiceError as error:

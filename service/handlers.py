@@ -12,9 +12,11 @@ from redis.exceptions import RedisError
 from . import resources as r
 from .envelope import parse_event_id
 from .errors import (
+    REQUEST_ID_HEADER,
     InvalidParameter,
     SessionNotFound,
     Unavailable,
+    request_id_of,
 )
 from .metrics import CONTENT_TYPE, StreamMetrics, render
 from .producer import request_run
@@ -62,7 +64,9 @@ async def _serve_stream(
             return web.Response(status=204)
         if attachment.run_needs_producer:
             await request_run(app[r.redis_key], keys, session_id)
-        response = web.StreamResponse(headers=SSE_HEADERS)
+        response = web.StreamResponse(
+            headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id_of(request)}
+        )
         await response.prepare(request)
         plan = StreamPlan(
             session_id=session_id,

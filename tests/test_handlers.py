@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from service.connections import RedisOpener
 from service.envelope import parse_event_id
 
-from conftest import MakeSettings, StartClient
+from conftest import MakeSettings, StartClient, wait_for
 from sse_reader import SSEParser, collect
 
 
@@ -147,3 +148,23 @@ async def test_unknown_route_is_a_json_404(client: Any) -> None:
     assert response.status == 404
     assert (await response.json())["error"] == "not_found"
 
+
+
+async def test_streams_carry_the_request_id_the_logs_use(
+    client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    headers = {"X-Request-Id": "trace-me-42"}
+    async with client.get("/sse/connect", params={"sessionId": "traced"}, headers=headers) as r:
+        assert r.headers["X-Request-Id"] == "trace-me-42"
+        await collect(r)
+    async with client.get("/sse/connect", params={"sessionId": "untraced"}) as response:
+        generated = response.headers["X-Request-Id"]
+        await collect(response)
+    assert len(generated) == 32
+
+    async def logged() -> bool:
+        return any(f"request={generated}" in m for m in caplog.messages)
+
+    await wait_for(logged)
+    assert any("request=trace-me-42" in message for message in caplog.messages)
