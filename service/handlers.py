@@ -124,15 +124,24 @@ def _session_id(request: web.Request) -> str:
 
 
 def _last_event_id(request: web.Request) -> str | None:
-    """The resume point: the `Last-Event-ID` header, else the `lastEventId` query parameter."""
-    text = request.headers.get(LAST_EVENT_ID_HEADER) or request.query.get("lastEventId")
+    """The resume point: the `Last-Event-ID` header, else the `lastEventId` query parameter.
+
+    Both are checked when both are sent, so a malformed value is never silently ignored.
+    """
+    header = _event_id_or_none(request.headers.get(LAST_EVENT_ID_HEADER), "'Last-Event-ID'")
+    query = _event_id_or_none(request.query.get("lastEventId"), "'lastEventId'")
+    return header or query
+
+
+def _event_id_or_none(text: str | None, name: str) -> str | None:
+    # An empty value means "no resume point", as EventSource sends before its first id.
     if not text:
         return None
     try:
         parse_event_id(text)
     except ValueError:
         raise InvalidParameter(
-            "'Last-Event-ID' must be an event id of the form <milliseconds>-<sequence>"
+            f"{name} must be an event id of the form <milliseconds>-<sequence>"
         ) from None
     return text
 

@@ -15,13 +15,14 @@ from aiohttp import web
 from . import __version__
 from . import resources as r
 from .auth import AccessPolicy, access_policy
+from .envelope import EVENT_ID_PATTERN as EVENT_ID_PATTERN_TEXT
 from .sessions import SESSION_ID_PATTERN
 from .settings import Settings
 from .submission import EVENT_NAME_PATTERN, MAX_BATCH_EVENTS
 
-EVENT_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
+EVENT_ID_PATTERN = f"^{EVENT_ID_PATTERN_TEXT}$"
 # An empty resume point counts as none, as EventSource sends no header before the first id.
-RESUME_POINT_PATTERN = r"^([0-9]{1,20}-[0-9]{1,20})?$"
+RESUME_POINT_PATTERN = f"^({EVENT_ID_PATTERN_TEXT})?$"
 EVENT_ID_EXAMPLE = "1718000000000-0"
 JSON = "application/json"
 

@@ -168,3 +168,15 @@ async def test_streams_carry_the_request_id_the_logs_use(
 
     await wait_for(logged)
     assert any("request=trace-me-42" in message for message in caplog.messages)
+
+
+async def test_a_malformed_query_resume_point_is_refused_even_beside_a_good_header(
+    client: Any,
+) -> None:
+    response = await client.get(
+        "/sse/connect",
+        params={"sessionId": "s", "lastEventId": "12345678901234567890-1"},
+        headers={"Last-Event-ID": "1-0"},
+    )
+    assert response.status == 400
+    assert "lastEventId" in (await response.json())["detail"]
