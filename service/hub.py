@@ -268,7 +268,11 @@ class Hub:
             if link is None or not link.running:
                 connection = await self._topology.open_connection(node)
                 link = PubSubLink(node, connection, self._topology.dialect, self, self._timeout_s)
-                await link.start(SUBSCRIBE_TIMEOUT_S)
+                try:
+                    await link.start(SUBSCRIBE_TIMEOUT_S)
+                except TimeoutError:
+                    await self._topology.release(connection)
+                    raise HubClosedError(f"redis node {node} did not answer") from None
                 self._links[node] = link
         return link
 
