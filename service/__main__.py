@@ -17,6 +17,9 @@ from .producer_main import run_producer
 from .settings import DEFAULT_CONFIG_PATH, SettingsError, load_settings
 
 
+LISTEN_BACKLOG = 4096
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen component until it is stopped."""
     parser = argparse.ArgumentParser(prog="sse-fanout", description=__doc__)
@@ -51,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         handler_cancellation=True,
         shutdown_timeout=settings.drain_timeout_s,
+        # aiohttp's default of 128 pending connections overflows when thousands of clients
+        # reconnect at once after another worker drains; the kernel caps it at somaxconn.
+        backlog=LISTEN_BACKLOG,
         access_log=None,
         print=None,
     )
