@@ -16,7 +16,6 @@ from .loops import new_event_loop
 from .producer_main import run_producer
 from .settings import DEFAULT_CONFIG_PATH, SettingsError, load_settings
 
-
 LISTEN_BACKLOG = 4096
 
 
