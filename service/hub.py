@@ -224,6 +224,8 @@ class Hub:
         Raises HubClosedError when the hub is closing or failed, or when the connection that
         must carry the channel is down (the caller answers 503 and the client retries).
         """
+        if self._closing or self._failed:
+            raise HubClosedError("the shared subscription is not running")
         name = channel.encode()
         listener = Listener(self._inbox_limit)
         state = self._channels.get(name) or await self._open_channel(name)
@@ -239,8 +241,6 @@ class Hub:
             await self._leave(name, state, listener)
 
     async def _open_channel(self, name: bytes) -> _Channel:
-        if self._closing or self._failed:
-            raise HubClosedError("the shared subscription is not running")
         link = await self._link_for(name)
         if not link.connected:
             raise HubClosedError(f"pub/sub link {link.name} is reconnecting to redis")

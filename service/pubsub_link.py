@@ -91,7 +91,6 @@ class PubSubLink:
         self._first_connect: asyncio.Future[None] | None = None
         self._resync_pending = False
         self.connected = False
-        self.connects = 0
 
     async def start(self, timeout_s: float) -> None:
         """Connect and start reading; raises if the first connection fails within `timeout_s`."""
@@ -185,7 +184,6 @@ class PubSubLink:
                     self._dialect.subscribe, *channels, check_health=False
                 )
             self.connected = True
-        self.connects += 1
         if self._first_connect is not None and not self._first_connect.done():
             self._first_connect.set_result(None)
         elif channels:

@@ -14,18 +14,24 @@ from pathlib import Path
 import pytest
 
 REDIS_SERVER = shutil.which("redis-server")
-REQUIRE_REDIS = os.environ.get("SSE_REQUIRE_REDIS") == "1"
+# CI (and anyone setting SSE_REQUIRE_REDIS=1) must run every test: a missing tool fails.
+REQUIRE_TOOLS = os.environ.get("SSE_REQUIRE_REDIS") == "1" or bool(os.environ.get("CI"))
 START_TIMEOUT_S = 10.0
 
 
+def require_tool(found: str | None, missing: str) -> str:
+    """`found`; without it skip the test saying `missing`, or fail when tools are required."""
+    if found is None:
+        if REQUIRE_TOOLS:
+            pytest.fail(f"{missing}, and SSE_REQUIRE_REDIS=1 or CI forbids skipping")
+        pytest.skip(missing)
+    return found
+
+
 def require_redis_server() -> str:
-    """The redis-server path; skip the test without it, or fail when SSE_REQUIRE_REDIS=1."""
-    if REDIS_SERVER is None:
-        reason = "redis-server is not installed (apt-get install redis-server)"
-        if REQUIRE_REDIS:
-            pytest.fail(f"{reason}, and SSE_REQUIRE_REDIS=1 forbids skipping")
-        pytest.skip(reason)
-    return REDIS_SERVER
+    """The redis-server path (see require_tool)."""
+    missing = "redis-server is not installed (apt-get install redis-server)"
+    return require_tool(REDIS_SERVER, missing)
 
 
 def free_port() -> int:

@@ -15,14 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import pytest
-
-from redis_process import free_port
+from redis_process import free_port, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "config" / "nginx.conf"
 START_TIMEOUT_S = 15.0
-REQUIRE_TOOLS = os.environ.get("SSE_REQUIRE_REDIS") == "1" or bool(os.environ.get("CI"))
 
 # The only two lines of config/nginx.conf a local run changes (its header says so).
 UPSTREAM_LINE = re.compile(r"^(?P<indent>[ \t]*)server worker:8080 resolve (?P<rest>.*;)$", re.M)
@@ -30,16 +27,11 @@ LISTEN_LINE = re.compile(r"^(?P<indent>[ \t]*)listen 8080;$", re.M)
 
 
 def require_nginx() -> str:
-    """The nginx binary; skip without it, or fail when CI requires the stack tools."""
+    """The nginx binary (see require_tool)."""
     found = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None
     )
-    if found is None:
-        reason = "nginx is not installed (apt-get install nginx)"
-        if REQUIRE_TOOLS:
-            pytest.fail(f"{reason}, and SSE_REQUIRE_REDIS=1 or CI forbids skipping")
-        pytest.skip(reason)
-    return found
+    return require_tool(found, "nginx is not installed (apt-get install nginx)")
 
 
 def local_nginx_conf(worker_ports: list[int], listen_port: int) -> str:

@@ -8,7 +8,6 @@ or `CI` is set, so CI can never pass them by skipping.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from service.app import create_app
 from service.handlers import WEB_DIR
 
 from conftest import MakeSettings
+from redis_process import require_tool
 
 try:
     from playwright.async_api import (
@@ -50,7 +50,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-REQUIRE_BROWSER = os.environ.get("SSE_REQUIRE_REDIS") == "1" or bool(os.environ.get("CI"))
 RETRY_MS = 300
 WAIT_MS = 10_000
 PHONE: ViewportSize = {"width": 360, "height": 800}
@@ -72,17 +71,11 @@ RECORD_STATES = """() => {
 
 
 def require_chromium() -> str:
-    """The Chromium path; skip without it (or Playwright), or fail when CI requires them."""
-    reason = None
-    if not HAVE_PLAYWRIGHT:
-        reason = "playwright is not installed (pip install -e '.[test]')"
-    elif not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing (apt-get install chromium)"
-    if reason is not None:
-        if REQUIRE_BROWSER:
-            pytest.fail(f"{reason}, and SSE_REQUIRE_REDIS=1 or CI forbids skipping")
-        pytest.skip(reason)
-    return str(CHROMIUM)
+    """The Chromium path, when Playwright is there to drive it (see require_tool)."""
+    require_tool("playwright" if HAVE_PLAYWRIGHT else None,
+                 "playwright is not installed (pip install -e '.[test]')")
+    return require_tool(str(CHROMIUM) if CHROMIUM.exists() else None,
+                        f"{CHROMIUM} is missing (apt-get install chromium)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,10 +84,12 @@ async def test_reader_failure_ends_listeners_and_refuses_new_ones(
         await redis_client.publish("doomed", b"1-0\n\nboom")
         await wait_for(lambda: _ended(listener))
         assert listener.ended is EndReason.HUB_FAILED
-    assert not hub.connected
-    with pytest.raises(HubClosedError):
-        async with hub.listen("later"):
-            pass
+        assert not hub.connected
+        # Neither a new channel nor one still held takes new listeners.
+        for channel in ("later", "doomed"):
+            with pytest.raises(HubClosedError):
+                async with hub.listen(channel):
+                    pass
 
 
 async def _ended(listener: Any) -> bool:
