@@ -180,3 +180,9 @@ async def test_a_malformed_query_resume_point_is_refused_even_beside_a_good_head
     )
     assert response.status == 400
     assert "lastEventId" in (await response.json())["detail"]
+
+
+async def test_an_oversized_request_id_is_cut_to_64_characters(client: Any) -> None:
+    response = await client.get("/sse/getSessionId", headers={"X-Request-Id": "r" * 500})
+    assert response.status == 200
+    assert response.headers["X-Request-Id"] == "r" * 64
