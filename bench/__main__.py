@@ -223,7 +223,9 @@ async def _delivery(run: Run, fanout: bool) -> list[dict[str, Any]]:
                 )
                 # Targets alternate step by step, so each ratio compares neighbours in time.
                 for worker in workers:
-                    results.append(await run_step(step, worker, run.client, run.progress))
+                    results.append(
+                        await run_step(step, worker, run.client, run.redis_url, run.progress)
+                    )
     return results
 
 

@@ -1,9 +1,11 @@
 """Fan-out 1:1 (one stream per session) and broadcast 1:N (every stream on one session).
 
-Events are published through the service's own publish path (`Publisher`, one Lua script:
-log append plus PUBLISH), so both targets receive exactly the same Redis traffic. Each
-session's events are published in order by one lane; lanes run concurrently, paced to the
-offered rate (0 = as fast as the lanes can go).
+Events are published through the service's own publish path (the script calls a
+`Publisher` makes: log append plus PUBLISH in one Lua script), so both targets receive
+exactly the same Redis traffic. The publisher runs in a process of its own
+(`bench/publish.py`), so its work is neither on the receivers' event loop nor in their CPU
+figure. Each session's events are published in order by one lane; lanes run concurrently,
+pipelined, paced to the offered rate (0 = as fast as they can go).
 """
 
 from __future__ import annotations
@@ -16,15 +18,12 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from service.keys import Keys
-from service.publisher import Publisher
-
 from .progress import Progress
+from .publish import Plan, PublisherProcess, publisher_process
 from .sse_client import close_all, open_many
 from .stack import Worker, cpu_s, redis_cpu_s, wait_quiet
-from .tally import Tally, event_data
+from .tally import Tally
 
-LANES = 16
 DRAIN_TIMEOUT_S = 15.0
 
 
@@ -40,10 +39,26 @@ class DeliveryStep:
 
 
 async def run_step(
-    step: DeliveryStep, worker: Worker, client: redis.Redis, progress: Progress
+    step: DeliveryStep, worker: Worker, client: redis.Redis, redis_url: str, progress: Progress
 ) -> dict[str, Any]:
-    """Connect, publish, wait for every `finish`, and report what the receivers saw."""
+    """Connect, publish (from the publisher process), wait for every `finish`, and report."""
     session_ids = [secrets.token_hex(8) for _ in range(step.sessions)]
+    plan = Plan(redis_url, session_ids, step.events, step.rate)
+    async with publisher_process(plan) as publisher:
+        return await _measure(
+            step, worker, client, progress, session_ids=session_ids, publisher=publisher
+        )
+
+
+async def _measure(
+    step: DeliveryStep,
+    worker: Worker,
+    client: redis.Redis,
+    progress: Progress,
+    *,
+    session_ids: list[str],
+    publisher: PublisherProcess,
+) -> dict[str, Any]:
     paths = [
         f"/sse/connect?sessionId={sid}"
         for sid in session_ids
@@ -67,16 +82,15 @@ async def run_step(
     if opened.failed:
         result["failure"] = opened.failure
     tally.expect_streams(len(opened.streams))
+    await publisher.ready()
     await wait_quiet(worker.pid)
-    publisher = Publisher(client, Keys(), session_ttl_s=600, log_maxlen=1000)
     cpu_before = cpu_s(worker.pid)
     generator_cpu_before = time.process_time()
     redis_cpu_before = await redis_cpu_s(client)
     started_ns = time.monotonic_ns()
     total = step.sessions * step.events
     with progress.step(f"{label}: publish", total) as bar:
-        await _publish_all(publisher, session_ids, step.events, step.rate, bar.advance)
-    published_ns = time.monotonic_ns()
+        sent = await publisher.run(bar.advance)
     try:
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             await tally.all_finished
@@ -86,41 +100,25 @@ async def run_step(
     generator_cpu = time.process_time() - generator_cpu_before
     redis_cpu = await redis_cpu_s(client) - redis_cpu_before
     await close_all(opened.streams)
+    if sent.failures:
+        result.setdefault("failure", f"{sent.failures} publishes failed, first: {sent.failure}")
     deliveries = tally.received
     elapsed_s = max(1e-9, (tally.last_ns - started_ns) / 1e9)
     result.update(
-        publish_rate=round(total / max(1e-9, (published_ns - started_ns) / 1e9), 1),
+        publish_rate=round(total / max(1e-9, (sent.finished_ns - started_ns) / 1e9), 1),
+        publish_failures=sent.failures,
         deliveries=deliveries,
         deliveries_per_s=round(deliveries / elapsed_s, 1),
         worker_cpu_s=round(worker_cpu, 3),
         worker_cpu_us_per_delivery=round(worker_cpu * 1e6 / max(1, deliveries), 2),
+        # Deliveries per second of worker CPU: what one core could deliver, whoever else
+        # (generator, publisher, Redis) shared the machine during the step.
+        worker_capacity_per_s=round(deliveries / worker_cpu, 1) if worker_cpu > 0 else 0.0,
         # Where the machine's CPU went while events flowed: who was the bottleneck.
         generator_cpu_s=round(generator_cpu, 3),
+        publisher_cpu_s=round(sent.cpu_s, 3),
         redis_cpu_s=round(redis_cpu, 3),
         wall_s=round(elapsed_s, 3),
         **tally.summary(),
     )
     return result
-
-
-async def _publish_all(
-    publisher: Publisher, session_ids: list[str], events: int, rate: float, advance: Any
-) -> None:
-    lanes = min(LANES, len(session_ids))
-    start = time.monotonic()
-
-    async def lane(index: int) -> None:
-        mine = session_ids[index::lanes]
-        sent = 0
-        for seq in range(events):
-            name = "finish" if seq == events - 1 else ""
-            for session_id in mine:
-                if rate:
-                    delay_s = start + (sent * lanes + index) / rate - time.monotonic()
-                    if delay_s > 0:
-                        await asyncio.sleep(delay_s)
-                await publisher.publish(session_id, name, event_data(seq))
-                sent += 1
-                advance(1)
-
-    await asyncio.gather(*(lane(i) for i in range(lanes)))

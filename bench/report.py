@@ -21,12 +21,13 @@ COLUMNS = {
     ],
     "fanout": [
         "target", "connections", "offered_rate", "deliveries_per_s", "p50_ms", "p99_ms",
-        "max_ms", "lost", "reordered", "worker_cpu_us_per_delivery", "connect_failures",
+        "max_ms", "lost", "reordered", "worker_cpu_us_per_delivery", "worker_capacity_per_s",
+        "connect_failures",
     ],
     "broadcast": [
         "target", "connections", "offered_rate", "deliveries_per_s", "p50_ms", "p99_ms",
         "last_receiver_p99_ms", "lost", "reordered", "worker_cpu_us_per_delivery",
-        "connect_failures",
+        "worker_capacity_per_s", "connect_failures",
     ],
     "seed": [
         "target", "sessions", "concurrency", "complete", "out_of_order", "sessions_per_s",
@@ -100,21 +101,32 @@ def ratios(results: list[Result]) -> dict[str, float]:
             )
     for scenario in ("fanout", "broadcast"):
         for ours, naive in pairs(scenario, "offered_rate"):
-            if naive["deliveries_per_s"]:
-                rate = ours["offered_rate"] or "max"
-                out[f"{scenario} rate={rate}: service/naive deliveries/s"] = round(
-                    ours["deliveries_per_s"] / naive["deliveries_per_s"], 2
-                )
-            if ours["worker_cpu_us_per_delivery"]:
-                rate = ours["offered_rate"] or "max"
-                out[f"{scenario} rate={rate}: naive/service CPU per delivery"] = round(
-                    naive["worker_cpu_us_per_delivery"] / ours["worker_cpu_us_per_delivery"], 2
-                )
+            out.update(
+                _delivery_ratios(f"{scenario} rate={ours['offered_rate'] or 'max'}", ours, naive)
+            )
     for ours, naive in pairs("seed", "sessions"):
         if naive["sessions_per_s"]:
             out["seed: service/naive sessions/s"] = round(
                 ours["sessions_per_s"] / naive["sessions_per_s"], 2
             )
+    return out
+
+
+def _delivery_ratios(step: str, ours: Result, naive: Result) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if naive["deliveries_per_s"]:
+        out[f"{step}: service/naive deliveries/s"] = round(
+            ours["deliveries_per_s"] / naive["deliveries_per_s"], 2
+        )
+    if ours["worker_cpu_us_per_delivery"]:
+        out[f"{step}: naive/service CPU per delivery"] = round(
+            naive["worker_cpu_us_per_delivery"] / ours["worker_cpu_us_per_delivery"], 2
+        )
+    # Deliveries per worker CPU second: what each design could deliver on a core of its own.
+    if naive.get("worker_capacity_per_s"):
+        out[f"{step}: service/naive worker capacity"] = round(
+            ours["worker_capacity_per_s"] / naive["worker_capacity_per_s"], 2
+        )
     return out
 
 

@@ -16,16 +16,16 @@ def percentile_ms(sorted_ns: list[int], fraction: float) -> float:
     return sorted_ns[index] / 1e6
 
 
-def event_data(seq: int) -> str:
-    """Data of event `seq`: its sequence number and the send time (monotonic ns)."""
-    return f"{seq} {time.monotonic_ns()}"
+def event_data(seq: int, sent_ns: int | None = None) -> str:
+    """Data of event `seq`: its sequence number and the send time (monotonic ns, default now)."""
+    return f"{seq} {time.monotonic_ns() if sent_ns is None else sent_ns}"
 
 
 class Tally:
     """Checks every event a stream receives: in sequence, with increasing ids, none missing.
 
     Events carry `<seq> <send ns>` as data; the clock is CLOCK_MONOTONIC, shared by every
-    process on the machine, and publisher and receivers live in the same process anyway.
+    process on the machine, so the publisher's process and the receivers' agree on it.
     """
 
     def __init__(self, streams: int, events_per_stream: int) -> None:
