@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from redis.exceptions import RedisError
 
 from . import resources as r
@@ -67,6 +67,9 @@ async def _serve_stream(
         response = web.StreamResponse(
             headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id_of(request)}
         )
+        if request.version == HttpVersion11:
+            # Chunked by choice, not by default, so the stream may write pre-framed chunks.
+            response.enable_chunked_encoding()
         await response.prepare(request)
         plan = StreamPlan(
             session_id=session_id,
@@ -76,7 +79,8 @@ async def _serve_stream(
             retry_ms=settings.retry_ms,
             heartbeat_interval_s=settings.heartbeat_interval_s,
         )
-        stream = EventStream(response, listener, app[r.sessions_key], plan)
+        transport = request.transport if response.chunked else None
+        stream = EventStream(response, listener, app[r.sessions_key], plan, transport)
         await _run_stream(stream, session_id, app[r.stream_metrics_key])
         return response
 

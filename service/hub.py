@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -20,6 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from .chunked import http_chunk
 from .envelope import Delivery, decode_payload
 from .pubsub_link import PubSubLink
 from .tasks import cancel_and_wait
@@ -45,13 +46,17 @@ class Resync(Enum):
 
 
 class Incoming:
-    """One message from Redis, shared by every listener of its channel; decoded once, lazily."""
+    """One message from Redis, shared by every listener of its channel.
 
-    __slots__ = ("_delivery", "payload")
+    It is decoded, and framed as an HTTP chunk, at most once however many streams write it.
+    """
+
+    __slots__ = ("_chunk", "_delivery", "payload")
 
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
         self._delivery: Delivery | None = None
+        self._chunk: bytes | None = None
 
     @property
     def delivery(self) -> Delivery:
@@ -60,25 +65,42 @@ class Incoming:
             self._delivery = decode_payload(self.payload)
         return self._delivery
 
+    @property
+    def chunk(self) -> bytes:
+        """The event's SSE frame as one chunk of a chunked HTTP/1.1 body."""
+        if self._chunk is None:
+            self._chunk = http_chunk(self.delivery.frame)
+        return self._chunk
+
 
 InboxItem = Incoming | Resync
+DirectHandler = Callable[[InboxItem], bool]
 
 
 class Listener:
-    """A bounded inbox for one local consumer of a channel."""
+    """A bounded inbox for one local consumer of a channel.
 
-    __slots__ = ("_items", "_limit", "_waiter", "ended")
+    While its consumer is idle it may install a `direct` handler, which gets each item first
+    and handles the common case on the spot (a stream writes a live event straight to its
+    socket), saving a task switch per event. Whatever the handler declines, and everything
+    that arrives while the inbox is not empty, is queued, so items are never reordered.
+    """
+
+    __slots__ = ("_items", "_limit", "_waiter", "direct", "ended")
 
     def __init__(self, limit: int) -> None:
         # A list swapped out whole by `take`: one append per offer, no copy per take.
         self._items: list[InboxItem] = []
         self._limit = limit
         self._waiter: asyncio.Future[None] | None = None
+        self.direct: DirectHandler | None = None
         self.ended: EndReason | None = None
 
     def offer(self, item: InboxItem) -> bool:
-        """Queue `item` without waiting; False (and the listener ends) if the inbox is full."""
+        """Hand `item` over without waiting; False (and the listener ends) if the inbox is full."""
         if self.ended is not None:
+            return True
+        if self.direct is not None and not self._items and self.direct(item):
             return True
         if len(self._items) >= self._limit:
             self.end(EndReason.SLOW)

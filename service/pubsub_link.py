@@ -9,13 +9,15 @@ hub). Plain pub/sub and Redis 7's sharded pub/sub differ only in command and mes
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import hiredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RECONNECT_BASE_S = 0.05
 RECONNECT_CAP_S = 2.0
+READ_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,20 +195,41 @@ class PubSubLink:
             self._owner.on_resubscribed(self)
 
     async def _read_until_broken(self) -> None:
+        read_replies = self._reply_reader()
         pinged = False
         while True:
-            response = await self._connection.read_response(
-                timeout=self._idle_s, disconnect_on_error=False, push_request=True
-            )
-            if response is None:
+            replies = await read_replies()
+            if replies is None:
                 if pinged:
                     raise RedisConnectionError(f"no answer to PING within {self._idle_s}s")
                 await self._send("PING")
                 pinged = True
                 continue
             pinged = False
-            if isinstance(response, list) and len(response) == 3:
-                self._handle(response[0], response[1], response[2])
+            for reply in replies:
+                if isinstance(reply, list) and len(reply) == 3:
+                    self._handle(reply[0], reply[1], reply[2])
+                elif isinstance(reply, hiredis.ReplyError):
+                    raise RedisConnectionError(f"pub/sub link {self.name}: {reply}")
+
+    def _reply_reader(self) -> Callable[[], Awaitable[list[Any] | None]]:
+        """How to wait for replies: a list of them, or None after `idle_s` of silence.
+
+        On a socket, whole reads are parsed here with hiredis. redis-py's `read_response`
+        costs a timeout scope, a clock read and a debug log line per reply, and a busy link
+        reads tens of thousands of replies a second, many per read. The in-process stand-in
+        has no socket, so it is read through redis-py one reply at a time.
+        """
+        stream = getattr(self._connection, "_reader", None)  # private in redis-py: checked
+        if isinstance(stream, asyncio.StreamReader):
+            return functools.partial(_read_parsed, stream, hiredis.Reader(), self._idle_s)
+        return self._read_one
+
+    async def _read_one(self) -> list[Any] | None:
+        reply = await self._connection.read_response(
+            timeout=self._idle_s, disconnect_on_error=False, push_request=True
+        )
+        return None if reply is None else [reply]
 
     def _handle(self, kind: bytes, channel: bytes, payload: bytes) -> None:
         dialect = self._dialect
@@ -229,6 +253,24 @@ class PubSubLink:
                 del self._our_unsubscribes[channel]
             else:
                 self._owner.on_dropped(self, channel)
+
+
+async def _read_parsed(
+    stream: asyncio.StreamReader, parser: hiredis.Reader, idle_s: float
+) -> list[Any] | None:
+    """Every complete reply in the next read of `stream`; None if it stays silent `idle_s`."""
+    try:
+        async with asyncio.timeout(idle_s):
+            data = await stream.read(READ_SIZE)
+    except TimeoutError:
+        return None
+    if not data:
+        raise RedisConnectionError("redis closed the pub/sub connection")
+    parser.feed(data)
+    replies = []
+    while (reply := parser.gets()) is not False:
+        replies.append(reply)
+    return replies
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

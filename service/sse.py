@@ -38,14 +38,19 @@ class Event:
 
     def encode(self) -> bytes:
         """The complete frame, ending with the blank line that dispatches it."""
-        parts: list[str] = []
-        if self.id is not None:
-            parts.append(f"id: {self.id}\n")
-        if self.event is not None:
-            parts.append(f"event: {self.event}\n")
-        parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(self.data))
-        parts.append("\n")
-        return "".join(parts).encode()
+        return encode_fields(self.data, self.event, self.id)
+
+
+def encode_fields(data: str, event: str | None, event_id: str | None) -> bytes:
+    """The frame of fields already checked with `check_field` (the per-delivery fast path)."""
+    head = "" if event_id is None else f"id: {event_id}\n"
+    if event is not None:
+        head = f"{head}event: {event}\n"
+    if "\n" in data or "\r" in data:
+        body = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(data))
+    else:
+        body = f"data: {data}\n"
+    return f"{head}{body}\n".encode()
 
 
 def comment(text: str = "") -> bytes:

@@ -7,6 +7,7 @@ are dropped when their id is not newer than the last one written.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ SSE_HEADERS = {
     "Connection": "keep-alive",
     "X-Accel-Buffering": "no",
 }
+
+
+# A client whose socket holds more unsent bytes than this gets no more direct writes; its
+# events queue in its inbox, which is bounded, so a client that stays behind is dropped.
+DIRECT_WRITE_BUFFER_LIMIT = 64 * 1024
 
 
 class StreamEnd(Enum):
@@ -62,7 +68,14 @@ class StreamPlan:
 
 
 class EventStream:
-    """Writes one session's events to one client until the stream has a reason to end."""
+    """Writes one session's events to one client until the stream has a reason to end.
+
+    The stream's task does the replay, heartbeats, resyncs and the end. While it is parked
+    waiting for its inbox, a live event that the socket can take at once is written by the
+    hub's reader as it arrives (`_write_live`): pre-framed bytes, no task switch. Anything
+    else (a finish, a resync marker, a slow or closing socket) goes through the inbox to the
+    task, which writes through aiohttp and waits for the socket to drain.
+    """
 
     def __init__(
         self,
@@ -70,8 +83,11 @@ class EventStream:
         listener: Listener,
         sessions: SessionStore,
         plan: StreamPlan,
+        transport: asyncio.WriteTransport | None = None,
     ) -> None:
+        """`transport`: the client's socket, for direct writes (chunked responses only)."""
         self._response = response
+        self._transport = transport
         self._listener = listener
         self._sessions = sessions
         self._plan = plan
@@ -88,9 +104,15 @@ class EventStream:
         expires_at = time.monotonic() + plan.ttl_ms / 1000
         await self._response.write(sse.retry(plan.retry_ms) + sse.comment("connected"))
         await self._replay(plan.replay_after, plan.detect_gap)
+        listener = self._listener
+        direct = self._write_live if self._transport is not None else None
         while not self._finished:
             wait_s = min(plan.heartbeat_interval_s, max(0.0, expires_at - time.monotonic()))
-            items = await self._listener.take(wait_s)
+            listener.direct = direct
+            try:
+                items = await listener.take(wait_s)
+            finally:
+                listener.direct = None
             if items:
                 await self._relay(items)
             elif self._listener.ended is not None:
@@ -105,6 +127,26 @@ class EventStream:
             else:
                 await self._response.write(sse.PING)
         return StreamEnd.FINISHED
+
+    def _write_live(self, item: Incoming | Resync) -> bool:
+        """Write a plain live event to the socket now; False leaves `item` to the task."""
+        transport = self._transport
+        if (
+            type(item) is not Incoming
+            or transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > DIRECT_WRITE_BUFFER_LIMIT
+        ):
+            return False
+        try:
+            delivery = item.delivery
+        except ValueError:
+            return False  # the task logs and drops it
+        if delivery.is_finish:
+            return False  # the task writes it and ends the stream
+        if self._accept(delivery):
+            transport.write(item.chunk)
+        return True
 
     async def _relay(self, items: list[Incoming | Resync]) -> None:
         """Write the new events among `items` in one write, stopping after `finish`."""
