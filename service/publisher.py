@@ -7,8 +7,14 @@ an event nor see one the log does not have. The log entry id is the event's SSE 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from .connections import RedisClient
 from .keys import Keys
@@ -77,26 +83,51 @@ class Published:
     event_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """The keys and arguments of one run of the publish script."""
+
+    keys: list[str]
+    args: list[str | int]
+
+
+_Queued = tuple[ScriptCall, "asyncio.Future[Any]"]
+
+
 class Publisher:
-    """Appends events to session logs and publishes them for live delivery."""
+    """Appends events to session logs and publishes them for live delivery.
+
+    On a single Redis, publishes issued while a batch is on the wire are sent together as
+    the next batch: one pipelined round trip (and one pool connection) for any number of
+    concurrent publishers, such as a producer running hundreds of sessions. Each publish is
+    still its own script run, atomic on its own. redis-py's cluster pipelines cannot wait
+    for a free connection, so on a cluster each publish is its own call.
+    """
+
+    SCRIPT = _PUBLISH
 
     def __init__(
         self, redis: RedisClient, keys: Keys, session_ttl_s: float, log_maxlen: int
     ) -> None:
+        self._redis = redis
         self._keys = keys
         self._ttl_ms = max(1, round(session_ttl_s * 1000))
         self._log_maxlen = log_maxlen
         self._script = redis.register_script(_PUBLISH)
         self._publish_command = publish_command(redis)
+        self._batching = isinstance(redis, Redis)
+        self._queued: list[_Queued] = []
+        self._sender: asyncio.Task[None] | None = None
         self.events_published = 0
+        self.batches_sent = 0
 
-    async def publish(
+    def script_call(
         self, session_id: str, event: str, data: str, fence: Fence | None = None
-    ) -> Published:
-        """Log and publish one event (`event` '' for an unnamed one) to every listener."""
+    ) -> ScriptCall:
+        """What publishing `event` runs in Redis; raises ValueError for a bad event name."""
         check_field("event", event)
         k = self._keys
-        reply = await self._script(
+        return ScriptCall(
             keys=[k.session(session_id), k.log(session_id), k.run(session_id), k.lease(session_id)],
             args=[
                 k.channel(session_id),
@@ -110,8 +141,88 @@ class Publisher:
                 self._publish_command,
             ],
         )
+
+    async def publish(
+        self, session_id: str, event: str, data: str, fence: Fence | None = None
+    ) -> Published:
+        """Log and publish one event (`event` '' for an unnamed one) to every listener."""
+        call = self.script_call(session_id, event, data, fence)
+        if self._batching:
+            reply = await self._enqueue(call)
+        else:
+            reply = await self._script(keys=call.keys, args=call.args)
         outcome, event_id = (part.decode() if isinstance(part, bytes) else part for part in reply)
         published = Published(PublishOutcome(outcome), event_id)
         if published.outcome is PublishOutcome.PUBLISHED:
             self.events_published += 1
         return published
+
+    def _enqueue(self, call: ScriptCall) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((call, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_queued(), name="publisher")
+        return future
+
+    async def _send_queued(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                with contextlib.suppress(Exception):  # its callers were handed the error
+                    await self._send_loading_script(batch)
+        except BaseException as error:  # cancelled: nothing queued may wait forever
+            _fail_all(self._queued, error)
+            self._queued = []
+            raise
+        finally:
+            self._sender = None
+
+    async def _send_loading_script(self, batch: list[_Queued]) -> None:
+        unknown = await self._send_batch(batch)
+        if unknown:
+            # The server has not cached the script (first use, or after a restart): load
+            # it once and resend those calls, before anything queued since.
+            try:
+                await self._redis.script_load(_PUBLISH)
+            except BaseException as error:
+                _fail_all(unknown, error)
+                raise
+            _fail_all(await self._send_batch(unknown), NoScriptError("script not cached"))
+
+    async def _send_batch(self, batch: list[_Queued]) -> list[_Queued]:
+        """Run the batch's scripts in one pipeline and hand each caller its own reply.
+
+        Returns the calls the server refused because it does not have the script.
+        """
+        self.batches_sent += 1
+        pipe = self._redis.pipeline(transaction=False)
+        for call, _ in batch:
+            pipe.evalsha(self._script.sha, len(call.keys), *call.keys, *call.args)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except BaseException as error:
+            _fail_all(batch, error)
+            raise
+        unknown = []
+        for (call, future), reply in zip(batch, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                unknown.append((call, future))
+            elif isinstance(reply, Exception):
+                _fail(future, reply)
+            elif not future.done():
+                future.set_result(reply)
+        return unknown
+
+
+def _fail_all(queued: list[_Queued], error: BaseException) -> None:
+    for _, future in queued:
+        _fail(future, error)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(error, asyncio.CancelledError):
+        future.cancel()
+    else:
+        future.set_exception(error)
