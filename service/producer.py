@@ -15,7 +15,9 @@ import secrets
 import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from .connections import RedisClient
@@ -69,7 +71,13 @@ def demo_event(session_id: str, seq: int, count: int, now: datetime) -> tuple[st
 
 
 async def request_run(redis: RedisClient, keys: Keys, session_id: str) -> None:
-    """Make a waiting run visible to every producer and wake them."""
+    """Make a waiting run visible to every producer and wake them (one round trip if it can)."""
+    if isinstance(redis, Redis):
+        pipe = redis.pipeline(transaction=False)
+        pipe.zadd(keys.runs, {session_id: 0})
+        pipe.publish(keys.producer_wake, session_id)
+        await pipe.execute()
+        return
     await redis.zadd(keys.runs, {session_id: 0})
     await redis.execute_command(publish_command(redis), keys.producer_wake, session_id)
 
@@ -160,33 +168,60 @@ class Producer:
             raise
 
     async def _claim_due_runs(self) -> None:
-        now_ms = int(time.time() * 1000)
-        due = await self._redis.zrangebyscore(self._keys.runs, "-inf", now_ms, 0, SCAN_BATCH)
-        for raw in due:
-            session_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if session_id not in self._runs:
-                await self._try_claim(session_id, now_ms)
+        """Claim every due run not already ours, in one round trip for the lot where possible.
 
-    async def _try_claim(self, session_id: str, now_ms: int) -> None:
-        token = f"{self._token_prefix}:{secrets.token_hex(8)}"
-        k = self._keys
-        reply = await self._claim(
-            keys=[k.run(session_id), k.lease(session_id)], args=[token, self._lease_ms]
+        A burst of new sessions wakes the producers with hundreds of runs due at once.
+        """
+        now_ms = int(time.time() * 1000)
+        due: list[bytes] = await self._redis.zrangebyscore(  # type: ignore[assignment]
+            self._keys.runs, "-inf", now_ms, 0, SCAN_BATCH
         )
-        if reply is None:
-            await self._redis.zrem(k.runs, session_id)
+        session_ids = [_text(raw) for raw in due]
+        session_ids = [s for s in session_ids if s not in self._runs]
+        if not session_ids:
             return
-        first, second = int(reply[0]), int(reply[1])
-        if first < 0:
-            # Someone else runs it; look again when their lease would have run out.
-            await self._redis.zadd(k.runs, {session_id: now_ms + max(second, 0)}, xx=True)
-            return
-        await self._redis.zadd(k.runs, {session_id: now_ms + self._lease_ms}, xx=True)
+        tokens = [f"{self._token_prefix}:{secrets.token_hex(8)}" for _ in session_ids]
+        replies = await self._claim_all(session_ids, tokens)
+        gone: list[str] = []
+        look_again: dict[str, int] = {}
+        for session_id, token, reply in zip(session_ids, tokens, replies, strict=True):
+            if reply is None:
+                gone.append(session_id)
+                continue
+            first, second = int(reply[0]), int(reply[1])
+            if first < 0:
+                # Someone else runs it; look again when their lease would have run out.
+                look_again[session_id] = now_ms + max(second, 0)
+                continue
+            look_again[session_id] = now_ms + self._lease_ms
+            self._start(session_id, token, first, second)
+        if gone:
+            await self._redis.zrem(self._keys.runs, *gone)
+        if look_again:
+            await self._redis.zadd(self._keys.runs, look_again, xx=True)
+
+    async def _claim_all(self, session_ids: list[str], tokens: list[str]) -> list[Any]:
+        k = self._keys
+        calls: list[tuple[list[str], list[str | int]]] = [
+            ([k.run(session_id), k.lease(session_id)], [token, self._lease_ms])
+            for session_id, token in zip(session_ids, tokens, strict=True)
+        ]
+        if isinstance(self._redis, Redis):
+            pipe = self._redis.pipeline(transaction=False)
+            for keys, args in calls:
+                await self._claim(keys=keys, args=args, client=pipe)
+            return list(await pipe.execute())
+        # On a cluster the runs live on different shards: claim them side by side.
+        return list(
+            await asyncio.gather(*(self._claim(keys=keys, args=args) for keys, args in calls))
+        )
+
+    def _start(self, session_id: str, token: str, first: int, count: int) -> None:
         if first > 0:
-            log.info("taking over run of session %s at event %d/%d", session_id, first + 1, second)
+            log.info("taking over run of session %s at event %d/%d", session_id, first + 1, count)
         self._tokens[session_id] = token
         self._runs[session_id] = asyncio.create_task(
-            self._execute(session_id, token, first, second), name=f"run-{session_id}"
+            self._execute(session_id, token, first, count), name=f"run-{session_id}"
         )
 
     async def _execute(self, session_id: str, token: str, first: int, count: int) -> None:
@@ -243,3 +278,7 @@ class Producer:
             except RedisError as error:
                 log.info("could not renew the lease of session %s: %s", session_id, error)
         await asyncio.sleep(remaining_s)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

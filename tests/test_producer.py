@@ -48,6 +48,29 @@ async def test_concurrent_first_connections_on_three_instances_start_one_run(
     assert await target_client.xlen(Keys().log("race")) == 10
 
 
+@pytest.mark.redis
+async def test_a_burst_of_new_sessions_is_claimed_at_once_and_every_run_completes(
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    target_client: RedisClient,
+) -> None:
+    settings = make_settings(**redis_target.settings, producer_interval_ms=10)
+    client = await start_client(settings)
+    sessions = [f"burst{n}" for n in range(60)]
+
+    async def read(session_id: str) -> list[str]:
+        response = await client.get("/sse/connect", params={"sessionId": session_id})
+        return [e.event or "message" for e in await collect(response)]
+
+    async with asyncio.timeout(20):
+        results = await asyncio.gather(*(read(s) for s in sessions))
+
+    assert all(result == ["message"] * 9 + ["finish"] for result in results)
+    for session_id in sessions:
+        assert await target_client.xlen(Keys().log(session_id)) == 10
+    # Finished runs leave the index; none is left waiting for a producer.
+    assert await target_client.zcard(Keys().runs) == 0
+
+
 class ProducerProcess:
     """`python -m service producer` as a child process, as the compose stack runs it."""
 
