@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,12 @@ from .producer_main import run_producer
 from .settings import DEFAULT_CONFIG_PATH, SettingsError, load_settings
 
 LISTEN_BACKLOG = 4096
+# Python collects cycles after every 700 new container objects by default, so a busy
+# worker runs the collector thousands of times a second and each run walks the young
+# objects of thousands of streams; per-event objects are freed by reference counting
+# anyway. At 5,000 streams this cut the worker's CPU per delivered event by about 17 %
+# (`python -m bench fanout`); cyclic garbage just waits a little longer.
+GC_THRESHOLDS = (50_000, 10, 10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sse-fanout: {error}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    gc.set_threshold(*GC_THRESHOLDS)
     if args.command == "producer":
         with asyncio.Runner(loop_factory=lambda: new_event_loop(settings.event_loop)) as runner:
             runner.run(run_producer(settings))
