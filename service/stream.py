@@ -95,6 +95,8 @@ class EventStream:
         self._last_position = parse_event_id(plan.replay_after)
         self._needs_resync = False
         self._finished = False
+        # Live chunks accepted during one batch of Redis messages, written together after it.
+        self._live_chunks: list[bytes] = []
         self.events_sent = 0
         self.events_replayed = 0
 
@@ -113,6 +115,7 @@ class EventStream:
                 items = await listener.take(wait_s)
             finally:
                 listener.direct = None
+            self._flush_live()  # older than anything the task writes next
             if items:
                 await self._relay(items)
             elif self._listener.ended is not None:
@@ -129,7 +132,11 @@ class EventStream:
         return StreamEnd.FINISHED
 
     def _write_live(self, item: Incoming | Resync) -> bool:
-        """Write a plain live event to the socket now; False leaves `item` to the task."""
+        """Take a plain live event for the socket; False leaves `item` to the task.
+
+        Events are written once the hub has handed out the current batch of messages, so a
+        stream that gets several (a broadcast at full speed) writes them in one system call.
+        """
         transport = self._transport
         if (
             type(item) is not Incoming
@@ -145,8 +152,19 @@ class EventStream:
         if delivery.is_finish:
             return False  # the task writes it and ends the stream
         if self._accept(delivery):
-            transport.write(item.chunk)
+            if not self._live_chunks:
+                asyncio.get_running_loop().call_soon(self._flush_live)
+            self._live_chunks.append(item.chunk)
         return True
+
+    def _flush_live(self) -> None:
+        chunks = self._live_chunks
+        if not chunks:
+            return
+        self._live_chunks = []
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     async def _relay(self, items: list[Incoming | Resync]) -> None:
         """Write the new events among `items` in one write, stopping after `finish`."""
