@@ -70,6 +70,9 @@ async def _serve_stream(
         if request.version == HttpVersion11:
             # Chunked by choice, not by default, so the stream may write pre-framed chunks.
             response.enable_chunked_encoding()
+        else:
+            # An unframed body ends only when the connection does, keep-alive asked or not.
+            response.force_close()
         await response.prepare(request)
         plan = StreamPlan(
             session_id=session_id,
@@ -79,8 +82,10 @@ async def _serve_stream(
             retry_ms=settings.retry_ms,
             heartbeat_interval_s=settings.heartbeat_interval_s,
         )
-        transport = request.transport if response.chunked else None
-        stream = EventStream(response, listener, app[r.sessions_key], plan, transport)
+        stream = EventStream(
+            response, listener, app[r.sessions_key], plan, request.transport,
+            direct_writes=response.chunked,
+        )  # fmt: skip
         await _run_stream(stream, session_id, app[r.stream_metrics_key])
         return response
 
@@ -97,6 +102,8 @@ async def _run_stream(stream: EventStream, session_id: str, metrics: StreamMetri
         reason = StreamEnd.HUB_FAILED
         log.warning("stream of session %s lost redis: %s", session_id, error)
     finally:
+        if reason is StreamEnd.CLIENT_GONE and stream.dropped_as_slow:
+            reason = StreamEnd.SLOW  # the worker cut the connection, not the client
         metrics.closed(stream, reason)
         duration_s = time.monotonic() - started
         log.info(

@@ -86,7 +86,7 @@ class Listener:
     that arrives while the inbox is not empty, is queued, so items are never reordered.
     """
 
-    __slots__ = ("_items", "_limit", "_waiter", "direct", "ended")
+    __slots__ = ("_items", "_limit", "_waiter", "direct", "ended", "on_end")
 
     def __init__(self, limit: int) -> None:
         # A list swapped out whole by `take`: one append per offer, no copy per take.
@@ -95,6 +95,8 @@ class Listener:
         self._waiter: asyncio.Future[None] | None = None
         self.direct: DirectHandler | None = None
         self.ended: EndReason | None = None
+        # Told once, synchronously, when the listener ends (its consumer may be blocked).
+        self.on_end: Callable[[EndReason], None] | None = None
 
     def offer(self, item: InboxItem) -> bool:
         """Hand `item` over without waiting; False (and the listener ends) if the inbox is full."""
@@ -113,6 +115,8 @@ class Listener:
         """Stop this listener; its consumer sees `ended` once the inbox is drained."""
         if self.ended is None:
             self.ended = reason
+            if self.on_end is not None:
+                self.on_end(reason)
         self._wake()
 
     async def take(self, timeout_s: float) -> list[InboxItem]:

@@ -268,8 +268,12 @@ async def _read_parsed(
         raise RedisConnectionError("redis closed the pub/sub connection")
     parser.feed(data)
     replies = []
-    while (reply := parser.gets()) is not False:
-        replies.append(reply)
+    try:
+        while (reply := parser.gets()) is not False:
+            replies.append(reply)
+    except hiredis.ProtocolError as error:
+        # Garbage on the wire: start over on a new connection (and a new parser).
+        raise RedisConnectionError(f"unreadable reply from redis: {error}") from None
     return replies
 
 

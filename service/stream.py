@@ -27,7 +27,6 @@ GAP_EVENT = "gap"
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
-    "Connection": "keep-alive",
     "X-Accel-Buffering": "no",
 }
 
@@ -84,10 +83,13 @@ class EventStream:
         sessions: SessionStore,
         plan: StreamPlan,
         transport: asyncio.WriteTransport | None = None,
+        *,
+        direct_writes: bool = True,
     ) -> None:
-        """`transport`: the client's socket, for direct writes (chunked responses only)."""
+        """`transport`: the client's socket; `direct_writes` only for a chunked response."""
         self._response = response
-        self._transport = transport
+        self._connection = transport
+        self._transport = transport if direct_writes else None
         self._listener = listener
         self._sessions = sessions
         self._plan = plan
@@ -97,11 +99,28 @@ class EventStream:
         self._finished = False
         # Live chunks accepted during one batch of Redis messages, written together after it.
         self._live_chunks: list[bytes] = []
+        self._live_size = 0
         self.events_sent = 0
         self.events_replayed = 0
 
     async def run(self) -> StreamEnd:
         """Replay what the client missed, then relay live events; return why it ended."""
+        self._listener.on_end = self._on_listener_end
+        return await self._run()
+
+    @property
+    def dropped_as_slow(self) -> bool:
+        """The hub dropped this stream's client as too slow (its connection was cut)."""
+        return self._listener.ended is EndReason.SLOW
+
+    def _on_listener_end(self, reason: EndReason) -> None:
+        if reason is EndReason.SLOW and self._connection is not None:
+            # The client stopped reading. The task may be waiting for the socket to drain,
+            # which would hold the connection, its slot and its listener for as long as the
+            # client keeps it open; the client reconnects and resumes from its last id.
+            self._connection.abort()
+
+    async def _run(self) -> StreamEnd:
         plan = self._plan
         expires_at = time.monotonic() + plan.ttl_ms / 1000
         await self._response.write(sse.retry(plan.retry_ms) + sse.comment("connected"))
@@ -140,9 +159,10 @@ class EventStream:
         transport = self._transport
         if (
             type(item) is not Incoming
+            or self._needs_resync  # live events must wait until the log fills the hole
             or transport is None
             or transport.is_closing()
-            or transport.get_write_buffer_size() > DIRECT_WRITE_BUFFER_LIMIT
+            or transport.get_write_buffer_size() + self._live_size > DIRECT_WRITE_BUFFER_LIMIT
         ):
             return False
         try:
@@ -152,9 +172,11 @@ class EventStream:
         if delivery.is_finish:
             return False  # the task writes it and ends the stream
         if self._accept(delivery):
+            chunk = item.chunk
             if not self._live_chunks:
                 asyncio.get_running_loop().call_soon(self._flush_live)
-            self._live_chunks.append(item.chunk)
+            self._live_chunks.append(chunk)
+            self._live_size += len(chunk)
         return True
 
     def _flush_live(self) -> None:
@@ -162,6 +184,7 @@ class EventStream:
         if not chunks:
             return
         self._live_chunks = []
+        self._live_size = 0
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))

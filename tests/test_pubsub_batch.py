@@ -70,6 +70,12 @@ async def test_silence_is_none_and_a_closed_connection_an_error() -> None:
         await pubsub_link._read_parsed(stream, hiredis.Reader(), 1.0)
 
 
+async def test_garbage_on_the_wire_is_a_connection_error_not_a_crash() -> None:
+    stream = stream_with(message(b"ch", b"1-0\n\na") + b"?not resp\r\n")
+    with pytest.raises(RedisConnectionError, match="unreadable"):
+        await pubsub_link._read_parsed(stream, hiredis.Reader(), 1.0)
+
+
 ReadParsed = Callable[[asyncio.StreamReader, hiredis.Reader, float], Awaitable[Any]]
 
 

@@ -236,9 +236,6 @@ async def test_http10_gets_plain_sse_without_chunking_and_the_connection_closes(
     assert direct_log.calls == 0  # an unchunked stream is written by its task only
 
 
-@pytest.mark.xfail(
-    reason="HTTP/1.0 with 'Connection: keep-alive': the unframed body never ends", strict=True
-)
 async def test_http10_keep_alive_request_still_sees_the_stream_end(
     start_worker: StartWorker, publisher: Publisher, raw_clients: list[RawClient]
 ) -> None:
@@ -324,11 +321,6 @@ async def test_a_stalled_reader_is_dropped_and_the_worker_serves_the_rest(
     await wait_for(released)
 
 
-@pytest.mark.xfail(
-    reason="a dropped stream waits for its socket to drain; it ends only when the client "
-    "hangs up",
-    strict=True,
-)
 async def test_a_stalled_reader_dropped_as_slow_has_its_stream_ended(
     start_worker: StartWorker, publisher: Publisher, raw_clients: list[RawClient]
 ) -> None:
