@@ -100,6 +100,7 @@ class EventStream:
         # Live chunks accepted during one batch of Redis messages, written together after it.
         self._live_chunks: list[bytes] = []
         self._live_size = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.events_sent = 0
         self.events_replayed = 0
 
@@ -174,7 +175,11 @@ class EventStream:
         if self._accept(delivery):
             chunk = item.chunk
             if not self._live_chunks:
-                asyncio.get_running_loop().call_soon(self._flush_live)
+                # Looked up once: get_running_loop() costs a getpid() system call.
+                loop = self._loop
+                if loop is None:
+                    loop = self._loop = asyncio.get_running_loop()
+                loop.call_soon(self._flush_live)
             self._live_chunks.append(chunk)
             self._live_size += len(chunk)
         return True
