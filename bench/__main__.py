@@ -78,8 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-events",
         type=int,
-        default=20000,
-        help="events published in an unpaced ('max') step (default 20000)",
+        # Enough work for CPU time, counted in 10 ms ticks, to be read to a few percent.
+        default=200000,
+        help="events published in an unpaced ('max') step (default 200000)",
     )
     parser.add_argument(
         "--concurrency", type=int, default=200, help="seed: clients in flight at once (default 200)"

@@ -41,13 +41,20 @@ class DeliveryStep:
 async def run_step(
     step: DeliveryStep, worker: Worker, client: redis.Redis, redis_url: str, progress: Progress
 ) -> dict[str, Any]:
-    """Connect, publish (from the publisher process), wait for every `finish`, and report."""
+    """Connect, publish (from publisher processes), wait for every `finish`, and report.
+
+    The events before each session's last are measured; the `finish` events that end the
+    streams are published after the measurement, so stream teardown (the same for every
+    event count) does not weigh on the per-event figures of short steps.
+    """
     session_ids = [secrets.token_hex(8) for _ in range(step.sessions)]
-    plan = Plan(redis_url, session_ids, step.events, step.rate)
-    async with publisher_process(plan) as publisher:
+    measured = Plan(redis_url, session_ids, step.events - 1, step.rate, finish_last=False)
+    closing = Plan(redis_url, session_ids, 1, step.rate, first_seq=step.events - 1)
+    async with publisher_process(measured) as publisher:
         return await _measure(
-            step, worker, client, progress, session_ids=session_ids, publisher=publisher
-        )
+            step, worker, client, progress,
+            session_ids=session_ids, publisher=publisher, closing=closing,
+        )  # fmt: skip
 
 
 async def _measure(
@@ -58,6 +65,7 @@ async def _measure(
     *,
     session_ids: list[str],
     publisher: PublisherProcess,
+    closing: Plan,
 ) -> dict[str, Any]:
     paths = [
         f"/sse/connect?sessionId={sid}"
@@ -88,26 +96,28 @@ async def _measure(
     generator_cpu_before = time.process_time()
     redis_cpu_before = await redis_cpu_s(client)
     started_ns = time.monotonic_ns()
-    total = step.sessions * step.events
+    total = step.sessions * (step.events - 1)
     with progress.step(f"{label}: publish", total) as bar:
         sent = await publisher.run(bar.advance)
     try:
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
-            await tally.all_finished
+            await tally.until_received(len(opened.streams) * (step.events - 1))
     except TimeoutError:
         result["drain_timeout"] = True
     worker_cpu = cpu_s(worker.pid) - cpu_before
     generator_cpu = time.process_time() - generator_cpu_before
     redis_cpu = await redis_cpu_s(client) - redis_cpu_before
-    await close_all(opened.streams)
-    if sent.failures:
-        result.setdefault("failure", f"{sent.failures} publishes failed, first: {sent.failure}")
     deliveries = tally.received
     elapsed_s = max(1e-9, (tally.last_ns - started_ns) / 1e9)
+    failures = await _close_streams(closing, tally, result)
+    await close_all(opened.streams)
+    failures += sent.failures
+    if failures:
+        result.setdefault("failure", f"{failures} publishes failed, first: {sent.failure}")
     result.update(
         publish_rate=round(total / max(1e-9, (sent.finished_ns - started_ns) / 1e9), 1),
-        publish_failures=sent.failures,
-        deliveries=deliveries,
+        publish_failures=failures,
+        deliveries=deliveries,  # in the measured window: every event but the `finish`
         deliveries_per_s=round(deliveries / elapsed_s, 1),
         worker_cpu_s=round(worker_cpu, 3),
         worker_cpu_us_per_delivery=round(worker_cpu * 1e6 / max(1, deliveries), 2),
@@ -122,3 +132,16 @@ async def _measure(
         **tally.summary(),
     )
     return result
+
+
+async def _close_streams(closing: Plan, tally: Tally, result: dict[str, Any]) -> int:
+    """Publish every session's `finish` and wait for all streams to end; return failures."""
+    async with publisher_process(closing) as publisher:
+        await publisher.ready()
+        sent = await publisher.run(lambda _: None)
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            await tally.all_finished
+    except TimeoutError:
+        result["drain_timeout"] = True
+    return sent.failures

@@ -3,11 +3,10 @@
 Publishing used to share the load generator's event loop with the SSE receivers, and one
 awaited script call per event cost that process more than the worker under test spent, so
 "max" measured the generator. Here it runs apart, and cheaply, yet on the service's own
-publish path: a real `service.publisher.Publisher` is run once per session against a
-recording stand-in for the Redis client, which yields the exact script, keys and arguments
-it would send. Each lane then sends those as pipelined EVALSHA commands over a raw
-connection (hand-encoded RESP, replies parsed by hiredis) and checks every reply is
-`['ok', id]`.
+publish path: a real `service.publisher.Publisher` (`script_call`) gives the exact script,
+keys and arguments it would send for each session. Each lane then sends those as pipelined
+EVALSHA commands over a raw connection (hand-encoded RESP, replies parsed by hiredis) and
+checks every reply is `['ok', id]`.
 
 Protocol with the parent (`PublisherProcess`): one JSON plan line on stdin; the child sets
 up its connections and loads the script, prints `ready`; on `go` it publishes, printing the
@@ -60,6 +59,8 @@ class Plan:
     batch: int = BATCH
     session_ttl_s: float = 600
     log_maxlen: int = 1000
+    first_seq: int = 0  # sequence number of each session's first event in this plan
+    finish_last: bool = True  # name each session's last event of this plan `finish`
 
 
 @dataclass
@@ -243,7 +244,7 @@ class _Publishing:
         mine = self.templates[index::lanes]
         per_seq = len(mine)
         total = per_seq * plan.events
-        last_seq = plan.events - 1
+        last_seq = plan.events - 1 if plan.finish_last else -1
         plain, finish = _bulk(b""), _bulk(b"finish")
         sent = 0
         while sent < total:
@@ -266,7 +267,7 @@ class _Publishing:
             for k in range(sent, sent + count):
                 seq, template = divmod(k, per_seq)
                 t = mine[template]
-                data = event_data(seq, now).encode()
+                data = event_data(plan.first_seq + seq, now).encode()
                 parts += (
                     t.head,
                     finish if seq == last_seq else plain,

@@ -41,6 +41,17 @@ class Tally:
         self._next_seq = [0] * streams
         self._last_id: list[tuple[int, int]] = [(0, 0)] * streams
         self.all_finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wanted = 0
+        self._reached: asyncio.Future[None] | None = None
+
+    def until_received(self, count: int) -> asyncio.Future[None]:
+        """Resolved once `count` events have been received in all."""
+        future = asyncio.get_running_loop().create_future()
+        if self.received >= count:
+            future.set_result(None)
+        else:
+            self._wanted, self._reached = count, future
+        return future
 
     def sink(self, stream: SSEStream, event_id: bytes, event: bytes, data: bytes) -> None:
         now = time.monotonic_ns()
@@ -49,6 +60,10 @@ class Tally:
         seq = int(seq_text)
         latency = now - int(sent_text)
         self.latencies_ns.append(latency)
+        if self._reached is not None and len(self.latencies_ns) >= self._wanted:
+            if not self._reached.done():
+                self._reached.set_result(None)
+            self._reached = None
         self.last_receiver_ns[seq] = max(self.last_receiver_ns[seq], latency)
         expected = self._next_seq[tag]
         if seq < expected:
