@@ -315,8 +315,11 @@ class Hub:
             # A reconnect subscribes only channels still in use, so nothing is left behind.
             log.debug("unsubscribe %r failed: %s", name, error)
 
-    def _dispatch(self, name: bytes, payload: bytes) -> None:
-        state = self._channels.get(name)
+    # LinkOwner: what the pub/sub links report.
+
+    def on_message(self, channel: bytes, payload: bytes) -> None:
+        """Fan a published message out to the channel's local listeners."""
+        state = self._channels.get(channel)
         if state is None:
             return
         self.stats.messages_received += 1
@@ -324,13 +327,7 @@ class Hub:
         for listener in state.listeners:
             if not listener.offer(incoming):
                 self.stats.slow_listeners_dropped += 1
-                log.warning("dropped a slow listener on %s (inbox full)", name.decode())
-
-    # LinkOwner: what the pub/sub links report.
-
-    def on_message(self, channel: bytes, payload: bytes) -> None:
-        """Fan a published message out to the channel's local listeners."""
-        self._dispatch(channel, payload)
+                log.warning("dropped a slow listener on %s (inbox full)", channel.decode())
 
     def channels_of(self, link: PubSubLink) -> list[bytes]:
         """Channels in use routed to `link`, the control channel included."""
