@@ -66,8 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rates",
         type=_rates,
         default=None,
-        help="fanout events/s over all sessions (default 500,1000,2000,"
-        "4000,max); broadcast events/s on the one session (default 5,20,50,max)",
+        help="fanout events/s over all sessions (default 1000,4000,8000,16000,32000,"
+        "48000,max); broadcast events/s on the one session (default 5,20,50,100,max)",
     )
     parser.add_argument(
         "--duration",
@@ -205,7 +205,8 @@ async def _capacity(run: Run) -> list[dict[str, Any]]:
 async def _delivery(run: Run, fanout: bool) -> list[dict[str, Any]]:
     args = run.args
     results = []
-    default_rates = [500, 1000, 2000, 4000, 0] if fanout else [5, 20, 50, 0]
+    # Paced steps up to and past where the naive design stops keeping p99 under 10 ms.
+    default_rates = [1000, 4000, 8000, 16000, 32000, 48000, 0] if fanout else [5, 20, 50, 100, 0]
     for connections in args.connections or [1000]:
         config = WorkerConfig(max_connections=connections + 10, loop=args.worker_loop)
         async with run.workers(config) as workers:
