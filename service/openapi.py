@@ -16,6 +16,7 @@ from . import __version__
 from . import resources as r
 from .auth import AccessPolicy, access_policy
 from .envelope import EVENT_ID_PATTERN as EVENT_ID_PATTERN_TEXT
+from .envelope import GAP_EVENT
 from .sessions import SESSION_ID_PATTERN
 from .settings import Settings
 from .submission import EVENT_NAME_PATTERN, MAX_BATCH_EVENTS
@@ -461,9 +462,10 @@ def _components(settings: Settings) -> Spec:
                     "event": {
                         "type": "string",
                         "pattern": EVENT_NAME_PATTERN,
+                        "not": {"const": GAP_EVENT},
                         "description": "The event name (EventSource `addEventListener` type). "
                         "Omit it for an unnamed `message` event. `finish` ends the session's "
-                        "streams.",
+                        f"streams; `{GAP_EVENT}` is reserved for the service.",
                     },
                     "data": {
                         "description": "A string is sent as-is (any text; line breaks become "

@@ -17,13 +17,12 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import sse
-from .envelope import Delivery, parse_event_id
+from .envelope import GAP_EVENT, Delivery, parse_event_id
 from .hub import EndReason, Incoming, Listener, Resync
 from .sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
-GAP_EVENT = "gap"
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .envelope import GAP_EVENT
 from .errors import EventTooLarge, InvalidEvent, MalformedJson
 
 MAX_BATCH_EVENTS = 100
@@ -81,6 +82,11 @@ def _submission(item: Any, max_event_bytes: int, where: str) -> Submission:
         raise InvalidEvent(
             f"event{where}: 'event' must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', ':' "
             "or '-' (omit it for an unnamed event)"
+        )
+    if event == GAP_EVENT:
+        raise InvalidEvent(
+            f"event{where}: '{GAP_EVENT}' is reserved: the service sends it when a resuming "
+            "client's history is no longer all in the log"
         )
     data = serialize_data(item["data"])
     try:

@@ -71,6 +71,8 @@ def test_serialized_data_counts_towards_the_limit() -> None:
         {"data": "x", "event": "x" * 65},
         {"data": "x", "event": None},
         {"data": "x", "event": 5},
+        {"data": "x", "event": "gap"},  # the service's own signal of lost history
+        [{"data": "x"}, {"data": "y", "event": "gap"}],
         [],
         [{"data": "x"}] * (MAX_BATCH_EVENTS + 1),
         [{"data": "x"}, "not an object"],
