@@ -17,6 +17,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from . import sse
+from .chunked import ChunkWriter
 from .envelope import GAP_EVENT, Delivery, parse_event_id
 from .hub import EndReason, Incoming, Listener, Resync
 from .sessions import SessionStore
@@ -69,10 +70,11 @@ class EventStream:
     """Writes one session's events to one client until the stream has a reason to end.
 
     The stream's task does the replay, heartbeats, resyncs and the end. While it is parked
-    waiting for its inbox, a live event that the socket can take at once is written by the
-    hub's reader as it arrives (`_write_live`): pre-framed bytes, no task switch. Anything
-    else (a finish, a resync marker, a slow or closing socket) goes through the inbox to the
-    task, which writes through aiohttp and waits for the socket to drain.
+    waiting for its inbox, the hub's reader hands it each live event (`_write_live`), and a
+    plain event the socket can take goes out pre-framed, with no task switch, at the end of
+    the batch it came in. Anything else (a finish, a resync marker, a slow or closing
+    socket) goes through the inbox to the task, which writes through aiohttp and waits for
+    the socket to drain.
     """
 
     def __init__(
@@ -88,7 +90,11 @@ class EventStream:
         """`transport`: the client's socket; `direct_writes` only for a chunked response."""
         self._response = response
         self._connection = transport
-        self._transport = transport if direct_writes else None
+        self._live = (
+            ChunkWriter(transport, DIRECT_WRITE_BUFFER_LIMIT)
+            if transport is not None and direct_writes
+            else None
+        )
         self._listener = listener
         self._sessions = sessions
         self._plan = plan
@@ -96,10 +102,6 @@ class EventStream:
         self._last_position = parse_event_id(plan.replay_after)
         self._needs_resync = False
         self._finished = False
-        # Live chunks accepted during one batch of Redis messages, written together after it.
-        self._live_chunks: list[bytes] = []
-        self._live_size = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.events_sent = 0
         self.events_replayed = 0
 
@@ -125,8 +127,8 @@ class EventStream:
         expires_at = time.monotonic() + plan.ttl_ms / 1000
         await self._response.write(sse.retry(plan.retry_ms) + sse.comment("connected"))
         await self._replay(plan.replay_after, plan.detect_gap)
-        listener = self._listener
-        direct = self._write_live if self._transport is not None else None
+        listener, live = self._listener, self._live
+        direct = self._write_live if live is not None else None
         while not self._finished:
             wait_s = min(plan.heartbeat_interval_s, max(0.0, expires_at - time.monotonic()))
             listener.direct = direct
@@ -134,7 +136,8 @@ class EventStream:
                 items = await listener.take(wait_s)
             finally:
                 listener.direct = None
-            self._flush_live()  # older than anything the task writes next
+            if live is not None:
+                live.flush()  # older than anything the task writes next
             if items:
                 await self._relay(items)
             elif self._listener.ended is not None:
@@ -151,18 +154,13 @@ class EventStream:
         return StreamEnd.FINISHED
 
     def _write_live(self, item: Incoming | Resync) -> bool:
-        """Take a plain live event for the socket; False leaves `item` to the task.
-
-        Events are written once the hub has handed out the current batch of messages, so a
-        stream that gets several (a broadcast at full speed) writes them in one system call.
-        """
-        transport = self._transport
+        """Take a plain live event for the socket; False leaves `item` to the task."""
+        live = self._live
         if (
             type(item) is not Incoming
             or self._needs_resync  # live events must wait until the log fills the hole
-            or transport is None
-            or transport.is_closing()
-            or transport.get_write_buffer_size() + self._live_size > DIRECT_WRITE_BUFFER_LIMIT
+            or live is None
+            or not live.has_room()
         ):
             return False
         try:
@@ -172,26 +170,8 @@ class EventStream:
         if delivery.is_finish:
             return False  # the task writes it and ends the stream
         if self._accept(delivery):
-            chunk = item.chunk
-            if not self._live_chunks:
-                # Looked up once: get_running_loop() costs a getpid() system call.
-                loop = self._loop
-                if loop is None:
-                    loop = self._loop = asyncio.get_running_loop()
-                loop.call_soon(self._flush_live)
-            self._live_chunks.append(chunk)
-            self._live_size += len(chunk)
+            live.add(item.chunk)
         return True
-
-    def _flush_live(self) -> None:
-        chunks = self._live_chunks
-        if not chunks:
-            return
-        self._live_chunks = []
-        self._live_size = 0
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     async def _relay(self, items: list[Incoming | Resync]) -> None:
         """Write the new events among `items` in one write, stopping after `finish`."""

@@ -1,12 +1,15 @@
-"""HTTP/1.1 chunk framing of pre-encoded frames: exact bytes, and a body that decodes back."""
+"""HTTP/1.1 chunk framing of pre-encoded frames (exact bytes, a body that decodes back), and
+the writer that sends them to a socket once per loop pass."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.chunked import http_chunk
+from service.chunked import ChunkWriter, http_chunk
 from service.sse import Event
 
 LAST_CHUNK = b"0\r\n\r\n"
@@ -77,3 +80,67 @@ def test_the_decoder_rejects_a_misframed_chunk() -> None:
         decode_chunked(b"2\r\nabc\r\n" + LAST_CHUNK)
     with pytest.raises(AssertionError):
         decode_chunked(b"3\r\nabc\r\n0\r\n")
+
+
+class _Socket:
+    """The part of a transport a ChunkWriter uses, recording each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.buffered = 0
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+
+async def test_chunks_added_in_one_loop_pass_leave_in_one_write() -> None:
+    socket = _Socket()
+    writer = ChunkWriter(socket, limit=1024)  # type: ignore[arg-type]
+    writer.add(b"a")
+    writer.add(b"b")
+    assert socket.writes == []  # not before the pass ends
+    await asyncio.sleep(0)
+    writer.add(b"c")
+    await asyncio.sleep(0)
+    assert socket.writes == [b"ab", b"c"]
+
+
+async def test_an_explicit_flush_writes_at_once_and_the_scheduled_one_finds_nothing() -> None:
+    socket = _Socket()
+    writer = ChunkWriter(socket, limit=1024)  # type: ignore[arg-type]
+    writer.add(b"a")
+    writer.flush()
+    await asyncio.sleep(0)
+    assert socket.writes == [b"a"]
+
+
+async def test_room_counts_the_socket_buffer_and_the_queued_chunks() -> None:
+    socket = _Socket()
+    writer = ChunkWriter(socket, limit=10)  # type: ignore[arg-type]
+    socket.buffered = 6
+    assert writer.has_room()
+    writer.add(b"1234")  # 6 + 4 = the limit: still room
+    assert writer.has_room()
+    writer.add(b"5")
+    assert not writer.has_room()
+    writer.flush()
+    socket.buffered = 0
+    assert writer.has_room()
+    socket.closing = True
+    assert not writer.has_room()
+
+
+async def test_nothing_is_written_to_a_socket_that_closed_meanwhile() -> None:
+    socket = _Socket()
+    writer = ChunkWriter(socket, limit=1024)  # type: ignore[arg-type]
+    writer.add(b"a")
+    socket.closing = True
+    await asyncio.sleep(0)
+    assert socket.writes == []

@@ -47,10 +47,10 @@ def direct_log(monkeypatch: pytest.MonkeyPatch) -> DirectLog:
     def watched(stream: EventStream, item: InboxItem) -> bool:
         log.calls += 1
         taken = original(stream, item)
-        transport = stream._transport
+        transport = stream._connection
         if taken:
             log.written += 1
-        elif type(item) is Incoming and transport is not None:
+        elif type(item) is Incoming and transport is not None and stream._live is not None:
             log.declined_with_buffered.append(transport.get_write_buffer_size())
         return taken
 
