@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
@@ -21,6 +21,16 @@ log = logging.getLogger(__name__)
 Redis = redis.Redis
 # A worker talks to one server or to a Redis Cluster; both clients offer what it uses.
 RedisClient = redis.Redis | RedisCluster
+
+
+def pipelines_queue(client: RedisClient) -> TypeGuard[redis.Redis]:
+    """Whether `client` may batch commands in a pipeline that waits for a free connection.
+
+    True on a single server (and the in-process stand-in). redis-py's cluster pipelines take
+    connections without waiting and fail when a node's pool is busy, so on a cluster
+    commands go one by one, through the queue of `QueueingRedisCluster`.
+    """
+    return isinstance(client, redis.Redis)
 
 
 class RedisOpener(Protocol):

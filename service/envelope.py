@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from .sse import encode_fields
+
 FINISH_EVENT = "finish"
 # Sent by the service itself when a resuming client's history is no longer all in the log;
 # publishers may not use the name, so a client can trust it.
@@ -30,7 +32,6 @@ def parse_event_id(text: str) -> tuple[int, int]:
 
 
 _EVENT_ID_BYTES = re.compile(f"({_ID_PART})-({_ID_PART})".encode())
-_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _FINISH = FINISH_EVENT.encode()
 _LF, _CR = ord("\n"), ord("\r")
 
@@ -69,14 +70,7 @@ class Delivery:
         self._event = event
         self._data = data
         self.is_finish = event == _FINISH
-        if _LF in data or _CR in data:
-            body = b"".join([b"data: " + line + b"\n" for line in _LINE_BREAK.split(data)])
-        else:
-            body = b"data: " + data + b"\n"
-        if event:
-            self.frame = b"id: " + event_id + b"\nevent: " + event + b"\n" + body + b"\n"
-        else:
-            self.frame = b"id: " + event_id + b"\n" + body + b"\n"
+        self.frame = encode_fields(data, event or None, event_id)
 
     @property
     def event(self) -> str:

@@ -17,10 +17,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .connections import RedisClient
+from .connections import RedisClient, pipelines_queue
 from .envelope import FINISH_EVENT
 from .hub import Hub, HubClosedError
 from .keys import Keys
@@ -72,7 +71,7 @@ def demo_event(session_id: str, seq: int, count: int, now: datetime) -> tuple[st
 
 async def request_run(redis: RedisClient, keys: Keys, session_id: str) -> None:
     """Make a waiting run visible to every producer and wake them (one round trip if it can)."""
-    if isinstance(redis, Redis):
+    if pipelines_queue(redis):
         pipe = redis.pipeline(transaction=False)
         pipe.zadd(keys.runs, {session_id: 0})
         pipe.publish(keys.producer_wake, session_id)
@@ -206,12 +205,12 @@ class Producer:
             ([k.run(session_id), k.lease(session_id)], [token, self._lease_ms])
             for session_id, token in zip(session_ids, tokens, strict=True)
         ]
-        if isinstance(self._redis, Redis):
+        if pipelines_queue(self._redis):
             pipe = self._redis.pipeline(transaction=False)
             for keys, args in calls:
                 await self._claim(keys=keys, args=args, client=pipe)
             return list(await pipe.execute())
-        # On a cluster the runs live on different shards: claim them side by side.
+        # On a cluster the runs live on different shards: claim them side by side, queued.
         return list(
             await asyncio.gather(*(self._claim(keys=keys, args=args) for keys, args in calls))
         )

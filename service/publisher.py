@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from .connections import RedisClient
+from .connections import RedisClient, pipelines_queue
 from .keys import Keys
 from .sse import check_field
 from .topology import publish_command
@@ -100,8 +99,8 @@ class Publisher:
     On a single Redis, publishes issued while a batch is on the wire are sent together as
     the next batch: one pipelined round trip (and one pool connection) for any number of
     concurrent publishers, such as a producer running hundreds of sessions. Each publish is
-    still its own script run, atomic on its own. redis-py's cluster pipelines cannot wait
-    for a free connection, so on a cluster each publish is its own call.
+    still its own script run, atomic on its own. On a cluster each publish is its own call
+    (see `pipelines_queue`).
     """
 
     SCRIPT = _PUBLISH
@@ -115,7 +114,7 @@ class Publisher:
         self._log_maxlen = log_maxlen
         self._script = redis.register_script(_PUBLISH)
         self._publish_command = publish_command(redis)
-        self._batching = isinstance(redis, Redis)
+        self._batching = pipelines_queue(redis)
         self._queued: list[_Queued] = []
         self._sender: asyncio.Task[None] | None = None
         self.events_published = 0

@@ -177,7 +177,7 @@ def _multiline_data(draw: st.DrawFn) -> str:
 def test_encode_fields_reads_back_as_the_original_event(
     data: str, event: str | None, event_id: str | None
 ) -> None:
-    frame = sse.encode_fields(data, event, event_id)
+    frame = _encode_fields(data, event, event_id)
     dispatched = _whatwg_parse(frame)
     assert len(dispatched) == 1
     assert dispatched[0].data == data.replace("\r\n", "\n").replace("\r", "\n")
@@ -193,9 +193,16 @@ def test_encode_fields_reads_back_as_the_original_event(
 def test_encode_fields_is_the_frame_event_encode_always_produced(
     data: str, event: str | None, event_id: str | None
 ) -> None:
-    frame = sse.encode_fields(data, event, event_id)
+    frame = _encode_fields(data, event, event_id)
     assert frame == _frame_as_before(data, event, event_id)
     assert sse.Event(data=data, event=event, id=event_id).encode() == frame
+
+
+def _encode_fields(data: str, event: str | None, event_id: str | None) -> bytes:
+    def utf8(text: str | None) -> bytes | None:
+        return None if text is None else text.encode()
+
+    return sse.encode_fields(data.encode(), utf8(event), utf8(event_id))
 
 
 @pytest.mark.parametrize(
@@ -210,7 +217,7 @@ def test_encode_fields_is_the_frame_event_encode_always_produced(
 )
 def test_encode_fields_splits_only_on_cr_lf_and_crlf(data: str, lines: list[str]) -> None:
     expected = "".join(f"data: {line}\n" for line in lines) + "\n"
-    assert sse.encode_fields(data, None, None) == expected.encode()
+    assert _encode_fields(data, None, None) == expected.encode()
     assert [d.data for d in _whatwg_parse(expected.encode())] == ["\n".join(lines)]
 
 

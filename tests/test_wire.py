@@ -136,10 +136,20 @@ class RawClient:
             await self.writer.wait_closed()
 
 
+OpenRaw = Callable[..., Awaitable[RawClient]]
+
+
 @pytest.fixture
-async def raw_clients() -> AsyncIterator[list[RawClient]]:
+async def open_raw() -> AsyncIterator[OpenRaw]:
+    """`RawClient.open`, with every client closed after the test."""
     opened: list[RawClient] = []
-    yield opened
+
+    async def open_one(client: Any, receive_buffer: int | None = None) -> RawClient:
+        raw = await RawClient.open(client, receive_buffer)
+        opened.append(raw)
+        return raw
+
+    yield open_one
     for raw in opened:
         await raw.close()
 
@@ -168,12 +178,11 @@ def sample_data(n: int) -> str:
 
 
 async def test_http11_gets_a_valid_chunked_body_with_every_event_in_order(
-    start_worker: StartWorker, publisher: Publisher, raw_clients: list[RawClient],
+    start_worker: StartWorker, publisher: Publisher, open_raw: OpenRaw,
     direct_log: DirectLog,
 ) -> None:
     client = await start_worker()
-    raw = await RawClient.open(client)
-    raw_clients.append(raw)
+    raw = await open_raw(client)
     await raw.request("/sse/connect?sessionId=chunky")
     status, headers = await raw.head()
     assert status == "HTTP/1.1 200 OK"
@@ -209,12 +218,11 @@ async def test_http11_gets_a_valid_chunked_body_with_every_event_in_order(
 
 
 async def test_http10_gets_plain_sse_without_chunking_and_the_connection_closes(
-    start_worker: StartWorker, publisher: Publisher, raw_clients: list[RawClient],
+    start_worker: StartWorker, publisher: Publisher, open_raw: OpenRaw,
     direct_log: DirectLog,
 ) -> None:
     client = await start_worker()
-    raw = await RawClient.open(client)
-    raw_clients.append(raw)
+    raw = await open_raw(client)
     await raw.request("/sse/connect?sessionId=oldtimer", version="1.0")
     status, headers = await raw.head()
     assert status == "HTTP/1.0 200 OK"
@@ -237,12 +245,11 @@ async def test_http10_gets_plain_sse_without_chunking_and_the_connection_closes(
 
 
 async def test_http10_keep_alive_request_still_sees_the_stream_end(
-    start_worker: StartWorker, publisher: Publisher, raw_clients: list[RawClient]
+    start_worker: StartWorker, publisher: Publisher, open_raw: OpenRaw
 ) -> None:
     # The body has neither a length nor chunks, so only the connection's close can end it.
     client = await start_worker()
-    raw = await RawClient.open(client)
-    raw_clients.append(raw)
+    raw = await open_raw(client)
     await raw.request(
         "/sse/connect?sessionId=oldkeep", version="1.0", extra="Connection: keep-alive\r\n"
     )
@@ -257,12 +264,11 @@ async def test_http10_keep_alive_request_still_sees_the_stream_end(
 
 
 async def stall_until_dropped(
-    client: Any, publisher: Publisher, session_id: str, raw_clients: list[RawClient]
+    client: Any, publisher: Publisher, session_id: str, open_raw: OpenRaw
 ) -> tuple[RawClient, list[str]]:
     """A client that reads its headers and first frame, then nothing: publish until the hub
     drops it. Returns it and the data published."""
-    stalled = await RawClient.open(client, receive_buffer=4096)
-    raw_clients.append(stalled)
+    stalled = await open_raw(client, receive_buffer=4096)
     await stalled.request(f"/sse/connect?sessionId={session_id}")
     status, _ = await stalled.head()
     assert status == "HTTP/1.1 200 OK"
@@ -279,21 +285,20 @@ async def stall_until_dropped(
 
 
 async def test_a_stalled_reader_is_dropped_and_the_worker_serves_the_rest(
-    start_worker: StartWorker, publisher: Publisher, raw_clients: list[RawClient],
+    start_worker: StartWorker, publisher: Publisher, open_raw: OpenRaw,
     direct_log: DirectLog,
 ) -> None:
     client = await start_worker(listener_queue_size=8)
     app = client.server.app
     hub, metrics = app[hub_key], app[stream_metrics_key]
     idle_listeners = hub.listener_count
-    reader = await RawClient.open(client)
-    raw_clients.append(reader)
+    reader = await open_raw(client)
     await reader.request("/sse/connect?sessionId=shared")
     await reader.head()
     await reader.chunk()
     reading = asyncio.create_task(read_chunked_events(reader))
 
-    stalled, sent = await stall_until_dropped(client, publisher, "shared", raw_clients)
+    stalled, sent = await stall_until_dropped(client, publisher, "shared", open_raw)
     # It was dropped only after its socket held more than the direct-write limit unsent.
     assert max(direct_log.declined_with_buffered) > DIRECT_WRITE_BUFFER_LIMIT
     assert len(sent) * 4096 > DIRECT_WRITE_BUFFER_LIMIT
@@ -322,13 +327,13 @@ async def test_a_stalled_reader_is_dropped_and_the_worker_serves_the_rest(
 
 
 async def test_a_stalled_reader_dropped_as_slow_has_its_stream_ended(
-    start_worker: StartWorker, publisher: Publisher, raw_clients: list[RawClient]
+    start_worker: StartWorker, publisher: Publisher, open_raw: OpenRaw
 ) -> None:
     # The client keeps its socket open and never reads again: the worker must not keep its
     # stream, listener and connection slot for as long as the client likes.
     client = await start_worker(listener_queue_size=8)
     metrics = client.server.app[stream_metrics_key]
-    await stall_until_dropped(client, publisher, "stuck", raw_clients)
+    await stall_until_dropped(client, publisher, "stuck", open_raw)
 
     async def ended_as_slow() -> bool:
         return bool(metrics.ended(StreamEnd.SLOW) == 1 and metrics.open_count == 0)
