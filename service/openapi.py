@@ -121,6 +121,8 @@ def _connect(settings: Settings) -> Spec:
             "A `text/event-stream` that starts with a `retry:` field and a `: connected` "
             "comment, replays logged events the client has not seen, then relays live ones. "
             f"Idle streams get a `: ping` comment every {settings.heartbeat_interval_s:g} s. "
+            "Only events end with a blank line: `retry:` and comments have none of their own, "
+            "so clients that hand every block over never see an empty message. "
             "The stream ends after the `finish` event, when the session expires "
             f"(TTL {settings.session_ttl_s:g} s from the last fresh connect), when the client is "
             "too slow to keep up, or when the worker shuts down.\n\n"

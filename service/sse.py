@@ -3,6 +3,14 @@
 Field values that would change the meaning of a frame are refused, never rewritten: a CR, LF
 or NUL in an event name or id could inject fields, and a silently altered id would break
 `Last-Event-ID` resume. Multi-line data is legal and becomes one `data:` line per line.
+
+Only an event ends with a blank line. The standard dispatches nothing for a blank line after
+a block without `data:`, but popular clients (`@microsoft/fetch-event-source`, `httpx-sse`)
+hand such a block to the application as an empty message. So `retry:` and comment lines are
+sent with no blank line of their own: a browser applies `retry:` as soon as it reads the line
+and skips comments, and the next event's blank line dispatches that event alone. A stream cut
+after such lines leaves no half-built event behind (the standard drops an undispatched block
+at the end of a stream), so a resume neither loses nor repeats anything.
 """
 
 from __future__ import annotations
@@ -64,15 +72,15 @@ def encode_fields(data: bytes, event: bytes | None, event_id: bytes | None) -> b
 
 
 def comment(text: str = "") -> bytes:
-    """A comment frame: ignored by browsers, it keeps proxies from closing an idle stream."""
-    return b"".join(f": {line}\n".encode() for line in _LINE_BREAK.split(text)) + b"\n"
+    """Comment lines, no blank line: bytes that keep proxies from closing an idle stream."""
+    return b"".join(f": {line}\n".encode() for line in _LINE_BREAK.split(text))
 
 
 def retry(delay_ms: int) -> bytes:
-    """Tell the browser how long to wait before reconnecting."""
+    """The line telling the client how long to wait before reconnecting (no blank line)."""
     if delay_ms < 0:
         raise ValueError("retry delay must not be negative")
-    return f"retry: {delay_ms}\n\n".encode()
+    return f"retry: {delay_ms}\n".encode()
 
 
 PING = comment("ping")

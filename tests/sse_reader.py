@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+STREAM_OPENED = b": connected\n"
+"""The last line of a stream's opening (`retry:`, then this comment): after it, it is live."""
+
 
 @dataclass
 class ReceivedEvent:

@@ -22,7 +22,7 @@ from service.tasks import cancel_and_wait
 
 from conftest import MakeSettings, StartClient, logged_ids, wait_for
 from redis_process import free_port
-from sse_reader import SSEParser, read_events
+from sse_reader import STREAM_OPENED, SSEParser, read_events
 from stack_processes import Worker, service_env
 
 
@@ -36,7 +36,7 @@ async def test_shutdown_ends_open_streams_cleanly_and_at_once(
     ]
     parsers = [SSEParser() for _ in responses]
     for response, parser in zip(responses, parsers, strict=True):
-        parser.feed((await response.content.readuntil(b": connected\n\n")).decode())
+        parser.feed((await response.content.readuntil(STREAM_OPENED)).decode())
 
     started = time.monotonic()
     closing = asyncio.create_task(client.server.close())

@@ -15,7 +15,7 @@ from service.resources import hub_key
 from service.topology import subscriber_count
 
 from conftest import MakeSettings, RedisTarget, StartClient, pubsub_connections, wait_for
-from sse_reader import collect
+from sse_reader import STREAM_OPENED, collect
 
 pytestmark = pytest.mark.redis
 
@@ -47,7 +47,7 @@ async def test_client_disconnect_releases_the_subscription(
     client = await start_client(make_settings(**redis_target.settings, demo_runs=False))
     channel = Keys().channel("leaving")
     response = await client.get("/sse/connect", params={"sessionId": "leaving"})
-    await response.content.readuntil(b"\n\n")
+    await response.content.readuntil(STREAM_OPENED)
     assert await subscriber_count(target_client, channel) == 1
     response.close()
 
@@ -70,7 +70,7 @@ async def test_many_connections_share_one_pubsub_connection(
     ))
     try:
         for response in responses:
-            await response.content.readuntil(b"\n\n")
+            await response.content.readuntil(STREAM_OPENED)
         hub = client.server.app[hub_key]
         if redis_target.cluster:
             # Sessions spread over every shard, and one worker reads them all: one

@@ -21,7 +21,7 @@ from service.resources import hub_key
 
 from conftest import MakeSettings, StartClient, logged_ids, wait_for
 from redis_process import RedisProcess, require_redis_server
-from sse_reader import ReceivedEvent, collect
+from sse_reader import STREAM_OPENED, ReceivedEvent, collect
 
 pytestmark = pytest.mark.redis
 
@@ -55,7 +55,7 @@ async def open_streams(client: Any, count: int) -> list[Any]:
     ]
     for response in responses:
         assert response.status == 200
-        await response.content.readuntil(b"\n\n")
+        await response.content.readuntil(STREAM_OPENED)
     return responses
 
 

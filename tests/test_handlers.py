@@ -12,7 +12,7 @@ from service.connections import RedisOpener
 from service.envelope import parse_event_id
 
 from conftest import MakeSettings, StartClient, wait_for
-from sse_reader import SSEParser, collect
+from sse_reader import STREAM_OPENED, SSEParser, collect
 
 
 @pytest.fixture
@@ -39,8 +39,8 @@ async def test_stream_headers_and_first_bytes_arrive_at_once(client: Any) -> Non
         assert response.headers["Cache-Control"] == "no-cache"
         assert response.headers["X-Accel-Buffering"] == "no"
         async with asyncio.timeout(2):
-            first = await response.content.readuntil(b"\n\n")
-        assert first == b"retry: 500\n\n"
+            first = await response.content.readuntil(STREAM_OPENED)
+        assert first == b"retry: 500\n: connected\n"
 
 
 async def test_full_demo_sequence(client: Any) -> None:

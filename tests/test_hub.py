@@ -16,7 +16,7 @@ from service.publisher import Publisher
 from service.resources import hub_key
 
 from conftest import MakeSettings, StartClient, wait_for
-from sse_reader import collect
+from sse_reader import STREAM_OPENED, collect
 
 pytestmark = pytest.mark.redis
 
@@ -105,7 +105,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_get_everything(
     stalled = await client.get("/sse/connect", params={"sessionId": "crowd"})
     reader = await client.get("/sse/connect", params={"sessionId": "crowd"})
     for response in (stalled, reader):
-        await response.content.readuntil(b"\n\n")
+        await response.content.readuntil(STREAM_OPENED)
     publisher = Publisher(redis_client, Keys(), session_ttl_s=30, log_maxlen=1000)
     payload = "x" * 65536
     count = 300

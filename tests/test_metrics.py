@@ -15,7 +15,7 @@ from service.logs import JsonFormatter
 
 from conftest import MakeSettings, StartClient, wait_for
 from redis_process import RedisProcess, require_redis_server
-from sse_reader import collect
+from sse_reader import STREAM_OPENED, collect
 
 
 async def scrape(client: Any) -> dict[str, float]:
@@ -70,7 +70,7 @@ async def test_metrics_count_a_finished_stream_and_a_resume(client: Any) -> None
 async def test_open_stream_is_counted_until_its_client_leaves(client: Any) -> None:
     channels_before = (await scrape(client))["sse_hub_channels"]
     async with client.get("/sse/connect", params={"sessionId": "open-one"}) as response:
-        await response.content.readuntil(b"\n\n")
+        await response.content.readuntil(STREAM_OPENED)
         during = await scrape(client)
         assert during["sse_open_streams"] == 1
         assert during["sse_hub_channels"] == channels_before + 1

@@ -19,7 +19,7 @@ from service.keys import Keys
 from service.resources import hub_key, publisher_key
 
 from conftest import MakeSettings, RedisTarget, StartClient, wait_for
-from sse_reader import collect
+from sse_reader import STREAM_OPENED, collect
 
 
 def message(channel: bytes, payload: bytes) -> bytes:
@@ -173,7 +173,7 @@ async def test_a_stream_gets_all_of_a_500_event_pipeline_in_order(
     settings = make_settings(**redis_target.settings, demo_runs=False, listener_queue_size=1000)
     client: Any = await start_client(settings)
     response = await client.get("/sse/connect", params={"sessionId": "piped"})
-    await response.content.readuntil(b"\n\n")
+    await response.content.readuntil(STREAM_OPENED)
     channel = Keys().channel("piped")
     command = "SPUBLISH" if redis_target.cluster else "PUBLISH"
     node = await node_client_for(redis_target, channel)
@@ -199,7 +199,7 @@ async def test_the_in_process_stand_in_is_read_one_reply_at_a_time(
 ) -> None:
     client: Any = await start_client(make_settings(demo_runs=False), fake_opener)
     response = await client.get("/sse/connect", params={"sessionId": "fake"})
-    await response.content.readuntil(b"\n\n")
+    await response.content.readuntil(STREAM_OPENED)
     publisher = client.server.app[publisher_key]
     for n in range(30):
         await publisher.publish("fake", "", f"m{n}")

@@ -15,6 +15,7 @@ import redis.asyncio as redis
 from service.resources import hub_key
 
 from conftest import MakeSettings, StartClient, wait_for
+from sse_reader import STREAM_OPENED
 
 pytestmark = [pytest.mark.soak, pytest.mark.redis, pytest.mark.timeout(240)]
 
@@ -47,7 +48,7 @@ async def one_cycle(host: str, port: int, session_id: str) -> None:
         )
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head[:40]
-        await reader.readuntil(b"\n\n")
+        await reader.readuntil(STREAM_OPENED)
     finally:
         writer.close()
         await writer.wait_closed()

@@ -48,12 +48,38 @@ def test_injection_attempt_cannot_forge_an_event() -> None:
         sse.Event(data="x", event="message\ndata: forged\n\nevent: finish")
 
 
-def test_comment_and_retry_frames() -> None:
-    assert sse.PING == b": ping\n\n"
-    assert sse.comment("a\nb") == b": a\n: b\n\n"
-    assert sse.retry(1500) == b"retry: 1500\n\n"
+def test_comment_and_retry_lines_have_no_blank_line_of_their_own() -> None:
+    # A blank line after them would be an empty message in clients that hand every block
+    # to the application; the next event's blank line ends their block instead.
+    assert sse.PING == b": ping\n"
+    assert sse.comment("connected") == b": connected\n"
+    assert sse.comment("a\nb") == b": a\n: b\n"
+    assert sse.comment() == b": \n"
+    assert sse.retry(1500) == b"retry: 1500\n"
+    assert sse.retry(0) == b"retry: 0\n"
     with pytest.raises(ValueError, match="negative"):
         sse.retry(-1)
+
+
+def test_a_stream_opening_then_events_reads_as_the_events_alone() -> None:
+    stream = (
+        sse.retry(2000) + sse.comment("connected")
+        + sse.Event(data="one", id="1-0").encode()
+        + sse.PING + sse.PING
+        + sse.Event(data="two", event="finish", id="2-0").encode()
+    )
+    assert stream == (
+        b"retry: 2000\n: connected\nid: 1-0\ndata: one\n\n"
+        b": ping\n: ping\nid: 2-0\nevent: finish\ndata: two\n\n"
+    )
+    assert _whatwg_read(stream) == (
+        [_Dispatched("message", "one", "1-0"), _Dispatched("finish", "two", "2-0")],
+        2000,
+    )
+    assert _blocks(stream) == [
+        {"retry": "2000", "id": "1-0", "data": "one"},
+        {"id": "2-0", "event": "finish", "data": "two"},
+    ]
 
 
 # No lone surrogates: they are not text that can be encoded (the API refuses them).
@@ -109,7 +135,7 @@ def _whatwg_lines(stream: bytes) -> list[str]:
 
     A last line that no line end follows is not returned: it is not processed.
     """
-    text = stream.decode("utf-8").removeprefix("\ufeff")
+    text = stream.decode("utf-8", errors="replace").removeprefix("\ufeff")
     lines: list[str] = []
     start = index = 0
     while index < len(text):
@@ -124,10 +150,16 @@ def _whatwg_lines(stream: bytes) -> list[str]:
 
 
 def _whatwg_parse(stream: bytes) -> list[_Dispatched]:
-    """The event-stream interpretation of the HTML standard (§9.2.6), minus `retry`."""
+    """The events the HTML standard's event-stream interpretation (§9.2.6) dispatches."""
+    return _whatwg_read(stream)[0]
+
+
+def _whatwg_read(stream: bytes) -> tuple[list[_Dispatched], int | None]:
+    """The dispatched events, and the reconnection time the stream set (None if it set none)."""
     lines = _whatwg_lines(stream)
     dispatched: list[_Dispatched] = []
     data_buffer, event_type, last_event_id = "", "", ""
+    reconnection_time: int | None = None
     for line in lines:
         if line == "":
             if data_buffer:
@@ -147,7 +179,31 @@ def _whatwg_parse(stream: bytes) -> list[_Dispatched]:
             data_buffer += value + "\n"
         elif name == "id" and "\x00" not in value:
             last_event_id = value
-    return dispatched
+        elif name == "retry" and value.isascii() and value.isdigit():
+            reconnection_time = int(value)
+    return dispatched, reconnection_time
+
+
+def _blocks(stream: bytes) -> list[dict[str, str]]:
+    """The stream as clients read it that hand every blank-line-ended block to the application.
+
+    `@microsoft/fetch-event-source` and `httpx-sse` do (the latter once it has seen an id):
+    a block of only `retry:` or comments arrives as an empty message. Fields are kept as
+    sent, the last of each name; a block without a blank line after it is never handed over.
+    """
+    blocks: list[dict[str, str]] = []
+    block: dict[str, str] = {}
+    for line in _whatwg_lines(stream):
+        if line == "":
+            blocks.append(block)
+            block = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data" and "data" in block:
+                value = block["data"] + "\n" + value
+            block[name] = value
+    return blocks
 
 
 _LINE_BREAKS = st.sampled_from(["\r\n", "\r", "\n"])
@@ -219,6 +275,56 @@ def test_encode_fields_splits_only_on_cr_lf_and_crlf(data: str, lines: list[str]
     expected = "".join(f"data: {line}\n" for line in lines) + "\n"
     assert _encode_fields(data, None, None) == expected.encode()
     assert [d.data for d in _whatwg_parse(expected.encode())] == ["\n".join(lines)]
+
+
+# A stream as the service writes it: a `retry:` line and comments (the opening, heartbeats)
+# anywhere between whole events.
+_comment_text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=20)
+_event = st.builds(
+    sse.Event,
+    data=_multiline_data() | st.text(max_size=20),
+    event=st.none() | _field_text.filter(lambda s: s != ""),
+    id=st.none() | _field_text,
+)
+_part = (
+    st.integers(min_value=0, max_value=10**9).map(sse.retry)
+    | _comment_text.map(sse.comment)
+    | st.just(sse.PING)
+    | _event
+)
+
+
+def _expected(parts: list[bytes | sse.Event], cut: int) -> tuple[list[_Dispatched], int | None]:
+    """What a standard client has seen of `parts` when the stream ends after `cut` bytes."""
+    dispatched: list[_Dispatched] = []
+    last_id, reconnection_time, end = "", None, 0
+    for part in parts:
+        frame = part.encode() if isinstance(part, sse.Event) else part
+        end += len(frame)
+        if end > cut:
+            break
+        if isinstance(part, sse.Event):
+            last_id = last_id if part.id is None else part.id
+            data = part.data.replace("\r\n", "\n").replace("\r", "\n")
+            dispatched.append(_Dispatched(part.event or "message", data, last_id))
+        elif part.startswith(b"retry: "):
+            reconnection_time = int(part.removeprefix(b"retry: "))
+    return dispatched, reconnection_time
+
+
+@given(parts=st.lists(_part, max_size=10), cut_at=st.floats(min_value=0, max_value=1))
+def test_a_stream_reads_as_its_whole_events_alone_wherever_it_is_cut(
+    parts: list[bytes | sse.Event], cut_at: float
+) -> None:
+    stream = b"".join(p.encode() if isinstance(p, sse.Event) else p for p in parts)
+    cut = round(len(stream) * cut_at)
+    for received in (stream, stream[:cut]):
+        expected, reconnection_time = _expected(parts, len(received))
+        assert _whatwg_read(received) == (expected, reconnection_time)
+        # Clients that hand over every block see the same events, and no empty one.
+        blocks = _blocks(received)
+        assert [block.get("data") for block in blocks] == [e.data for e in expected]
+        assert [block.get("event", "message") for block in blocks] == [e.type for e in expected]
 
 
 def test_the_reference_parser_follows_the_standard() -> None:

@@ -7,13 +7,14 @@ so every write is seen in the order the client would receive it.
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.chunked import http_chunk
 from service.envelope import Delivery
-from service.hub import Incoming, Listener, Resync
+from service.hub import EndReason, Incoming, Listener, Resync
 from service.stream import DIRECT_WRITE_BUFFER_LIMIT, EventStream, StreamEnd, StreamPlan
 
 from conftest import wait_for
@@ -302,3 +303,54 @@ async def test_live_events_after_a_failed_resync_never_skip_the_hole(direct: boo
     async with asyncio.timeout(2):
         assert await running is StreamEnd.FINISHED
     assert setup.wire.ids() == ["1-0", "2-0", "3-0", "4-0", "5-0", "6-0"]
+
+
+# The whole body as framed: only events end with a blank line.
+
+
+async def test_only_events_end_with_a_blank_line_in_a_whole_stream() -> None:
+    # Opening, replay, heartbeats, direct writes and the finish through the task: a client
+    # that hands every blank-line-ended block to the application gets each event alone.
+    setup = Setup(direct=True, heartbeat_s=0.02)
+    setup.sessions.log = [event(1), event(2)]
+    running = asyncio.create_task(setup.stream.run())
+
+    async def pinged_while_parked() -> bool:
+        return setup.wire.body().endswith(b": ping\n") and await setup.parked()
+
+    await wait_for(pinged_while_parked)
+    for n in (3, 4):
+        assert setup.listener.offer(incoming(event(n)))
+
+    async def written() -> bool:
+        return setup.wire.ids()[-1:] == ["4-0"]
+
+    await wait_for(written)
+    await wait_for(pinged_while_parked)  # a heartbeat after the direct writes, too
+    setup.listener.offer(incoming(event(5, "finish")))
+    async with asyncio.timeout(2):
+        assert await running is StreamEnd.FINISHED
+
+    frames = [event(n).frame for n in (1, 2)], [event(n).frame for n in (3, 4)]
+    pings = rb"(?:: ping\n)+"
+    assert re.fullmatch(
+        re.escape(b"retry: 500\n: connected\n" + b"".join(frames[0])) + pings
+        + re.escape(b"".join(frames[1])) + pings + re.escape(event(5, "finish").frame),
+        setup.wire.body(),
+    ), setup.wire.body()
+    assert [path for path, _ in setup.wire.writes][:3] == ["task", "task", "task"]
+    assert ("direct", b"".join(http_chunk(f) for f in frames[1])) in setup.wire.writes
+
+
+async def test_a_stream_that_ends_before_any_event_sends_no_blank_line() -> None:
+    setup = Setup(direct=True, heartbeat_s=0.02)
+    running = asyncio.create_task(setup.stream.run())
+
+    async def pinged() -> bool:
+        return setup.wire.body().count(b": ping\n") >= 2
+
+    await wait_for(pinged)
+    setup.listener.end(EndReason.SHUTDOWN)
+    async with asyncio.timeout(2):
+        assert await running is StreamEnd.SHUTDOWN
+    assert re.fullmatch(rb"retry: 500\n: connected\n(?:: ping\n)+", setup.wire.body())

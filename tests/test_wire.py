@@ -24,7 +24,7 @@ from service.resources import hub_key, stream_metrics_key
 from service.stream import DIRECT_WRITE_BUFFER_LIMIT, EventStream, StreamEnd
 
 from conftest import MakeSettings, StartClient, wait_for
-from sse_reader import ReceivedEvent, SSEParser, collect
+from sse_reader import STREAM_OPENED, ReceivedEvent, SSEParser, collect
 
 pytestmark = pytest.mark.redis
 
@@ -188,7 +188,7 @@ async def test_http11_gets_a_valid_chunked_body_with_every_event_in_order(
     assert status == "HTTP/1.1 200 OK"
     assert headers["transfer-encoding"] == "chunked"
     assert "content-length" not in headers
-    assert await raw.chunk() == b"retry: 500\n\n: connected\n\n"
+    assert await raw.chunk() == b"retry: 500\n: connected\n"
 
     count = 1000
     reading = asyncio.create_task(read_chunked_events(raw))
@@ -228,7 +228,7 @@ async def test_http10_gets_plain_sse_without_chunking_and_the_connection_closes(
     assert status == "HTTP/1.0 200 OK"
     assert "transfer-encoding" not in headers
     assert "content-length" not in headers
-    assert await raw.reader.readuntil(b"\n\n") == b"retry: 500\n\n"
+    assert await raw.reader.readuntil(STREAM_OPENED) == b"retry: 500\n: connected\n"
 
     sent = [sample_data(n) for n in range(1, 60)]
     for data in sent:
@@ -256,7 +256,7 @@ async def test_http10_keep_alive_request_still_sees_the_stream_end(
     status, headers = await raw.head()
     assert status == "HTTP/1.0 200 OK"
     assert "content-length" not in headers
-    await raw.reader.readuntil(b"\n\n")
+    await raw.reader.readuntil(STREAM_OPENED)
     await publisher.publish("oldkeep", "finish", "done")
     async with asyncio.timeout(2):
         body = await raw.reader.read()
@@ -313,7 +313,7 @@ async def test_a_stalled_reader_is_dropped_and_the_worker_serves_the_rest(
 
     # A new client of a new session is served as usual.
     fresh = await client.get("/sse/connect", params={"sessionId": "fresh"})
-    await fresh.content.readuntil(b"\n\n")
+    await fresh.content.readuntil(STREAM_OPENED)
     await publisher.publish("fresh", "finish", "hello")
     assert [e.data for e in await collect(fresh, timeout_s=5)] == ["hello"]
 
