@@ -1,8 +1,7 @@
 """The demo page in a real headless Chromium, against the service on a real port and real Redis.
 
-The browser is Debian's `chromium` package driven by Playwright; no browser is ever downloaded.
-Without Chromium (or Playwright) these tests skip, and fail instead when `SSE_REQUIRE_REDIS=1`
-or `CI` is set, so CI can never pass them by skipping.
+The browser is Debian's `chromium` package driven by Playwright (tests/chromium_process.py);
+no browser is ever downloaded.
 """
 
 from __future__ import annotations
@@ -10,46 +9,23 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from service.app import create_app
 from service.handlers import WEB_DIR
 
+from chromium_process import HAVE_PLAYWRIGHT, headless_chromium
 from conftest import MakeSettings
-from redis_process import require_tool
+from live_service import Service, serve
 
-try:
-    from playwright.async_api import (
-        Browser,
-        ConsoleMessage,
-        Page,
-        ViewportSize,
-        async_playwright,
-        expect,
-    )
-
-    HAVE_PLAYWRIGHT = True
-except ImportError:  # pragma: no cover - depends on the machine
-    HAVE_PLAYWRIGHT = False
+if HAVE_PLAYWRIGHT:
+    from playwright.async_api import Browser, ConsoleMessage, Page, ViewportSize, expect
 
 pytestmark = [pytest.mark.browser, pytest.mark.redis]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 RETRY_MS = 300
 WAIT_MS = 10_000
 PHONE: ViewportSize = {"width": 360, "height": 800}
@@ -70,86 +46,28 @@ RECORD_STATES = """() => {
 }"""
 
 
-def require_chromium() -> str:
-    """The Chromium path, when Playwright is there to drive it (see require_tool)."""
-    require_tool("playwright" if HAVE_PLAYWRIGHT else None,
-                 "playwright is not installed (pip install -e '.[test]')")
-    return require_tool(str(CHROMIUM) if CHROMIUM.exists() else None,
-                        f"{CHROMIUM} is missing (apt-get install chromium)")
-
-
-@dataclass(frozen=True, slots=True)
-class Seen:
-    """One request the service answered, as its server saw it."""
-
-    method: str
-    path: str
-    session_id: str | None
-    last_event_id: str | None
-    status: int
-
-
-@dataclass
-class Service:
-    """The service under test: its base URL and every request it answered."""
-
-    url: str
-    seen: list[Seen] = field(default_factory=list)
-    streams: list[web.Request] = field(default_factory=list)
-
-    def connects(self, method: str = "GET") -> list[Seen]:
-        return [s for s in self.seen if s.path == "/sse/connect" and s.method == method]
-
-
 StartService = Callable[..., Awaitable[Service]]
 
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
     """A headless Chromium for one test."""
-    executable = require_chromium()
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=executable, args=CHROMIUM_ARGS, headless=True, timeout=WAIT_MS
-        )
+    async with headless_chromium() as launched:
         yield launched
-        await launched.close()
 
 
 @pytest.fixture
 def start_service(
     aiohttp_server: Any, make_settings: MakeSettings, redis_url: str
 ) -> StartService:
-    """Serve the production app on a real loopback port, recording what it answers.
-
-    `aiohttp_server` runs it with `handler_cancellation=True`, as `python -m service` does.
-    """
+    """Serve the production app on a real loopback port, recording what it answers."""
 
     async def start(**overrides: Any) -> Service:
         settings = make_settings(
             **{"redis_url": redis_url, "retry_ms": RETRY_MS, "producer_interval_ms": 50,
                **overrides}
         )
-        app = create_app(settings)
-        service = Service(url="")
-
-        async def record(request: web.Request, response: web.StreamResponse) -> None:
-            if request.path == "/sse/connect" and response.status == 200:
-                service.streams.append(request)
-            service.seen.append(
-                Seen(
-                    request.method,
-                    request.path,
-                    request.query.get("sessionId"),
-                    request.headers.get("Last-Event-ID"),
-                    response.status,
-                )
-            )
-
-        app.on_response_prepare.append(record)
-        server = await aiohttp_server(app)
-        service.url = str(server.make_url("/"))
-        return service
+        return await serve(aiohttp_server, settings)
 
     return start
 
