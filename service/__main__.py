@@ -15,7 +15,7 @@ from .app import create_app
 from .logs import configure_logging
 from .loops import new_event_loop
 from .producer_main import run_producer
-from .settings import DEFAULT_CONFIG_PATH, SettingsError, load_settings
+from .settings import SettingsError, load_settings
 
 LISTEN_BACKLOG = 4096
 # Python collects cycles after every 700 new container objects by default, so a busy
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config",
         type=Path,
-        default=DEFAULT_CONFIG_PATH,
-        help="TOML settings file (default: %(default)s)",
+        default=None,
+        help="TOML settings file (default: the config/service.toml shipped with the package)",
     )
     args = parser.parse_args(argv)
     try:

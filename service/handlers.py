@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from pathlib import Path
 
 from aiohttp import HttpVersion11, web
 from redis.exceptions import RedisError
 
 from . import resources as r
+from .assets import WEB_FILES_DIR, read_asset
 from .envelope import parse_event_id
 from .errors import (
     REQUEST_ID_HEADER,
@@ -25,7 +26,6 @@ from .stream import SSE_HEADERS, EventStream, StreamEnd, StreamPlan
 
 log = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 LAST_EVENT_ID_HEADER = "Last-Event-ID"
 
 
@@ -173,22 +173,29 @@ WEB_FILES = {
 }
 
 
-async def index(request: web.Request) -> web.FileResponse:
+async def index(request: web.Request) -> web.Response:
     """The browser demo page."""
     del request
     return _web_file("index.html")
 
 
-async def web_asset(request: web.Request) -> web.FileResponse:
+async def web_asset(request: web.Request) -> web.Response:
     """A script or style sheet of the demo page (the route admits only names in WEB_FILES)."""
     return _web_file(request.match_info["name"])
 
 
-def _web_file(name: str) -> web.FileResponse:
-    return web.FileResponse(
-        WEB_DIR / name,
+def _web_file(name: str) -> web.Response:
+    return web.Response(
+        body=_web_file_bytes(name),
         headers={"Content-Type": WEB_FILES[name], "Cache-Control": "no-cache"},
     )
+
+
+@functools.cache
+def _web_file_bytes(name: str) -> bytes:
+    # Package data (or the checkout's web/), read once: a few kilobytes that never change
+    # while the process runs.
+    return read_asset(f"{WEB_FILES_DIR}/{name}")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "service.toml"
+from .assets import DEFAULT_CONFIG, read_asset
+
 ENV_PREFIX = "SSE_"
 
 
@@ -53,7 +54,6 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in (
-            "port",
             "listener_queue_size",
             "redis_max_connections",
             "log_maxlen",
@@ -68,6 +68,7 @@ class Settings:
             _require(name, getattr(self, name) >= 1, "must be at least 1")
         for name in ("session_ttl_s", "heartbeat_interval_s", "redis_timeout_s"):
             _require(name, getattr(self, name) > 0, "must be positive")
+        _require("port", self.port >= 0, "must not be negative (0: any free port)")
         _require("port", self.port <= 65535, "must be at most 65535")
         _require(
             "redis_cluster",
@@ -124,19 +125,21 @@ def _require(name: str, ok: bool, problem: str) -> None:
 
 
 def load_settings(
-    path: Path | None = DEFAULT_CONFIG_PATH,
+    path: Path | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Defaults, overridden by the TOML file at `path`, overridden by `SSE_<KEY>` in `environ`."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with path.open("rb") as file:
-                values.update(tomllib.load(file))
-        except OSError as error:
-            raise SettingsError(f"cannot read config file {path}: {error.strerror}") from error
-        except tomllib.TOMLDecodeError as error:
-            raise SettingsError(f"config file {path} is not valid TOML: {error}") from error
+    """The TOML file at `path` (default: the shipped config/service.toml), overridden by
+    `SSE_<KEY>` in `environ`."""
+    source = str(path) if path is not None else DEFAULT_CONFIG
+    try:
+        raw = path.read_bytes() if path is not None else read_asset(DEFAULT_CONFIG)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise SettingsError(f"cannot read config file {source}: {reason}") from error
+    try:
+        values = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise SettingsError(f"config file {source} is not valid TOML: {error}") from error
     settings = build_settings(values)
     from_env = {
         key[len(ENV_PREFIX) :].lower(): text

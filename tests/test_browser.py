@@ -15,8 +15,6 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from service.handlers import WEB_DIR
-
 from chromium_process import HAVE_PLAYWRIGHT, headless_chromium
 from conftest import MakeSettings
 from live_service import Service, serve
@@ -26,6 +24,7 @@ if HAVE_PLAYWRIGHT:
 
 pytestmark = [pytest.mark.browser, pytest.mark.redis]
 
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 RETRY_MS = 300
 WAIT_MS = 10_000
 PHONE: ViewportSize = {"width": 360, "height": 800}

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import DEFAULT_CONFIG_PATH, Settings, SettingsError, load_settings
+from service.settings import Settings, SettingsError, load_settings
 
 
 def test_shipped_config_matches_the_dataclass_defaults() -> None:
-    assert load_settings(DEFAULT_CONFIG_PATH, {}) == Settings()
+    assert load_settings(None, {}) == Settings()
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:

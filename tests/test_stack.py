@@ -22,8 +22,7 @@ import redis.asyncio as redis
 import yaml
 
 from service.__main__ import main as cli_main
-from service.handlers import WEB_DIR
-from service.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
+from service.settings import Settings, load_settings
 
 from conftest import MakeSettings, StartClient, logged_ids, wait_for
 from sse_reader import ReceivedEvent, SSEParser, read_events
@@ -81,7 +80,7 @@ def test_compose_environment_is_valid_settings(name: str) -> None:
     environment: dict[str, str] = SERVICES[name]["environment"]
     assert all(isinstance(value, str) for value in environment.values()), "quote env values"
     # load_settings refuses unknown SSE_* names and values of the wrong type.
-    settings = load_settings(DEFAULT_CONFIG_PATH, environment)
+    settings = load_settings(None, environment)
     redis_address = urlsplit(settings.redis_url)
     assert redis_address.hostname in SERVICES
     assert redis_address.port == 6379
@@ -104,7 +103,7 @@ def test_compose_cluster_profile_runs_the_same_stack_on_three_shards() -> None:
     for name in CLUSTER_SERVICES:
         service = SERVICES[name]
         assert service["command"] == SERVICES[name.removesuffix("-cluster")]["command"]
-        settings = load_settings(DEFAULT_CONFIG_PATH, service["environment"])
+        settings = load_settings(None, service["environment"])
         assert settings.redis_cluster
         assert urlsplit(settings.redis_url).hostname in nodes
         condition = service["depends_on"]["redis-cluster-init"]["condition"]
@@ -116,7 +115,7 @@ def test_compose_cluster_profile_runs_the_same_stack_on_three_shards() -> None:
 
 
 def test_compose_ports_line_up_with_nginx_and_the_workers() -> None:
-    worker = load_settings(DEFAULT_CONFIG_PATH, SERVICES["worker"]["environment"])
+    worker = load_settings(None, SERVICES["worker"]["environment"])
     assert worker.host == "0.0.0.0"
     assert worker.producer == "off", "the producer service executes the runs"
     assert SERVICES["worker"]["expose"] == [str(worker.port)]
@@ -144,7 +143,7 @@ def test_dockerfile_is_slim_multi_stage_and_not_root() -> None:
     assert json.loads(cmd) == SERVICES["worker"]["command"]
     assert "SSE_HOST=0.0.0.0" in final
     # The code finds its config file and web page next to the package: all three are copied.
-    for path in ("service", DEFAULT_CONFIG_PATH.parent.name, WEB_DIR.name):
+    for path in ("service", "config", "web"):
         assert re.search(rf"^COPY {path} \./{path}$", final, re.M), path
         assert f"!{path}/" in (ROOT / ".dockerignore").read_text()
 

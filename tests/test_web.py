@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from service.connections import RedisOpener
-from service.handlers import WEB_DIR
 from service.settings import Settings
 
+# The repository's web/, which the wheel ships as package data.
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 Attrs = list[tuple[str, str | None]]
 
 
