@@ -5,17 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import os
 import sys
 from pathlib import Path
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from .app import create_app
 from .logs import configure_logging
 from .loops import new_event_loop
-from .producer_main import run_producer
-from .settings import SettingsError, load_settings
+from .producer_main import require_shared_redis, run_producer
+from .settings import Settings, SettingsError, load_settings
+from .startup import StartupError, bind_sockets, serving_line
+
+log = logging.getLogger("service")
 
 LISTEN_BACKLOG = 4096
 # Python collects cycles after every 700 new container objects by default, so a busy
@@ -50,24 +55,45 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     gc.set_threshold(*GC_THRESHOLDS)
-    if args.command == "producer":
-        with asyncio.Runner(loop_factory=lambda: new_event_loop(settings.event_loop)) as runner:
-            runner.run(run_producer(settings))
-        return 0
+    try:
+        if args.command == "producer":
+            _produce(settings)
+        else:
+            _serve(settings)
+    except (StartupError, RedisError) as error:
+        # Start-up failures are the operator's to fix, not the code's: one line, no traceback.
+        print(f"sse-fanout: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _produce(settings: Settings) -> None:
+    require_shared_redis(settings)
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(settings.event_loop)) as runner:
+        runner.run(run_producer(settings))
+
+
+def _serve(settings: Settings) -> None:
+    sockets = bind_sockets(settings.host, settings.port, LISTEN_BACKLOG)
+    try:
+        loop = new_event_loop(settings.event_loop)
+    except StartupError:
+        for sock in sockets:
+            sock.close()
+        raise
     web.run_app(
         create_app(settings),
-        loop=new_event_loop(settings.event_loop),
-        host=settings.host,
-        port=settings.port,
+        loop=loop,
+        sock=sockets,
         handler_cancellation=True,
         shutdown_timeout=settings.drain_timeout_s,
         # aiohttp's default of 128 pending connections overflows when thousands of clients
         # reconnect at once after another worker drains; the kernel caps it at somaxconn.
         backlog=LISTEN_BACKLOG,
         access_log=None,
-        print=None,
+        # Called once every socket accepts connections: our one start-up line, not aiohttp's.
+        print=lambda _banner: log.info(serving_line(settings, sockets, loop)),
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
-from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .logs import redacted_url
 from .settings import Settings
+from .startup import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -42,35 +44,42 @@ CONNECT_ATTEMPTS = 5
 
 
 async def open_redis(settings: Settings) -> RedisClient:
-    """A connected client; retries a few times so a worker can start just before Redis does."""
+    """A connected client; retries a few times so a worker can start just before Redis does.
+
+    Raises StartupError, one line naming the (redacted) URL and the last error, when Redis
+    does not answer after CONNECT_ATTEMPTS tries.
+    """
     if settings.embedded_redis:
         return _embedded_redis()
     client = _cluster_client(settings) if settings.redis_cluster else _server_client(settings)
-    delay_s = 0.2
-    for attempt in range(1, CONNECT_ATTEMPTS):
+    url = redacted_url(settings.redis_url)
+    attempt, delay_s, waited_s = 1, 0.2, 0.0
+    while True:
         try:
             await client.ping()
-            break
         except _UNREACHABLE as error:
-            log.warning(
-                "redis at %s not reachable (attempt %d/%d): %s; retrying in %.1fs",
-                _redacted(settings.redis_url),
-                attempt,
-                CONNECT_ATTEMPTS,
-                error,
-                delay_s,
-            )
+            if attempt == CONNECT_ATTEMPTS:
+                await client.aclose()
+                raise StartupError(
+                    f"cannot reach redis at {url} ({attempt} attempts over {waited_s:.1f}s): "
+                    f"{_one_line(error)}"
+                ) from error
+            # Quiet while retrying: a failure ends in the one line above, a success in the
+            # process's start-up line.
+            log.debug("redis at %s not reachable (attempt %d/%d): %s; retrying in %.1fs",
+                      url, attempt, CONNECT_ATTEMPTS, error, delay_s)
             await asyncio.sleep(delay_s)
-            delay_s *= 2
-    else:
-        try:
-            await client.ping()
-        except _UNREACHABLE:
+            attempt, waited_s, delay_s = attempt + 1, waited_s + delay_s, delay_s * 2
+        except RedisError as error:
             await client.aclose()
-            raise
-    log.info("connected to redis%s at %s", " cluster" if settings.redis_cluster else "",
-             _redacted(settings.redis_url))
-    return client
+            raise StartupError(f"redis at {url} refused the worker: {_one_line(error)}") from error
+        else:
+            log.debug("connected to %s", url)
+            return client
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, ClusterDownError)
@@ -122,19 +131,5 @@ def _embedded_redis() -> Redis:
     # Imported here so a deployment against real Redis never loads the stand-in.
     import fakeredis  # noqa: PLC0415
 
-    log.warning(
-        "no redis_url configured: using the embedded in-process Redis stand-in "
-        "(single worker only; state is lost on exit)"
-    )
     client: Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     return client
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = credentials.partition(":")[0]
-    return f"{scheme}{sep}{user}:***@{host}" if user else f"{scheme}{sep}***@{host}"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from .settings import Settings
 
@@ -50,3 +52,21 @@ def logging_config(settings: Settings) -> dict[str, Any]:
 def configure_logging(settings: Settings) -> None:
     """Apply `logging_config` to the process."""
     logging.config.dictConfig(logging_config(settings))
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password (user info or a `password=` query field), for logs."""
+    parts = urlsplit(url)
+    redacted = url
+    user_info, at, host = parts.netloc.rpartition("@")
+    if at:
+        user = user_info.partition(":")[0]
+        hidden = f"{user}:***@{host}" if user else f"***@{host}"
+        redacted = redacted.replace(parts.netloc, hidden, 1)
+    if parts.query:
+        query = _PASSWORD_FIELD.sub(r"\1***", parts.query)
+        redacted = redacted.replace(f"?{parts.query}", f"?{query}", 1)
+    return redacted
+
+
+_PASSWORD_FIELD = re.compile(r"(?i)((?:^|&)password=)[^&]*")

@@ -12,6 +12,8 @@ import asyncio
 import importlib.util
 import logging
 
+from .startup import StartupError
+
 log = logging.getLogger(__name__)
 
 
@@ -21,7 +23,13 @@ def uvloop_installed() -> bool:
 
 
 def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
-    """A fresh loop for `choice` ("auto", "uvloop" or "asyncio"); "uvloop" requires it."""
+    """A fresh loop for `choice` ("auto", "uvloop" or "asyncio"); StartupError when
+    "uvloop" is asked for and not installed."""
+    if choice == "uvloop" and not uvloop_installed():
+        raise StartupError(
+            'setting \'event_loop\' is "uvloop" but uvloop is not installed '
+            '(pip install uvloop, or set event_loop = "auto")'
+        )
     if choice == "uvloop" or (choice == "auto" and uvloop_installed()):
         import uvloop  # noqa: PLC0415 - optional dependency, loaded only when used
 

@@ -13,8 +13,18 @@ from .keys import Keys
 from .producer import Producer
 from .publisher import Publisher
 from .settings import Settings
+from .startup import StartupError, producer_line
 
 log = logging.getLogger(__name__)
+
+
+def require_shared_redis(settings: Settings) -> None:
+    """A producer alone on the embedded stand-in would run demo runs no worker can see."""
+    if settings.embedded_redis:
+        raise StartupError(
+            "the producer needs a redis_url (SSE_REDIS_URL) shared with the workers; "
+            "without one it would run against a private in-process stand-in no worker sees"
+        )
 
 
 async def run_producer(settings: Settings) -> None:
@@ -39,6 +49,6 @@ async def run_producer(settings: Settings) -> None:
         producer = Producer(client, hub, publisher=publisher, keys=keys, settings=settings)
         await producer.start()
         stack.push_async_callback(producer.close)
-        log.info("producer running")
+        log.info(producer_line(settings, loop))
         await stop.wait()
         log.info("producer stopping")
