@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from html import escape
 from typing import Any
 
@@ -55,8 +56,8 @@ def render_document(document: Spec) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(info['title'])} API</title><style>{_STYLE}</style></head><body>",
         f"<h1>{_e(info['title'])} <small>{_e(info['version'])}</small></h1>",
-        f"<p>{_e(info.get('summary', ''))}</p>",
-        f'<p class="text">{_e(info.get("description", ""))}</p>',
+        f"<p>{_prose(info.get('summary', ''))}</p>",
+        f'<p class="text">{_prose(info.get("description", ""))}</p>',
         '<p>Machine-readable: <a href="openapi.json">openapi.json</a> (OpenAPI '
         f"{_e(document['openapi'])}).</p>",
         "<h2>Endpoints</h2>",
@@ -77,10 +78,10 @@ def _operation(document: Spec, path: str, method: str, op: Spec, shared: list[Sp
     parts = [
         '<section class="op">',
         f'<h3><span class="method {method}">{method.upper()}</span> <code>{_e(path)}</code> '
-        f"{_e(op.get('summary', ''))}</h3>",
+        f"{_prose(op.get('summary', ''))}</h3>",
     ]
     if "description" in op:
-        parts.append(f'<p class="text">{_e(op["description"])}</p>')
+        parts.append(f'<p class="text">{_prose(op["description"])}</p>')
     if "security" in op:
         anonymous = any(not requirement for requirement in op["security"])
         parts.append(
@@ -96,7 +97,7 @@ def _operation(document: Spec, path: str, method: str, op: Spec, shared: list[Sp
             f"<tr><td><code>{_e(p['name'])}</code></td><td>{_e(p['in'])}</td>"
             f"<td>{'yes' if p.get('required') else 'no'}</td>"
             f"<td><code>{_e(json.dumps(p.get('schema', {})))}</code></td>"
-            f"<td>{_e(p.get('description', ''))}</td></tr>"
+            f"<td>{_prose(p.get('description', ''))}</td></tr>"
             for p in parameters
         )
         parts.append("</table>")
@@ -110,7 +111,7 @@ def _operation(document: Spec, path: str, method: str, op: Spec, shared: list[Sp
         response = _resolve(document, node)
         media = ", ".join(response.get("content", {})) or "—"
         parts.append(
-            f"<tr><td>{_e(status)}</td><td>{_e(response.get('description', ''))}</td>"
+            f"<tr><td>{_e(status)}</td><td>{_prose(response.get('description', ''))}</td>"
             f"<td><code>{_e(media)}</code></td></tr>"
         )
     parts.append("</table></section>")
@@ -135,3 +136,12 @@ def _json(value: Any) -> str:
 
 def _e(value: Any) -> str:
     return escape(str(value), quote=True)
+
+
+_INLINE_CODE = re.compile(r"`([^`\n]+)`")
+
+
+def _prose(value: Any) -> str:
+    """Escaped text whose Markdown `code spans` become <code> elements (all the markup the
+    descriptions use); escaping first means nothing inside a span can form a tag."""
+    return _INLINE_CODE.sub(r"<code>\1</code>", _e(value))

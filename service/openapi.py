@@ -17,7 +17,7 @@ from . import resources as r
 from .auth import AccessPolicy, access_policy
 from .envelope import EVENT_ID_PATTERN as EVENT_ID_PATTERN_TEXT
 from .envelope import GAP_EVENT
-from .sessions import SESSION_ID_PATTERN
+from .sessions import SESSION_ID_BITS, SESSION_ID_LENGTH, SESSION_ID_PATTERN
 from .settings import Settings
 from .submission import EVENT_NAME_PATTERN, MAX_BATCH_EVENTS
 
@@ -85,8 +85,8 @@ unguessable session id. The session API (`/sse/sessions/...`) needs a bearer tok
 
 Every error is JSON: `{"error": "<stable code>", "detail": "<text for people>"}`. Each response
 carries an `X-Request-Id` header (a request may send its own, up to 64 printable characters)
-that the worker's log line for the error also names; SSE streams are the exception, as their
-headers go out before a request id is useful.
+that the worker's log line for the error also names; SSE streams carry it too, in the headers
+sent before the first event.
 
 Event ids are positions in the session's log, `<milliseconds>-<sequence>`, strictly increasing.
 A client resumes with `Last-Event-ID` and is replayed what it missed, as long as the log (capped,
@@ -98,13 +98,19 @@ def _get_session_id() -> Spec:
         "tags": ["stream"],
         "operationId": "getSessionId",
         "summary": "Issue a new session id",
-        "description": "A fresh, unguessable id (22 base-62 characters, 128 random bits), as "
-        "plain text. It lives for the session TTL; a fresh connect renews it.",
+        "description": f"A fresh, unguessable id ({SESSION_ID_LENGTH} base-62 characters, "
+        f"{SESSION_ID_BITS} random bits), as plain text. It lives for the session TTL; a fresh "
+        "connect renews it.",
         "responses": {
             "200": {
                 "description": "The new session id.",
                 "content": {
-                    "text/plain": {"schema": {"type": "string", "pattern": "^[0-9A-Za-z]{22}$"}}
+                    "text/plain": {
+                        "schema": {
+                            "type": "string",
+                            "pattern": f"^[0-9A-Za-z]{{{SESSION_ID_LENGTH}}}$",
+                        }
+                    }
                 },
             },
             "503": _ref("responses", "Unavailable"),
@@ -164,6 +170,7 @@ def _connect(settings: Settings) -> Spec:
                 "optional `event:` name and `data:` lines. Named events of the service itself: "
                 "`finish` (last event of the session) and `gap` (data: the resume point, whose "
                 "successors are no longer all in the log).",
+                "headers": {"X-Request-Id": _ref("headers", "RequestId")},
                 "content": {"text/event-stream": {"schema": _ref("schemas", "StreamEvent")}},
             },
             "204": {
@@ -423,6 +430,12 @@ def _components(settings: Settings) -> Spec:
             }
         },
         "headers": {
+            "RequestId": {
+                "description": "The request's id, taken from the request or generated; the "
+                "worker's log lines for the request name it.",
+                "required": True,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+            },
             "RetryAfter": {
                 "description": "Seconds to wait before retrying.",
                 "required": True,

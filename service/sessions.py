@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -12,8 +13,9 @@ from .envelope import Delivery, decode_log_entry
 from .keys import Keys
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-# 22 independent base-62 digits from the system CSPRNG: 22 * log2(62) = 131 bits.
+# 22 independent base-62 digits from the system CSPRNG: 22 * log2(62) = 130.99 bits.
 SESSION_ID_LENGTH = 22
+SESSION_ID_BITS = round(SESSION_ID_LENGTH * math.log2(len(BASE62)))
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 REPLAY_PAGE = 500
 

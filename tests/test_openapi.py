@@ -9,6 +9,8 @@ live 0.1 s, so every stream it opens ends on its own within that.
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +25,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from service.app import create_app
 from service.docs_page import render_document
 from service.openapi import build_document
+from service.sessions import BASE62, new_session_id
 from service.settings import Settings, build_settings
 
 from conftest import MakeSettings, StartClient
@@ -92,6 +95,42 @@ async def test_docs_page_escapes_the_document() -> None:
     page = render_document(hostile)
     assert "<img" not in page
     assert "&lt;img src=x onerror=1&gt;" in page
+
+
+async def test_docs_page_renders_code_spans_and_keeps_them_escaped() -> None:
+    page = render_document(build_document(build_settings({})))
+    assert "<code>finish</code>" in page
+    prose = re.sub(r"<pre>.*?</pre>", "", page, flags=re.S)  # schemas are shown as JSON
+    assert "`" not in prose
+    document = build_document(build_settings({}))
+    hostile = {**document, "info": {**document["info"], "summary": "see `<b>x</b>` & `a`"}}
+    assert "<p>see <code>&lt;b&gt;x&lt;/b&gt;</code> &amp; <code>a</code></p>" in (
+        render_document(hostile)
+    )
+
+
+def test_document_states_the_id_entropy_the_code_has() -> None:
+    operation = build_document(build_settings({}))["paths"]["/sse/getSessionId"]["get"]
+    bits = len(new_session_id()) * math.log2(len(BASE62))
+    assert f"{round(bits)} random bits" in operation["description"]
+    pattern = operation["responses"]["200"]["content"]["text/plain"]["schema"]["pattern"]
+    assert all(re.fullmatch(pattern, new_session_id()) for _ in range(100))
+
+
+async def test_streams_carry_the_request_id_the_document_promises(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: Any
+) -> None:
+    document = build_document(make_settings())
+    stream_ok = document["paths"]["/sse/connect"]["get"]["responses"]["200"]
+    assert "X-Request-Id" in stream_ok["headers"]
+    assert "streams carry it too" in document["info"]["description"]
+    client = await start_client(make_settings(demo_runs=False, session_ttl_s=0.2), fake_opener)
+    response = await client.get(
+        "/sse/connect", params={"sessionId": "abc"}, headers={"X-Request-Id": "trace-42"}
+    )
+    assert response.status == 200
+    assert response.headers["X-Request-Id"] == "trace-42"
+    await response.read()
 
 
 class LiveServer:
