@@ -10,6 +10,7 @@ rewrite.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from .errors import EventTooLarge, InvalidEvent, MalformedJson
 
 MAX_BATCH_EVENTS = 100
 EVENT_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+# Checked with fullmatch: `$` alone also matches before a final newline.
 _EVENT_NAME = re.compile(EVENT_NAME_PATTERN)
 _FIELDS = frozenset({"event", "data", "id"})
 
@@ -50,7 +52,9 @@ def serialize_data(value: Any) -> str:
 
 def _load_json(body: bytes) -> Any:
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
+        return json.loads(
+            body.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float
+        )
     except UnicodeDecodeError:
         raise MalformedJson("the body is not valid UTF-8") from None
     except RecursionError:
@@ -62,6 +66,15 @@ def _load_json(body: bytes) -> Any:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    # Python reads 1e999 as infinity, which JSON cannot express: refuse it here, not when the
+    # data is written back out.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:32]} is out of range")
+    return value
 
 
 def _submission(item: Any, max_event_bytes: int, where: str) -> Submission:
@@ -78,7 +91,7 @@ def _submission(item: Any, max_event_bytes: int, where: str) -> Submission:
     if "data" not in item:
         raise InvalidEvent(f"event{where} lacks 'data'")
     event = item.get("event", "")
-    if "event" in item and not (isinstance(event, str) and _EVENT_NAME.match(event)):
+    if "event" in item and not (isinstance(event, str) and _EVENT_NAME.fullmatch(event)):
         raise InvalidEvent(
             f"event{where}: 'event' must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', ':' "
             "or '-' (omit it for an unnamed event)"

@@ -67,6 +67,9 @@ def test_serialized_data_counts_towards_the_limit() -> None:
         {"data": "x", "event": ""},
         {"data": "x", "event": "two words"},
         {"data": "x", "event": "line\nbreak"},
+        {"data": "x", "event": "x\n"},  # `$` alone would match before the final newline
+        {"data": "x", "event": "x\r"},
+        [{"data": "x", "event": "ok"}, {"data": "y", "event": "trailing\n"}],
         {"data": "x", "event": "nul\u0000"},
         {"data": "x", "event": "x" * 65},
         {"data": "x", "event": None},
@@ -91,7 +94,8 @@ def test_lone_surrogate_in_data_is_refused() -> None:
 @pytest.mark.parametrize(
     "body",
     [b"", b"{", b"\xff\xfe", b'{"data": NaN}', b'{"data": Infinity}', b"[" * 100_000,
-     b'{"data": ' + b"9" * 5000 + b"}"],
+     b'{"data": ' + b"9" * 5000 + b"}", b'{"data": 1e999}', b'{"data": -1e999}',
+     b'{"data": {"nested": [1, 2e400]}}', b'[{"data": 1}, {"data": 1E+309}]'],
 )
 def test_malformed_json_is_refused(body: bytes) -> None:
     with pytest.raises(MalformedJson):
