@@ -10,13 +10,13 @@ import os
 import sys
 from pathlib import Path
 
-from aiohttp import web
 from redis.exceptions import RedisError
 
 from .app import create_app
 from .logs import configure_logging
 from .loops import new_event_loop
 from .producer_main import require_shared_redis, run_producer
+from .serving import run_worker
 from .settings import Settings, SettingsError, load_settings
 from .startup import StartupError, bind_sockets, serving_line
 
@@ -81,18 +81,16 @@ def _serve(settings: Settings) -> None:
         for sock in sockets:
             sock.close()
         raise
-    web.run_app(
+    run_worker(
         create_app(settings),
         loop=loop,
-        sock=sockets,
-        handler_cancellation=True,
-        shutdown_timeout=settings.drain_timeout_s,
+        sockets=sockets,
         # aiohttp's default of 128 pending connections overflows when thousands of clients
         # reconnect at once after another worker drains; the kernel caps it at somaxconn.
         backlog=LISTEN_BACKLOG,
-        access_log=None,
-        # Called once every socket accepts connections: our one start-up line, not aiohttp's.
-        print=lambda _banner: log.info(serving_line(settings, sockets, loop)),
+        shutdown_timeout_s=settings.drain_timeout_s,
+        # Called once every socket accepts connections: our one start-up line.
+        on_serving=lambda: log.info(serving_line(settings, sockets, loop)),
     )
 
 

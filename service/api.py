@@ -13,6 +13,7 @@ from aiohttp import web
 
 from . import resources as r
 from .auth import authorize
+from .bodies import decode_body
 from .envelope import FINISH_EVENT
 from .errors import InvalidParameter, SessionNotFound, UnsupportedMediaType
 from .sessions import is_valid_session_id
@@ -32,7 +33,10 @@ async def publish_events(request: web.Request) -> web.Response:
     session_id = _session_id(request)
     if request.content_type != JSON_TYPE:
         raise UnsupportedMediaType(f"the body must be {JSON_TYPE}")
-    submissions, batch = parse_body(await request.read(), settings.max_event_bytes)
+    decoded = decode_body(
+        await request.read(), request.headers.get("Content-Encoding", ""), settings.max_body_bytes
+    )
+    submissions, batch = parse_body(decoded, settings.max_event_bytes)
     if settings.require_issued_session and not await _session_exists(request, session_id):
         raise SessionNotFound(f"session {session_id!r} was not issued or has expired")
     publisher = request.app[r.publisher_key]

@@ -12,6 +12,7 @@ from .admission import Admission
 from .connections import RedisOpener, open_redis
 from .errors import error_middleware
 from .keys import Keys
+from .protocol import handler_args
 from .settings import Settings
 
 
@@ -23,6 +24,7 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
     app = web.Application(
         middlewares=[access_log_middleware, error_middleware],
         client_max_size=settings.max_body_bytes,
+        handler_args=handler_args(),
     )
     app[r.settings_key] = settings
     app[r.redis_opener_key] = open_client

@@ -7,6 +7,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    ContentLengthError,
+    PayloadEncodingError,
+    TransferEncodingError,
+)
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,12 @@ class MalformedJson(ServiceError):
     """The request body is not valid UTF-8 JSON."""
 
     code = "malformed_json"
+
+
+class MalformedBody(ServiceError):
+    """The request body cannot be read or decoded (broken chunked framing, bad compression)."""
+
+    code = "malformed_body"
 
 
 class InvalidEvent(ServiceError):
@@ -136,7 +147,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     request_id = request_id_of(request)
     try:
         response = await handler(request)
-    except ServiceError as error:
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        response = _http_error_response(request, error, request_id)
+    except Exception as error:
+        response = _error_response(request, error, request_id)
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+def _error_response(request: web.Request, error: Exception, request_id: str) -> web.Response:
+    if isinstance(error, web.RequestPayloadError | PayloadEncodingError):
+        error = MalformedBody(body_fault(error))
+    if isinstance(error, ServiceError):
         log.info(
             "%s %s -> %d %s: %s [request %s]",
             request.method,
@@ -146,8 +171,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             error.detail,
             request_id,
         )
-        response = error_response(error.status, error.code, error.detail, error.headers)
-    except RedisError as error:
+        return error_response(error.status, error.code, error.detail, error.headers)
+    if isinstance(error, RedisError):
         log.warning(
             "%s %s -> 503, redis unavailable: %s [request %s]",
             request.method,
@@ -155,37 +180,43 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             error,
             request_id,
         )
-        response = error_response(
+        return error_response(
             503, Unavailable.code, "storage is unavailable, retry shortly", {"Retry-After": "1"}
         )
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        code = _HTTP_CODES.get(error.status, "http_error")
-        log.info(
-            "%s %s -> %d %s [request %s]",
-            request.method,
-            request.path,
-            error.status,
-            code,
-            request_id,
-        )
-        response = error_response(
-            error.status,
-            code,
-            _http_detail(error),
-            {k: v for k, v in error.headers.items() if k == "Allow"},
-        )
-    except Exception:
-        log.exception(
-            "unhandled error in %s %s [request %s]", request.method, request.path, request_id
-        )
-        response = error_response(
-            500, "internal_error", f"internal error; quote request id {request_id}"
-        )
-    if not response.prepared:
-        response.headers[REQUEST_ID_HEADER] = request_id
-    return response
+    log.error(
+        "unhandled error in %s %s [request %s]",
+        request.method,
+        request.path,
+        request_id,
+        exc_info=error,
+    )
+    return error_response(500, "internal_error", f"internal error; quote request id {request_id}")
+
+
+def _http_error_response(
+    request: web.Request, error: web.HTTPException, request_id: str
+) -> web.Response:
+    code = _HTTP_CODES.get(error.status, "http_error")
+    log.info(
+        "%s %s -> %d %s [request %s]", request.method, request.path, error.status, code, request_id
+    )
+    headers = {k: v for k, v in error.headers.items() if k in _KEPT_HTTP_HEADERS}
+    return error_response(error.status, code, _http_detail(error), headers)
+
+
+# Headers of aiohttp's HTTP errors that mean something to the client (405's methods).
+_KEPT_HTTP_HEADERS = frozenset({"Allow"})
+
+
+def body_fault(error: Exception) -> str:
+    """Why a body could not be read, in words that never quote the bytes that were sent."""
+    # aiohttp's C parser wraps the parser's error in RequestPayloadError; its Python one not.
+    cause = error.__cause__ if isinstance(error, web.RequestPayloadError) else error
+    if isinstance(cause, TransferEncodingError):
+        return "the body's chunked transfer encoding is malformed"
+    if isinstance(cause, ContentLengthError):
+        return "the body ended before its declared Content-Length"
+    return "the body could not be read"
 
 
 def _http_detail(error: web.HTTPException) -> str:

@@ -249,18 +249,33 @@ def _publish(settings: Settings) -> Spec:
                     }
                 },
             },
-            "400": _error("`invalid_parameter`: malformed `sessionId`; `malformed_json`: the "
-                          "body is not UTF-8 JSON; `invalid_event`: wrong shape, an unknown "
-                          "field, a client-chosen `id`, a bad event name, or a batch size "
-                          f"outside 1-{MAX_BATCH_EVENTS}."),
+            "400": _error("`invalid_parameter`: malformed `sessionId`; `malformed_body`: the body "
+                          "cannot be read or decoded with its `Content-Encoding`; "
+                          "`malformed_json`: the body is not UTF-8 JSON, or holds a number out "
+                          "of range; `invalid_event`: wrong shape, an unknown field, a "
+                          "client-chosen `id`, a bad event name, or a batch size "
+                          f"outside 1-{MAX_BATCH_EVENTS}. A bad batch publishes nothing."),
             **_auth_errors(),
             "404": _error("`session_not_found` (only with `require_issued_session`)."),
             "413": _error(
-                f"`payload_too_large`: the body exceeds {settings.max_body_bytes} bytes; "
+                f"`payload_too_large`: the body exceeds {settings.max_body_bytes} bytes (also "
+                "once decoded); "
                 f"`event_too_large`: an event's data exceeds {settings.max_event_bytes} bytes "
                 "(UTF-8, after serializing non-string data)."
             ),
-            "415": _error("`unsupported_media_type`: the body is not `application/json`."),
+            "415": {
+                **_error(
+                    "`unsupported_media_type`: the body is not `application/json`, or its "
+                    "`Content-Encoding` is not `gzip` or `deflate` (then `Accept-Encoding` "
+                    "lists those)."
+                ),
+                "headers": {
+                    "Accept-Encoding": {
+                        "description": "Sent when the `Content-Encoding` was the problem.",
+                        "schema": {"type": "string"},
+                    }
+                },
+            },
             "503": _ref("responses", "Unavailable"),
         },
     }
