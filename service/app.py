@@ -55,8 +55,10 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
         },
     )
     routes = [
-        web.get("/sse/getSessionId", handlers.get_session_id),
-        web.get("/sse/connect", handlers.connect),
+        # No HEAD on these: answering one would issue a session or start a run, and a stream's
+        # direct socket writes would put a body after the head (see stream.py): 405 instead.
+        web.get("/sse/getSessionId", handlers.get_session_id, allow_head=False),
+        web.get("/sse/connect", handlers.connect, allow_head=False),
         web.get("/", handlers.index),
         web.get(r"/{name:app\.js|style\.css}", handlers.web_asset),
         web.get("/healthz", handlers.healthz),

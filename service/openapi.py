@@ -52,8 +52,8 @@ def build_document(settings: Settings) -> Spec:
             {"name": "operations", "description": "Health probes, this description, the demo."},
         ],
         "paths": {
-            "/sse/getSessionId": {"get": _get_session_id()},
-            "/sse/connect": {"get": _connect(settings)},
+            "/sse/getSessionId": {"get": _get_session_id(), "head": _head_refused("issue")},
+            "/sse/connect": {"get": _connect(settings), "head": _head_refused("connect")},
             "/sse/sessions/{sessionId}": {
                 "parameters": [_ref("parameters", "SessionIdPath")],
                 "get": _session_status(settings),
@@ -189,6 +189,28 @@ def _connect(settings: Settings) -> Spec:
                 "the worker is shutting down.",
                 retry_after=True,
             ),
+        },
+    }
+
+
+def _head_refused(operation: str) -> Spec:
+    return {
+        "tags": ["stream"],
+        "operationId": f"{operation}Head",
+        "summary": "HEAD is refused",
+        "description": "Answering HEAD would have the side effects of GET (a stored session, "
+        "a demo run) for a response without a body, so it is refused before any handler runs.",
+        "responses": {
+            "405": {
+                "description": "`method_not_allowed` (no body, as for any HEAD).",
+                "headers": {
+                    "Allow": {
+                        "description": "The methods the path accepts.",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": "GET"},
+                    }
+                },
+            }
         },
     }
 
