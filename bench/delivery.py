@@ -1,11 +1,13 @@
 """Fan-out 1:1 (one stream per session) and broadcast 1:N (every stream on one session).
 
-Events are published through the service's own publish path (the script calls a
-`Publisher` makes: log append plus PUBLISH in one Lua script), so both targets receive
-exactly the same Redis traffic. The publisher runs in a process of its own
-(`bench/publish.py`), so its work is neither on the receivers' event loop nor in their CPU
-figure. Each session's events are published in order by one lane; lanes run concurrently,
-pipelined, paced to the offered rate (0 = as fast as they can go).
+Events go through each contestant's own publish path: the service's (the script calls a
+`Publisher` makes: log append plus PUBLISH in one Lua script) for sse-fanout and the naive
+baseline, which therefore receive exactly the same Redis traffic; nchan's HTTP publisher
+endpoint for nchan. The publisher runs in a process of its own (`bench/publish.py`), so its
+work is neither on the receivers' event loop nor in the server's CPU figure; whatever the
+publish path costs the server or its Redis is. Each session's events are published in order
+by one lane; lanes run concurrently, pipelined, paced to the offered rate (0 = as fast as
+they can go).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import redis.asyncio as redis
 from .progress import Progress
 from .publish import Plan, PublisherProcess, publisher_process
 from .sse_client import close_all, open_many
-from .stack import Worker, cpu_s, redis_cpu_s, wait_quiet
+from .stack import Worker, redis_cpu_s, wait_quiet
 from .tally import Tally
 
 DRAIN_TIMEOUT_S = 15.0
@@ -48,8 +50,15 @@ async def run_step(
     event count) does not weigh on the per-event figures of short steps.
     """
     session_ids = [secrets.token_hex(8) for _ in range(step.sessions)]
-    measured = Plan(redis_url, session_ids, step.events - 1, step.rate, finish_last=False)
-    closing = Plan(redis_url, session_ids, 1, step.rate, first_seq=step.events - 1)
+    wire, port = worker.publish_wire, worker.port
+    measured = Plan(
+        redis_url, session_ids, step.events - 1, step.rate, wire=wire, http_port=port,
+        finish_last=False,
+    )  # fmt: skip
+    closing = Plan(
+        redis_url, session_ids, 1, step.rate, wire=wire, http_port=port,
+        first_seq=step.events - 1,
+    )  # fmt: skip
     async with publisher_process(measured) as publisher:
         return await _measure(
             step, worker, client, progress,
@@ -68,9 +77,7 @@ async def _measure(
     closing: Plan,
 ) -> dict[str, Any]:
     paths = [
-        f"/sse/connect?sessionId={sid}"
-        for sid in session_ids
-        for _ in range(step.streams_per_session)
+        worker.stream_path(sid) for sid in session_ids for _ in range(step.streams_per_session)
     ]
     streams_total = len(paths)
     tally = Tally(streams_total, step.events)
@@ -91,8 +98,8 @@ async def _measure(
         result["failure"] = opened.failure
     tally.expect_streams(len(opened.streams))
     await publisher.ready()
-    await wait_quiet(worker.pid)
-    cpu_before = cpu_s(worker.pid)
+    await wait_quiet(worker)
+    cpu_before = worker.cpu_s()
     generator_cpu_before = time.process_time()
     redis_cpu_before = await redis_cpu_s(client)
     started_ns = time.monotonic_ns()
@@ -104,7 +111,7 @@ async def _measure(
             await tally.until_received(len(opened.streams) * (step.events - 1))
     except TimeoutError:
         result["drain_timeout"] = True
-    worker_cpu = cpu_s(worker.pid) - cpu_before
+    worker_cpu = worker.cpu_s() - cpu_before
     generator_cpu = time.process_time() - generator_cpu_before
     redis_cpu = await redis_cpu_s(client) - redis_cpu_before
     deliveries = tally.received
@@ -124,6 +131,12 @@ async def _measure(
         # Deliveries per second of worker CPU: what one core could deliver, whoever else
         # (generator, publisher, Redis) shared the machine during the step.
         worker_capacity_per_s=round(deliveries / worker_cpu, 1) if worker_cpu > 0 else 0.0,
+        # The server and, when its design includes one, its Redis: what the whole
+        # deployment spends per 1,000 events, wherever its publish path does its work.
+        server_redis_cpu_ms_per_1000=round(
+            (worker_cpu + (redis_cpu if worker.uses_redis else 0.0)) * 1e6 / max(1, deliveries),
+            2,
+        ),
         # Where the machine's CPU went while events flowed: who was the bottleneck.
         generator_cpu_s=round(generator_cpu, 3),
         publisher_cpu_s=round(sent.cpu_s, 3),

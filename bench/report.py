@@ -1,37 +1,42 @@
-"""Results out: a table per scenario, service-to-baseline ratios, JSON, and the latency plot."""
+"""Results out: a table per scenario, ratios to nchan and the naive design, JSON, a plot."""
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from .stack import NAIVE, SERVICE
+from .stack import CONTESTANTS, NAIVE, NCHAN_MEMORY, NCHAN_REDIS, SERVICE
 
 Result = dict[str, Any]
 
 COLUMNS = {
+    "churn": [
+        "target", "repeat", "clients", "cycles", "cycles_per_s", "cycle_p50_ms", "cycle_p99_ms",
+        "failures", "missing", "worker_cpu_ms_per_cycle", "server_redis_cpu_ms_per_cycle",
+        "publish_server_redis_cpu_ms_per_event", "server_core_share", "generator_core_share",
+    ],
     "capacity": [
-        "target", "connections", "held", "connect_failures", "connect_retries",
-        "worker_kib_per_stream",
-        "worker_rss_after_mib", "worker_redis_connections", "redis_kib_per_stream",
-        "connects_per_s",
+        "target", "repeat", "connections", "held", "connect_failures", "connect_retries",
+        "worker_pss_kib_per_stream", "worker_kib_per_stream", "worker_pss_after_mib",
+        "worker_redis_connections", "redis_kib_per_stream", "connects_per_s",
     ],
     "fanout": [
-        "target", "connections", "offered_rate", "deliveries_per_s", "p50_ms", "p99_ms",
-        "max_ms", "lost", "reordered", "worker_cpu_us_per_delivery", "worker_capacity_per_s",
-        "connect_failures",
+        "target", "repeat", "connections", "offered_rate", "deliveries_per_s", "p50_ms",
+        "p99_ms", "max_ms", "lost", "reordered", "worker_cpu_us_per_delivery",
+        "server_redis_cpu_ms_per_1000", "worker_capacity_per_s", "connect_failures",
     ],
     "broadcast": [
-        "target", "connections", "offered_rate", "deliveries_per_s", "p50_ms", "p99_ms",
-        "last_receiver_p99_ms", "lost", "reordered", "worker_cpu_us_per_delivery",
-        "worker_capacity_per_s", "connect_failures",
+        "target", "repeat", "connections", "offered_rate", "deliveries_per_s", "p50_ms",
+        "p99_ms", "last_receiver_p99_ms", "lost", "reordered", "worker_cpu_us_per_delivery",
+        "server_redis_cpu_ms_per_1000", "worker_capacity_per_s", "connect_failures",
     ],
     "seed": [
-        "target", "sessions", "concurrency", "complete", "out_of_order", "sessions_per_s",
-        "session_p50_ms", "session_p99_ms", "worker_cpu_ms_per_session",
+        "target", "repeat", "sessions", "concurrency", "complete", "out_of_order",
+        "sessions_per_s", "session_p50_ms", "session_p99_ms", "worker_cpu_ms_per_session",
     ],
 }  # fmt: skip
 
@@ -48,10 +53,12 @@ def _cell(value: Any) -> str:
 
 def print_tables(results: list[Result], use_rich: bool) -> None:
     """One table per scenario, in the order the scenarios ran."""
-    for scenario, columns in COLUMNS.items():
+    repeated = len({r.get("repeat", 0) for r in results}) > 1
+    for scenario, all_columns in COLUMNS.items():
         rows = [r for r in results if r["scenario"] == scenario]
         if not rows:
             continue
+        columns = [c for c in all_columns if repeated or c != "repeat"]
         cells = [
             [_cell(r.get(c, "") if c != "offered_rate" else r[c] or "max") for c in columns]
             for r in rows
@@ -59,10 +66,8 @@ def print_tables(results: list[Result], use_rich: bool) -> None:
         _print_table(scenario, columns, cells, use_rich)
         for r in rows:
             if r.get("failure"):
-                print(
-                    f"  {r['target']} C={r.get('connections', r.get('sessions'))}: "
-                    f"first failure: {r['failure']}"
-                )
+                step = _step_label(scenario, [r.get(k) for k in STEP_KEYS[scenario]])
+                print(f"  {r['target']} {step}: first failure: {r['failure']}")
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[str]], use_rich: bool) -> None:
@@ -107,67 +112,96 @@ def sustained_rate(results: list[Result], scenario: str, target: str) -> float:
 
 def _fanout_of(result: Result) -> int:
     """Deliveries per published event: the streams on each session."""
-    return max(1, result["connections"] // max(1, result["sessions"]))
+    return max(1, int(result["connections"]) // max(1, int(result["sessions"])))
+
+
+# Per scenario: what identifies a step, and the figures compared between contestants.
+STEP_KEYS = {
+    "churn": ("clients",),
+    "capacity": ("connections",),
+    "fanout": ("connections", "offered_rate"),
+    "broadcast": ("connections", "offered_rate"),
+    "seed": ("sessions",),
+}
+COMPARED = {
+    "churn": ("cycles_per_s", "worker_cpu_ms_per_cycle", "server_redis_cpu_ms_per_cycle"),
+    "capacity": ("worker_pss_kib_per_stream",),
+    "fanout": ("deliveries_per_s", "worker_cpu_us_per_delivery", "server_redis_cpu_ms_per_1000"),
+    "broadcast": (
+        "deliveries_per_s", "worker_cpu_us_per_delivery", "server_redis_cpu_ms_per_1000",
+    ),
+    "seed": ("sessions_per_s", "worker_cpu_ms_per_session"),
+}  # fmt: skip
+REFERENCES = (NCHAN_MEMORY, NCHAN_REDIS, NAIVE)
+
+
+def median_steps(results: list[Result]) -> dict[tuple[Any, ...], Result]:
+    """Each (scenario, step, contestant) once: compared figures are medians over repeats."""
+    grouped: dict[tuple[Any, ...], list[Result]] = {}
+    for r in results:
+        key = (r["scenario"], *(r.get(k) for k in STEP_KEYS[r["scenario"]]), r["target"])
+        grouped.setdefault(key, []).append(r)
+    out = {}
+    for key, rows in grouped.items():
+        merged = dict(rows[0])
+        for name in COMPARED[rows[0]["scenario"]]:
+            values = [float(r[name]) for r in rows if name in r]
+            if values:
+                merged[name] = statistics.median(values)
+        out[key] = merged
+    return out
 
 
 def ratios(results: list[Result]) -> dict[str, float]:
-    """Service-to-baseline ratios of matching steps measured in this run."""
+    """Every contestant's figures divided by nchan's and the naive design's, step by step.
+
+    Names read `<scenario> <step>: <figure>: <contestant>/<reference>`.
+    """
+    steps = median_steps(results)
     out: dict[str, float] = {}
-
-    def pairs(scenario: str, key: str) -> list[tuple[Result, Result]]:
-        rows = [r for r in results if r["scenario"] == scenario]
-        mine = {r[key]: r for r in rows if r["target"] == SERVICE}
-        theirs = {r[key]: r for r in rows if r["target"] == NAIVE}
-        return [(mine[k], theirs[k]) for k in mine if k in theirs]
-
-    for ours, naive in pairs("capacity", "connections"):
-        if naive["held"] and ours["worker_kib_per_stream"] > 0:
-            out[f"capacity C={ours['connections']}: naive/service KiB per stream"] = round(
-                naive["worker_kib_per_stream"] / ours["worker_kib_per_stream"], 2
-            )
-    for scenario in ("fanout", "broadcast"):
-        for ours, naive in pairs(scenario, "offered_rate"):
-            out.update(
-                _delivery_ratios(f"{scenario} rate={ours['offered_rate'] or 'max'}", ours, naive)
-            )
-    for scenario in ("fanout", "broadcast"):
-        sustained = {
-            target: sustained_rate(results, scenario, target) for target in (SERVICE, NAIVE)
-        }
-        if sustained[SERVICE] and sustained[NAIVE]:
-            out[f"{scenario}: service/naive events/s sustained at p99 < {SLO_P99_MS:g} ms"] = (
-                round(sustained[SERVICE] / sustained[NAIVE], 2)
-            )
-    for ours, naive in pairs("seed", "sessions"):
-        if naive["sessions_per_s"]:
-            out["seed: service/naive sessions/s"] = round(
-                ours["sessions_per_s"] / naive["sessions_per_s"], 2
-            )
+    for (scenario, *step, target), row in steps.items():
+        label = _step_label(scenario, step)
+        for reference in REFERENCES:
+            theirs = steps.get((scenario, *step, reference))
+            if reference == target or theirs is None:
+                continue
+            for name in COMPARED[scenario]:
+                if theirs.get(name) and name in row:
+                    out[f"{label}: {name}: {target}/{reference}"] = round(
+                        row[name] / theirs[name], 2
+                    )
     return out
 
 
-def _delivery_ratios(step: str, ours: Result, naive: Result) -> dict[str, float]:
+def _step_label(scenario: str, step: list[Any]) -> str:
+    parts = [
+        f"{key}={'max' if key == 'offered_rate' and not value else _cell(value)}"
+        for key, value in zip(STEP_KEYS[scenario], step, strict=True)
+    ]
+    return f"{scenario} {' '.join(parts)}"
+
+
+def sustained_ratios(results: list[Result]) -> dict[str, float]:
+    """Events/s each contestant sustained at p99 under the bound, over nchan's and naive's."""
     out: dict[str, float] = {}
-    if naive["deliveries_per_s"]:
-        out[f"{step}: service/naive deliveries/s"] = round(
-            ours["deliveries_per_s"] / naive["deliveries_per_s"], 2
-        )
-    if ours["worker_cpu_us_per_delivery"]:
-        out[f"{step}: naive/service CPU per delivery"] = round(
-            naive["worker_cpu_us_per_delivery"] / ours["worker_cpu_us_per_delivery"], 2
-        )
-    # Deliveries per worker CPU second: what each design could deliver on a core of its own.
-    if naive.get("worker_capacity_per_s"):
-        out[f"{step}: service/naive worker capacity"] = round(
-            ours["worker_capacity_per_s"] / naive["worker_capacity_per_s"], 2
-        )
+    for scenario in ("fanout", "broadcast"):
+        sustained = {t: sustained_rate(results, scenario, t) for t in CONTESTANTS}
+        for target, value in sustained.items():
+            for reference in REFERENCES:
+                if reference != target and value and sustained[reference]:
+                    out[
+                        f"{scenario}: events/s sustained at p99 < {SLO_P99_MS:g} ms: "
+                        f"{target}/{reference}"
+                    ] = round(value / sustained[reference], 2)
     return out
 
 
-def print_ratios(values: dict[str, float]) -> None:
-    if values:
-        print("\nratios (same run):")
-        for name, value in values.items():
+def print_ratios(values: dict[str, float], target: str = SERVICE) -> None:
+    """The ratios of one contestant (all of them are in the JSON)."""
+    shown = {name: value for name, value in values.items() if f": {target}/" in name}
+    if shown:
+        print(f"\n{target}'s ratios (same run; all contestants' in --json):")
+        for name, value in shown.items():
             print(f"  {name}: {value}x")
 
 
@@ -192,7 +226,8 @@ def plot(results: list[Result], path: Path) -> bool:
     for axis, scenario in zip(
         [axes] if len(scenarios) == 1 else list(axes), scenarios, strict=True
     ):
-        for target, colour in ((SERVICE, "tab:blue"), (NAIVE, "tab:red")):
+        colours = ("tab:blue", "tab:green", "tab:olive", "tab:red")
+        for target, colour in zip(CONTESTANTS, colours, strict=True):
             rows = sorted(
                 (r for r in results if r["scenario"] == scenario and r["target"] == target),
                 key=lambda r: r["deliveries_per_s"],

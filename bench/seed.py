@@ -8,8 +8,8 @@ from typing import Any
 
 from .progress import Progress
 from .sse_client import SSEStream, fetch, open_stream
-from .stack import Worker, cpu_s
-from .tally import percentile_ms
+from .stack import Worker
+from .tally import id_position, percentile_ms
 
 DEMO_EVENTS = 10
 SESSION_TIMEOUT_S = 60.0
@@ -24,8 +24,7 @@ class _Session:
 
     def sink(self, stream: SSEStream, event_id: bytes, event: bytes, data: bytes) -> None:
         del stream, data
-        ms, _, n = event_id.partition(b"-")
-        self.ids.append((int(ms), int(n or 0)))
+        self.ids.append(id_position(event_id))
         if event == b"finish":
             self.finished = True
 
@@ -65,12 +64,12 @@ async def run_seed(
             durations_ns.append(time.monotonic_ns() - started)
             advance(1)
 
-    cpu_before = cpu_s(worker.pid)
+    cpu_before = worker.cpu_s()
     started = time.monotonic()
     with progress.step(f"{worker.target} seed flow x{sessions}", sessions) as bar:
         await asyncio.gather(*(client(bar.advance) for _ in range(sessions)))
     elapsed_s = time.monotonic() - started
-    worker_cpu = cpu_s(worker.pid) - cpu_before
+    worker_cpu = worker.cpu_s() - cpu_before
     durations_ns.sort()
     complete = sum(1 for s in outcomes if s.complete)
     result: dict[str, Any] = {

@@ -160,13 +160,18 @@ class PlainResponse:
     body: bytes
 
 
-async def fetch(port: int, path: str, timeout_s: float = 10.0) -> PlainResponse:
-    """One GET with `Connection: close`, read to the end (only for small replies)."""
+async def fetch(
+    port: int, path: str, timeout_s: float = 10.0, method: str = "GET", body: bytes = b""
+) -> PlainResponse:
+    """One request with `Connection: close`, read to the end (only for small replies)."""
     async with asyncio.timeout(timeout_s):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-            writer.write(request.encode())
+            request = (
+                f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            writer.write(request.encode() + body)
             raw = await reader.read()
         finally:
             writer.close()

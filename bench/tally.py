@@ -21,6 +21,16 @@ def event_data(seq: int, sent_ns: int | None = None) -> str:
     return f"{seq} {time.monotonic_ns() if sent_ns is None else sent_ns}"
 
 
+def id_position(event_id: bytes) -> tuple[int, int]:
+    """An SSE id as a comparable position; ValueError if it is neither form below.
+
+    The service's ids are Redis stream entry ids, `<ms>-<seq>`; nchan's are `<s>:<seq>`.
+    """
+    sep = b":" if b":" in event_id else b"-"
+    time_part, _, seq_part = event_id.partition(sep)
+    return int(time_part), int(seq_part or 0)
+
+
 class Tally:
     """Checks every event a stream receives: in sequence, with increasing ids, none missing.
 
@@ -71,8 +81,7 @@ class Tally:
         else:
             self.skipped += seq - expected
             self._next_seq[tag] = seq + 1
-        ms, _, n = event_id.partition(b"-")
-        position = (int(ms), int(n or 0))
+        position = id_position(event_id)
         if position <= self._last_id[tag]:
             self.reordered += 1
         self._last_id[tag] = position
