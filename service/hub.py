@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -22,13 +23,17 @@ from redis.exceptions import RedisError
 
 from .chunked import http_chunk
 from .envelope import Delivery, decode_payload
-from .pubsub_link import PubSubLink
+from .pubsub_link import PubSubLink, SubscriptionRefusedError
 from .tasks import cancel_and_wait
 from .topology import topology_of
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 5.0
+# How long a channel whose slot moved keeps trying its new owner before its streams end.
+REROUTE_DEADLINE_S = 15.0
+REROUTE_BACKOFF_BASE_S = 0.05
+REROUTE_BACKOFF_CAP_S = 1.0
 
 
 class EndReason(Enum):
@@ -174,7 +179,8 @@ class Hub:
     """The worker's pub/sub connections, multiplexed over any number of local listeners.
 
     On a single Redis that is one connection. On a Redis Cluster it is one connection per
-    shard that owns a channel in use (sharded pub/sub), never one per client.
+    shard that owns a channel in use (sharded pub/sub), never one per client. When a shard
+    fails over, or a slot moves, the channels follow their slot to its new owner.
     """
 
     def __init__(
@@ -190,24 +196,27 @@ class Hub:
         self._timeout_s = timeout_s
         self._links: dict[str, PubSubLink] = {}
         self._links_lock = asyncio.Lock()
+        # Every channel in use, the control channel included (it never has listeners).
         self._channels: dict[bytes, _Channel] = {}
-        self._reroutes: set[asyncio.Task[None]] = set()
+        self._reroutes: dict[bytes, asyncio.Task[None]] = {}
+        self._rehomes: dict[str, asyncio.Task[None]] = {}
+        self._watcher: asyncio.Task[None] | None = None
         self._closing = False
         self._failed = False
         self.stats = HubStats()
 
     async def start(self) -> None:
         """Connect and subscribe the control channel, so readiness means something at once."""
-        link = await self._link_for(self._control_channel)
-        confirmed = asyncio.get_running_loop().create_future()
-        await link.subscribe(self._control_channel, confirmed)
-        await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
+        state = await self._open_channel(self._control_channel)
+        await asyncio.wait_for(asyncio.shield(state.ready), SUBSCRIBE_TIMEOUT_S)
+        if self._topology.watches_primary:
+            self._watcher = asyncio.create_task(self._watch_primary(), name="hub-watch")
 
     async def close(self) -> None:
         """End every listener, stop reading and give the connections back."""
         self._closing = True
         self._end_all(EndReason.SHUTDOWN)
-        await cancel_and_wait(self._reroutes)
+        await cancel_and_wait([self._watcher, *self._reroutes.values(), *self._rehomes.values()])
         for link in self._links.values():
             await link.close()
             await self._topology.release(link.connection)
@@ -215,7 +224,11 @@ class Hub:
 
     @property
     def connected(self) -> bool:
-        """True while every pub/sub connection is up (and the hub has not failed)."""
+        """True while every pub/sub connection is up and subscribed (and the hub has not failed).
+
+        A link whose node is unreachable keeps this false until its channels have moved to
+        a node that answers (a failed-over shard's new primary): readiness tells the truth.
+        """
         links = self._links.values()
         return bool(links) and not self._failed and all(link.connected for link in links)
 
@@ -226,7 +239,7 @@ class Hub:
     @property
     def channel_count(self) -> int:
         """Channels this worker is subscribed to for listeners (excluding the control channel)."""
-        return len(self._channels)
+        return len(self._channels) - (self._control_channel in self._channels)
 
     @property
     def link_count(self) -> int:
@@ -257,18 +270,14 @@ class Hub:
         state = self._channels.get(name) or await self._open_channel(name)
         state.listeners.add(listener)
         try:
-            if not state.ready.done():
-                try:
-                    await asyncio.wait_for(asyncio.shield(state.ready), SUBSCRIBE_TIMEOUT_S)
-                except TimeoutError:
-                    raise HubClosedError("redis did not confirm the subscription") from None
+            await _confirmed(state.ready)
             yield listener
         finally:
             await self._leave(name, state, listener)
 
     async def _open_channel(self, name: bytes) -> _Channel:
         link = await self._link_for(name)
-        if not link.connected:
+        if not link.up:
             raise HubClosedError(f"pub/sub link {link.name} is reconnecting to redis")
         existing = self._channels.get(name)
         if existing is not None:  # another listener opened it while we waited for the link
@@ -331,49 +340,167 @@ class Hub:
 
     def channels_of(self, link: PubSubLink) -> list[bytes]:
         """Channels in use routed to `link`, the control channel included."""
-        names = [name for name, state in self._channels.items() if state.link is link]
-        if self._topology.node_for(self._control_channel) == link.name:
-            names.append(self._control_channel)
-        return names
+        return [name for name, state in self._channels.items() if state.link is link]
 
-    def on_resubscribed(self, link: PubSubLink) -> None:
-        """After a reconnect, every stream on `link` replays what it may have missed."""
+    def on_resubscribed(self, link: PubSubLink, channels: Sequence[bytes]) -> None:
+        """After a reconnect, every stream of a re-subscribed channel replays what it missed."""
         self.stats.reconnects += 1
-        states = [state for state in self._channels.values() if state.link is link]
+        states = [
+            state for name in channels
+            if (state := self._channels.get(name)) is not None and state.link is link
+        ]  # fmt: skip
         log.info("pub/sub link %s re-established; %d channels resubscribed",
                  link.name, len(states))
         for state in states:
             _resync(state)
 
+    def on_refused(self, link: PubSubLink, channels: Sequence[bytes], error: str) -> None:
+        """Redis refused to subscribe `channels` here: follow a moved slot, else end streams.
+
+        A refused re-subscribe of several channels is retried one channel at a time, so
+        only the channels Redis refuses (a permission revoked, say) end their streams.
+        """
+        for name in channels:
+            state = self._channels.get(name)
+            if state is None or state.link is not link:
+                continue
+            live = state.ready.done() and state.ready.exception() is None
+            if live and (_is_redirect(error) or len(channels) > 1):
+                self._start_reroute(name, state)
+            else:
+                self._drop_channel(name, state, error)
+
     def on_dropped(self, link: PubSubLink, channel: bytes) -> None:
         """The cluster moved the channel's slot: subscribe it where it lives now."""
         state = self._channels.get(channel)
-        if state is None or state.link is not link or self._closing:
+        if state is None or state.link is not link:
             return
-        task = asyncio.create_task(self._reroute(channel, state), name="hub-reroute")
-        self._reroutes.add(task)
-        task.add_done_callback(self._reroutes.discard)
+        self._start_reroute(channel, state)
+
+    def on_unreachable(self, link: PubSubLink) -> None:
+        """A node does not answer: see whether its slots have a new owner (a failover)."""
+        if self._closing or _running(self._rehomes.get(link.name)):
+            return
+        _own_task(self._rehomes, link.name, self._rehome(link), "hub-rehome")
 
     def on_failed(self) -> None:
         """A link's reader died of a bug: end every stream rather than hang silently."""
         self._failed = True
         self._end_all(EndReason.HUB_FAILED)
 
-    async def _reroute(self, channel: bytes, state: _Channel) -> None:
+    # Following the topology: moved slots, failed-over shards, a new Sentinel primary.
+
+    def _start_reroute(self, name: bytes, state: _Channel) -> None:
+        if self._closing or _running(self._reroutes.get(name)):
+            return  # the reroute under way retries on its own
+        _own_task(self._reroutes, name, self._reroute(name, state), "hub-reroute")
+
+    async def _reroute(self, name: bytes, state: _Channel) -> None:
+        """Subscribe `name` on the node that owns its slot now; its streams then resync.
+
+        Retried while the cluster is in transition (the new owner not known or not
+        answering yet), up to REROUTE_DEADLINE_S; a refusal that is not a redirect, or the
+        deadline, ends the channel's streams.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REROUTE_DEADLINE_S
+        previous = state.link
+        attempt = 0
+        while True:
+            if self._channels.get(name) is not state:
+                return  # nobody listens any more
+            try:
+                await self._topology.refresh()
+                link = await self._link_for(name)
+                if not link.up:
+                    raise HubClosedError(f"pub/sub link {link.name} is reconnecting to redis")
+                state.link = link
+                confirmed: asyncio.Future[None] = loop.create_future()
+                await link.subscribe(name, confirmed)
+                await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
+                break
+            except (RedisError, OSError, TimeoutError, LookupError) as error:
+                attempt += 1
+                refused = isinstance(error, SubscriptionRefusedError)
+                if (refused and not _is_redirect(str(error))) or loop.time() >= deadline:
+                    self._drop_channel(name, state, f"could not subscribe: {error}")
+                    return
+                log.info("channel %r not moved yet (attempt %d): %s", name, attempt, error)
+                await asyncio.sleep(_backoff_s(attempt))
+        log.info("channel %r now on %s (was %s)", name, state.link.name, previous.name)
+        _resync(state)
+        if previous is not state.link:
+            await self._retire_if_unused(previous)
+
+    async def _rehome(self, link: PubSubLink) -> None:
+        """Move the channels of an unreachable node whose slots now belong to another node."""
         try:
             await self._topology.refresh()
-            link = await self._link_for(channel)
-            confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            state.link = link
-            await link.subscribe(channel, confirmed)
-            await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
-        except (RedisError, OSError, TimeoutError, LookupError) as error:
-            log.warning("could not move channel %r to its new shard: %s", channel, error)
-            for listener in state.listeners:
-                listener.end(EndReason.HUB_FAILED)
+        except (RedisError, OSError) as error:
+            log.info("pub/sub link %s unreachable; topology not refreshed: %s", link.name, error)
             return
-        log.info("channel %r moved to %s", channel, state.link.name)
-        _resync(state)
+        moved = [
+            (name, state) for name, state in self._channels.items()
+            if state.link is link and self._topology.node_for(name) != link.name
+        ]  # fmt: skip
+        if moved:
+            log.warning("pub/sub link %s unreachable; %d channels move to their slots' new "
+                        "owners", link.name, len(moved))
+        for name, state in moved:
+            self._start_reroute(name, state)
+        await self._retire_if_unused(link)
+
+    async def _retire_if_unused(self, link: PubSubLink) -> None:
+        """Close a link that is down and carries nothing, so readiness stops waiting for it."""
+        async with self._links_lock:
+            if (
+                self._closing
+                or link.connected
+                or self._links.get(link.name) is not link
+                or any(state.link is link for state in self._channels.values())
+            ):
+                return
+            del self._links[link.name]
+        log.info("pub/sub link %s retired: its node is down and carries no channel", link.name)
+        await link.close()
+        await self._topology.release(link.connection)
+
+    async def _watch_primary(self) -> None:
+        """Move each link whose server is no longer the primary (Sentinel failed it over).
+
+        A demoted or partitioned primary may keep a subscribed connection open, and a
+        subscribed connection cannot ask the server for its role, so the question goes to
+        the Sentinels instead, every `timeout_s`.
+        """
+        while True:
+            await asyncio.sleep(self._timeout_s)
+            for link in list(self._links.values()):
+                if not link.up:
+                    continue
+                try:
+                    problem = await self._topology.misplaced(link.connection)
+                except (RedisError, OSError) as error:
+                    log.info("could not check where the primary is: %s", error)
+                    continue
+                if problem is not None:
+                    await link.reconnect(problem)
+
+    def _drop_channel(self, name: bytes, state: _Channel, error: str) -> None:
+        """`name` cannot be subscribed: its streams end (clients reconnect), nothing hangs."""
+        if self._channels.get(name) is not state:
+            return
+        if name == self._control_channel:
+            log.error("the control channel cannot be subscribed (%s): hub failed", error)
+            self.on_failed()
+            return
+        log.warning("channel %r cannot be subscribed (%s); ending its %d streams",
+                    name, error, len(state.listeners))
+        del self._channels[name]
+        for listener in state.listeners:
+            listener.end(EndReason.HUB_FAILED)
+        if not state.ready.done():
+            state.ready.set_exception(HubClosedError(error))
+            state.ready.exception()  # marked retrieved: nobody may be waiting any more
 
     def _end_all(self, reason: EndReason) -> None:
         for state in self._channels.values():
@@ -382,6 +509,54 @@ class Hub:
             if not state.ready.done():
                 state.ready.set_exception(HubClosedError(reason.value))
                 state.ready.exception()  # marked retrieved: nobody may be waiting any more
+
+
+async def _confirmed(ready: asyncio.Future[None]) -> None:
+    """Wait until a channel's subscription is confirmed; HubClosedError if it is not."""
+    if not ready.done():
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), SUBSCRIBE_TIMEOUT_S)
+        except TimeoutError:
+            raise HubClosedError("redis did not confirm the subscription") from None
+        except HubClosedError:
+            raise
+        except RedisError as error:
+            raise HubClosedError(f"redis refused the subscription: {error}") from None
+    elif ready.exception() is not None:
+        raise HubClosedError(f"redis refused the subscription: {ready.exception()}")
+
+
+_K = TypeVar("_K")
+
+
+def _running(task: asyncio.Task[None] | None) -> bool:
+    return task is not None and not task.done()
+
+
+def _own_task(
+    tasks: dict[_K, asyncio.Task[None]], key: _K, work: Coroutine[Any, Any, None], name: str
+) -> None:
+    """Start `work` as tasks[key]; the entry goes when that task ends (not a later one)."""
+    task = asyncio.create_task(work, name=name)
+    tasks[key] = task
+
+    def forget(done: asyncio.Task[None]) -> None:
+        if tasks.get(key) is done:
+            del tasks[key]
+
+    task.add_done_callback(forget)
+
+
+# Replies that mean "not here": the slot lives, or is about to live, on another node.
+_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _is_redirect(error: str) -> bool:
+    return error.split(" ", 1)[0] in _REDIRECTS
+
+
+def _backoff_s(attempt: int) -> float:
+    return min(REROUTE_BACKOFF_CAP_S, REROUTE_BACKOFF_BASE_S * 2.0**attempt)
 
 
 def _resync(state: _Channel) -> None:

@@ -3,7 +3,13 @@
 redis-py's PubSub reconnects inside its read call, so a command sent by another task at that
 moment can hit a connection being replaced. A link instead serialises its writes, its
 reconnects and its re-subscribe under one lock, and reports what it reads to its owner (the
-hub). Plain pub/sub and Redis 7's sharded pub/sub differ only in command and message names.
+hub). Plain pub/sub and Redis 7's sharded pub/sub differ in command and message names, and
+in one rule: the channels of one SSUBSCRIBE must share a hash slot.
+
+Redis answers a connection's commands in the order they were sent, so the link keeps the
+commands whose answers are due in a queue, and every reply, error replies included, is
+matched to the command it answers. A refused subscribe is reported to the owner with the
+channels it carried; it is never retried blindly on a new connection.
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ import functools
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 import hiredis
 from redis.asyncio.connection import Connection
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .tasks import cancel_and_wait
@@ -40,10 +49,41 @@ class Dialect:
     message: bytes
     subscribed: bytes
     unsubscribed: bytes
+    # Sharded pub/sub: the channels of one subscribe command must hash to one slot.
+    one_slot_per_command: bool = False
 
 
 PLAIN = Dialect("SUBSCRIBE", "UNSUBSCRIBE", b"message", b"subscribe", b"unsubscribe")
-SHARDED = Dialect("SSUBSCRIBE", "SUNSUBSCRIBE", b"smessage", b"ssubscribe", b"sunsubscribe")
+SHARDED = Dialect(
+    "SSUBSCRIBE", "SUNSUBSCRIBE", b"smessage", b"ssubscribe", b"sunsubscribe",
+    one_slot_per_command=True,
+)  # fmt: skip
+
+
+def subscribe_batches(dialect: Dialect, channels: Iterable[bytes]) -> list[list[bytes]]:
+    """`channels` split into the subscribe commands Redis accepts, each channel once.
+
+    Plain pub/sub takes them all in one command. Sharded pub/sub refuses a command whose
+    channels span hash slots (CROSSSLOT), and every session channel has a slot of its own, so
+    there it is one command per slot.
+    """
+    unique = list(dict.fromkeys(channels))
+    if not unique:
+        return []
+    if not dialect.one_slot_per_command:
+        return [unique]
+    by_slot: dict[int, list[bytes]] = {}
+    for channel in unique:
+        by_slot.setdefault(key_slot(channel), []).append(channel)
+    return list(by_slot.values())
+
+
+class SubscriptionRefusedError(RedisConnectionError):
+    """Redis answered a subscribe with an error; the channel is not subscribed.
+
+    A connection error on purpose: whoever waited for the subscription answers it like any
+    Redis outage (503 with Retry-After), and the client retries.
+    """
 
 
 class LinkOwner(Protocol):
@@ -55,14 +95,39 @@ class LinkOwner(Protocol):
     def channels_of(self, link: PubSubLink) -> Sequence[bytes]:
         """Channels in use that this link must carry (re-subscribed after a reconnect)."""
 
-    def on_resubscribed(self, link: PubSubLink) -> None:
-        """The link is subscribed again after a reconnect; messages may have been missed."""
+    def on_resubscribed(self, link: PubSubLink, channels: Sequence[bytes]) -> None:
+        """`channels` are subscribed again after a reconnect; messages may have been missed."""
+
+    def on_refused(self, link: PubSubLink, channels: Sequence[bytes], error: str) -> None:
+        """Redis answered the subscribe of `channels` with `error`: they are not subscribed."""
 
     def on_dropped(self, link: PubSubLink, channel: bytes) -> None:
         """The server unsubscribed `channel` on its own (its slot moved to another shard)."""
 
+    def on_unreachable(self, link: PubSubLink) -> None:
+        """A reconnect failed: the node may be gone for good (its shard failed over)."""
+
     def on_failed(self) -> None:
         """The link's reader stopped on an unexpected error."""
+
+
+class _Kind(Enum):
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    PING = "ping"
+
+
+@dataclass(slots=True)
+class _Due:
+    """A command sent on the current connection whose reply has not arrived yet."""
+
+    kind: _Kind
+    # Subscribe: the channels still to be confirmed, in the order Redis confirms them.
+    channels: deque[bytes] = field(default_factory=deque)
+    # Who waits for a channel's confirmation.
+    waiters: dict[bytes, list[asyncio.Future[None]]] = field(default_factory=dict)
+    # Part of the re-subscribe that follows a reconnect.
+    resubscribe: bool = False
 
 
 class PubSubLink:
@@ -84,15 +149,16 @@ class PubSubLink:
         # connection is dead even if TCP has not noticed (a partition, a frozen server).
         self._idle_s = idle_s
         self._lock = asyncio.Lock()
-        # Futures of SUBSCRIBE commands not yet confirmed, per channel, in send order: Redis
-        # confirms in order, so each confirmation completes the oldest one.
-        self._acks: dict[bytes, deque[asyncio.Future[None]]] = {}
-        # UNSUBSCRIBEs we sent and whose confirmation is due; any other unsubscribe
-        # confirmation is the server dropping the channel.
-        self._our_unsubscribes: dict[bytes, int] = {}
+        self._due: deque[_Due] = deque()
         self._reader: asyncio.Task[None] | None = None
         self._first_connect: asyncio.Future[None] | None = None
-        self._resync_pending = False
+        # Re-subscribe commands not answered yet, and the channels they confirmed so far.
+        self._resubscribes_due = 0
+        self._resubscribed: list[bytes] = []
+        self._answered = False
+        # `up`: the socket is open and commands may be sent. `connected`: up, and every
+        # channel of the last (re)subscribe has been answered.
+        self.up = False
         self.connected = False
 
     async def start(self, timeout_s: float) -> None:
@@ -109,9 +175,11 @@ class PubSubLink:
         """Stop reading and disconnect."""
         await cancel_and_wait([self._reader])
         self._reader = None
-        self.connected = False
+        self.up = self.connected = False
         async with self._lock:
             await self._connection.disconnect()
+        self._fail_waiters(self._due, "the pub/sub link closed")
+        self._due.clear()
 
     @property
     def running(self) -> bool:
@@ -124,26 +192,38 @@ class PubSubLink:
         return self._connection
 
     async def subscribe(self, channel: bytes, confirmed: asyncio.Future[None]) -> None:
-        """Send SUBSCRIBE; `confirmed` completes when Redis confirms it."""
-        self._acks.setdefault(channel, deque()).append(confirmed)
-        try:
-            await self._send(self._dialect.subscribe, channel)
-        except BaseException:
-            waiting = self._acks.get(channel)
-            if waiting and confirmed in waiting:
-                waiting.remove(confirmed)
-            raise
+        """Send SUBSCRIBE; `confirmed` completes when Redis confirms it, or fails if refused."""
+        due = _Due(_Kind.SUBSCRIBE, deque([channel]), {channel: [confirmed]})
+        await self._send_due(due, self._dialect.subscribe, channel)
 
     async def unsubscribe(self, channel: bytes) -> None:
         """Send UNSUBSCRIBE (a no-op while disconnected: a reconnect skips unused channels)."""
-        if not self.connected:
+        if not self.up:
             return
-        self._our_unsubscribes[channel] = self._our_unsubscribes.get(channel, 0) + 1
-        await self._send(self._dialect.unsubscribe, channel)
+        await self._send_due(_Due(_Kind.UNSUBSCRIBE, deque([channel])),
+                             self._dialect.unsubscribe, channel)
+
+    async def reconnect(self, reason: str) -> None:
+        """Drop the connection now; the reader connects again and re-subscribes."""
+        async with self._lock:
+            if not self.up:
+                return
+            log.warning("pub/sub link %s: reconnecting: %s", self.name, reason)
+            self.up = self.connected = False
+            # The reader sees the closed socket and takes the usual reconnect path.
+            await self._connection.disconnect()
+
+    async def _send_due(self, due: _Due, *args: bytes | str) -> None:
+        async with self._lock:
+            if not self.up:
+                raise RedisConnectionError(f"pub/sub link {self.name} is not connected")
+            self._due.append(due)
+            await self._connection.send_command(*args, check_health=False)
 
     async def _send(self, *args: bytes | str) -> None:
+        """Send a command whose reply nobody expects (its reply reads as out of order)."""
         async with self._lock:
-            if not self.connected:
+            if not self.up:
                 raise RedisConnectionError(f"pub/sub link {self.name} is not connected")
             await self._connection.send_command(*args, check_health=False)
 
@@ -152,47 +232,67 @@ class PubSubLink:
         try:
             while True:
                 try:
-                    if not self.connected:
+                    if not self.up:
                         await self._reconnect()
-                        failures = 0
                     await self._read_until_broken()
                 except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-                    self.connected = False
-                    failures += 1
+                    self.up = self.connected = False
+                    # Backoff grows until the server answers something on a new connection,
+                    # so a connection that breaks right after every connect is not hammered.
+                    failures = 1 if self._answered else failures + 1
+                    self._answered = False
                     delay_s = _backoff_s(failures)
                     log.warning("pub/sub link %s lost (%s); reconnecting in %.2fs",
                                 self.name, error, delay_s)
+                    if failures > 1 or isinstance(error, RedisTimeoutError):
+                        self._owner.on_unreachable(self)
                     await asyncio.sleep(delay_s)
         except Exception:
             log.exception("pub/sub link %s failed", self.name)
-            self.connected = False
+            self.up = self.connected = False
             self._owner.on_failed()
 
     async def _reconnect(self) -> None:
-        """(Re)open the connection and subscribe every channel in use with one command."""
+        """(Re)open the connection and subscribe every channel in use, one command per batch."""
         async with self._lock:
             await self._connection.disconnect()
             await self._connection.connect()  # type: ignore[no-untyped-call]
             channels = list(self._owner.channels_of(self))
-            # Commands sent on the old connection will never be confirmed. The command below
-            # confirms each channel once, for the latest subscriber of it.
-            self._acks = {
-                channel: deque(pending[-1:])
-                for channel in channels
-                if (pending := [f for f in self._acks.get(channel, ()) if not f.done()])
-            }
-            self._our_unsubscribes.clear()
-            if channels:
-                await self._connection.send_command(
-                    self._dialect.subscribe, *channels, check_health=False
+            # Commands sent on the old connection will never be answered. Whoever waits for a
+            # channel that is still in use is answered by the re-subscribe below instead.
+            waiting: dict[bytes, list[asyncio.Future[None]]] = {}
+            for due in self._due:
+                for channel, futures in due.waiters.items():
+                    waiting.setdefault(channel, []).extend(f for f in futures if not f.done())
+            self._due.clear()
+            batches = subscribe_batches(self._dialect, channels)
+            for batch in batches:
+                self._due.append(_Due(
+                    _Kind.SUBSCRIBE, deque(batch),
+                    {c: waiting.pop(c) for c in batch if c in waiting}, resubscribe=True,
+                ))  # fmt: skip
+            _fail(
+                [f for futures in waiting.values() for f in futures],
+                "the channel is no longer in use",
+            )
+            self._resubscribes_due = len(batches)
+            self._resubscribed = []
+            if batches:
+                # Pipelined: one write however many slots the channels span.
+                commands: list[list[bytes | str]] = [
+                    [self._dialect.subscribe, *batch] for batch in batches
+                ]
+                await self._connection.send_packed_command(
+                    self._connection.pack_commands(commands), check_health=False
                 )
-            self.connected = True
+            self.up = True
+            self.connected = not batches
         if self._first_connect is not None and not self._first_connect.done():
             self._first_connect.set_result(None)
-        elif channels:
-            self._resync_pending = True
-        else:
-            self._owner.on_resubscribed(self)
+            self._resubscribes_due = 0  # a first subscribe is not a resync
+            self.connected = True
+        elif not batches:
+            self._owner.on_resubscribed(self, [])
 
     async def _read_until_broken(self) -> None:
         read_replies = self._reply_reader()
@@ -201,16 +301,13 @@ class PubSubLink:
             replies = await read_replies()
             if replies is None:
                 if pinged:
-                    raise RedisConnectionError(f"no answer to PING within {self._idle_s}s")
-                await self._send("PING")
+                    raise RedisTimeoutError(f"no answer to PING within {self._idle_s}s")
+                await self._send_due(_Due(_Kind.PING), "PING")
                 pinged = True
                 continue
             pinged = False
             for reply in replies:
-                if isinstance(reply, list) and len(reply) == 3:
-                    self._handle(reply[0], reply[1], reply[2])
-                elif isinstance(reply, hiredis.ReplyError):
-                    raise RedisConnectionError(f"pub/sub link {self.name}: {reply}")
+                self._dispatch(reply)
 
     def _reply_reader(self) -> Callable[[], Awaitable[list[Any] | None]]:
         """How to wait for replies: a list of them, or None after `idle_s` of silence.
@@ -226,33 +323,88 @@ class PubSubLink:
         return self._read_one
 
     async def _read_one(self) -> list[Any] | None:
-        reply = await self._connection.read_response(
-            timeout=self._idle_s, disconnect_on_error=False, push_request=True
-        )
+        try:
+            reply = await self._connection.read_response(
+                timeout=self._idle_s, disconnect_on_error=False, push_request=True
+            )
+        except ResponseError as error:  # redis-py raises error replies; they answer a command
+            return [error]
         return None if reply is None else [reply]
 
-    def _handle(self, kind: bytes, channel: bytes, payload: bytes) -> None:
-        dialect = self._dialect
-        if kind == dialect.message:
-            self._owner.on_message(channel, payload)
-        elif kind == dialect.subscribed:
-            waiting = self._acks.get(channel)
-            if waiting:
-                _resolve(waiting.popleft())
-                if not waiting:
-                    del self._acks[channel]
-            if self._resync_pending:
-                # The first confirmation of the re-subscribe command: every channel is live.
-                self._resync_pending = False
-                self._owner.on_resubscribed(self)
-        elif kind == dialect.unsubscribed:
-            ours = self._our_unsubscribes.get(channel, 0)
-            if ours > 1:
-                self._our_unsubscribes[channel] = ours - 1
-            elif ours == 1:
-                del self._our_unsubscribes[channel]
+    def _dispatch(self, reply: Any) -> None:
+        if isinstance(reply, list):
+            if len(reply) == 3 and reply[0] == self._dialect.message:
+                self._owner.on_message(reply[1], reply[2])  # the hot path: checked first
+                return
+            self._answered = True
+            if len(reply) == 3:
+                self._confirm(reply[0], reply[1])
+            elif reply and reply[0] == b"pong":
+                self._pong()
+        elif isinstance(reply, hiredis.ReplyError | ResponseError):
+            self._refuse(str(reply))
+        elif reply == b"PONG":  # the in-process stand-in answers as outside pub/sub
+            self._answered = True
+            self._pong()
+
+    def _pong(self) -> None:
+        if self._due and self._due[0].kind is _Kind.PING:
+            self._due.popleft()
+
+    def _confirm(self, kind: bytes, channel: bytes) -> None:
+        head = self._due[0] if self._due else None
+        if kind == self._dialect.subscribed:
+            if head is None or head.kind is not _Kind.SUBSCRIBE or not head.channels:
+                return
+            if head.channels[0] != channel:
+                raise RedisConnectionError(
+                    f"pub/sub link {self.name}: confirmation of {channel!r} out of order"
+                )
+            head.channels.popleft()
+            for future in head.waiters.pop(channel, ()):
+                _resolve(future)
+            if head.resubscribe:
+                self._resubscribed.append(channel)
+            if not head.channels:
+                self._due.popleft()
+                self._answered_one(head)
+        elif kind == self._dialect.unsubscribed:
+            if head is not None and head.kind is _Kind.UNSUBSCRIBE and head.channels[0] == channel:
+                self._due.popleft()
             else:
                 self._owner.on_dropped(self, channel)
+
+    def _refuse(self, error: str) -> None:
+        """An error reply: it answers the oldest command still due."""
+        if not self._due:
+            # Nothing asked for it: the connection is out of step with us. Start over.
+            raise RedisConnectionError(f"pub/sub link {self.name}: unexpected reply: {error}")
+        head = self._due.popleft()
+        if head.kind is _Kind.SUBSCRIBE:
+            channels = list(head.channels)
+            log.warning("pub/sub link %s: subscribe of %d channel(s) refused: %s",
+                        self.name, len(channels), error)
+            self._fail_waiters([head], error)
+            self._answered_one(head)
+            self._owner.on_refused(self, channels, error)
+        elif head.kind is _Kind.PING:
+            raise RedisConnectionError(f"pub/sub link {self.name}: PING refused: {error}")
+        else:
+            log.info("pub/sub link %s: unsubscribe refused: %s", self.name, error)
+
+    def _answered_one(self, due: _Due) -> None:
+        if not due.resubscribe or self._resubscribes_due == 0:
+            return
+        self._resubscribes_due -= 1
+        if self._resubscribes_due == 0:
+            # Redis answers in order: every channel of the re-subscribe is live (or refused).
+            self.connected = True
+            channels, self._resubscribed = self._resubscribed, []
+            self._owner.on_resubscribed(self, channels)
+
+    @staticmethod
+    def _fail_waiters(dues: Iterable[_Due], error: str) -> None:
+        _fail([f for due in dues for futures in due.waiters.values() for f in futures], error)
 
 
 async def _read_parsed(
@@ -282,7 +434,13 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def _fail(futures: Iterable[asyncio.Future[None]], error: str) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(SubscriptionRefusedError(error))
+            future.exception()  # retrieved: whoever waited may have given up already
+
+
 def _backoff_s(failures: int) -> float:
     """Capped exponential backoff with full jitter."""
     return random.uniform(0, min(RECONNECT_CAP_S, RECONNECT_BASE_S * 2**failures))
-

@@ -37,11 +37,19 @@ class Topology(Protocol):
     async def refresh(self) -> None:
         """Re-read the slot table after the cluster moved a slot."""
 
+    @property
+    def watches_primary(self) -> bool:
+        """Whether connections must be checked now and then with `misplaced`."""
+
+    async def misplaced(self, connection: Connection) -> str | None:
+        """Why `connection` no longer reaches the server its channels live on, or None."""
+
 
 class SingleNode:
     """One Redis server: every channel on one connection taken from the client's pool."""
 
     dialect = PLAIN
+    watches_primary = False
 
     def __init__(self, client: Redis) -> None:
         self._pool = client.connection_pool
@@ -62,11 +70,17 @@ class SingleNode:
     async def refresh(self) -> None:
         """Nothing moves on a single server."""
 
+    async def misplaced(self, connection: Connection) -> str | None:
+        del connection
+        return None
+
 
 class ClusterShards:
     """A Redis Cluster: each channel on a connection to the primary owning its hash slot."""
 
     dialect = SHARDED
+
+    watches_primary = False
 
     def __init__(self, client: RedisCluster) -> None:
         self._client = client
@@ -88,6 +102,11 @@ class ClusterShards:
 
     async def refresh(self) -> None:
         await self._client.nodes_manager.initialize()
+
+    async def misplaced(self, connection: Connection) -> str | None:
+        """Moves show as MOVED replies and dropped channels; nothing to poll."""
+        del connection
+        return None
 
 
 def publish_command(client: Redis | RedisCluster) -> str:

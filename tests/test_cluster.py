@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -14,7 +15,7 @@ from service.topology import subscriber_count
 
 from conftest import MakeSettings, StartClient, wait_for
 from redis_process import RedisClusterProcesses
-from sse_reader import collect
+from sse_reader import STREAM_OPENED, collect
 
 pytestmark = pytest.mark.redis
 
@@ -76,5 +77,69 @@ async def test_a_stream_keeps_receiving_when_its_slot_moves_to_another_shard(
             ("message", "before"), ("message", "after"), ("finish", "end"),
         ]
         assert hub.connected
+    finally:
+        await cluster_client.aclose()
+
+
+SESSIONS_PER_SHARD = 20
+
+
+def sessions_on_every_shard(client: RedisCluster, per_shard: int) -> dict[str, list[str]]:
+    """Session ids grouped by the primary that owns their channel, `per_shard` on each."""
+    by_node: dict[str, list[str]] = {node.name: [] for node in client.get_primaries()}
+    n = 0
+    while any(len(ids) < per_shard for ids in by_node.values()):
+        session_id = f"shard-{n}"
+        n += 1
+        ids = by_node[client.get_node_from_key(Keys().channel(session_id)).name]
+        if len(ids) < per_shard:
+            ids.append(session_id)
+    return by_node
+
+
+async def test_killed_pubsub_connections_on_every_shard_resubscribe_every_stream(
+    start_client: StartClient, make_settings: MakeSettings, redis_cluster: RedisClusterProcesses,
+) -> None:
+    cluster_client = RedisCluster.from_url(redis_cluster.url)
+    try:
+        await cluster_client.initialize()
+        await cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
+        by_node = sessions_on_every_shard(cluster_client, SESSIONS_PER_SHARD)
+        session_ids = [sid for ids in by_node.values() for sid in ids]
+        # The embedded producer keeps its wake-up channel on one of the links as well.
+        settings = make_settings(redis_url=redis_cluster.url, redis_cluster=True,
+                                 demo_runs=False, heartbeat_interval_s=0.5)
+        client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
+        hub = client.server.app[hub_key]
+        responses = [
+            await client.get("/sse/connect", params={"sessionId": sid}) for sid in session_ids
+        ]
+        for response in responses:
+            assert response.status == 200
+            await response.content.readuntil(STREAM_OPENED)
+        readers = [asyncio.create_task(collect(r, timeout_s=40)) for r in responses]
+        publisher = Publisher(cluster_client, Keys(), session_ttl_s=60, log_maxlen=100)
+        rounds = 6
+
+        async def publish_round(k: int) -> None:
+            for sid in session_ids:
+                await publisher.publish(sid, "finish" if k == rounds - 1 else "", f"e{k}")
+
+        for k in range(rounds // 2):
+            await publish_round(k)
+        for node in cluster_client.get_primaries():
+            killed = await cluster_client.execute_command(
+                "CLIENT", "KILL", "TYPE", "pubsub", target_nodes=node
+            )
+            assert int(killed) == 1, node.name
+        for k in range(rounds // 2, rounds):
+            await publish_round(k)
+        results = await asyncio.gather(*readers)
+        for sid, events in zip(session_ids, results, strict=True):
+            assert [e.data for e in events] == [f"e{k}" for k in range(rounds)], sid
+            assert [e.id for e in events] == sorted({e.id for e in events}), sid
+        assert hub.connected
+        assert hub.stats.reconnects >= len(by_node)
+        assert (await client.get("/readyz")).status == 200
     finally:
         await cluster_client.aclose()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,7 +12,7 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 
-from service.hub import EndReason, Hub, HubClosedError, Incoming
+from service.hub import EndReason, Hub, HubClosedError, Incoming, Resync
 from service.keys import Keys
 from service.publisher import Publisher
 from service.resources import hub_key
@@ -118,3 +120,90 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_get_everything(
     assert [e.data.split(" ")[0] for e in events[:-1]] == [str(n) for n in range(count - 1)]
     assert client.server.app[hub_key].stats.slow_listeners_dropped == 1
     stalled.close()
+
+
+@contextlib.asynccontextmanager
+async def limited_user(admin: redis.Redis, *channels: str) -> AsyncIterator[str]:
+    """An ACL user that may use every command and key but only `channels`; yields its name."""
+    name = f"limited-{secrets.token_hex(4)}"
+    await admin.acl_setuser(name, enabled=True, passwords=[f"+{name}"], commands=["+@all"],
+                            keys=["*"], channels=list(channels))
+    try:
+        yield name
+    finally:
+        await admin.acl_deluser(name)
+
+
+async def test_a_refused_subscribe_answers_at_once_and_the_hub_stays_ready(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    async with limited_user(redis_client, "test:hub", "ok:*") as user:
+        client = redis.Redis.from_url(redis_url, username=user, password=user)
+        hub = Hub(client, "test:hub", inbox_limit=3)
+        await hub.start()
+        try:
+            async with hub.listen("ok:1") as allowed:
+                # Redis's NOPERM reply, not a confirmation timeout.
+                with pytest.raises(HubClosedError, match="NOPERM"):
+                    async with hub.listen("forbidden:1"):
+                        pass
+                assert hub.connected
+                assert hub.channel_count == 1
+                await redis_client.publish("ok:1", b"1-0\n\nstill served")
+                items = await allowed.take(2)
+                assert [i.delivery.data for i in items if isinstance(i, Incoming)] == [
+                    "still served"
+                ]
+        finally:
+            await hub.close()
+            await client.aclose()
+
+
+async def test_a_channel_refused_on_resubscribe_ends_its_streams_and_only_those(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    async with limited_user(redis_client, "test:hub", "ok:*") as user:
+        client = redis.Redis.from_url(redis_url, username=user, password=user)
+        hub = Hub(client, "test:hub", inbox_limit=3)
+        await hub.start()
+        try:
+            async with hub.listen("ok:kept") as kept, hub.listen("ok:revoked") as revoked:
+                # Redis 7 cuts the connection of a client whose channels were revoked; the
+                # link's re-subscribe of all three channels in one command is refused.
+                await redis_client.acl_setuser(user, enabled=True, reset_channels=True,
+                                               channels=["test:hub", "ok:kept"])
+                await wait_for(lambda: _ended(revoked))
+                assert revoked.ended is EndReason.HUB_FAILED
+                assert kept.ended is None
+                assert Resync.AFTER_RECONNECT in await kept.take(2)
+                await redis_client.publish("ok:kept", b"1-0\n\nstill served")
+                items = await kept.take(2)
+                assert [i.delivery.data for i in items if isinstance(i, Incoming)] == [
+                    "still served"
+                ]
+                assert hub.connected
+                assert hub.channel_count == 1
+        finally:
+            await hub.close()
+            await client.aclose()
+
+
+async def test_a_link_that_cannot_subscribe_at_all_is_not_ready_and_ends_every_stream(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    async with limited_user(redis_client, "test:hub", "ok:*") as user:
+        client = redis.Redis.from_url(redis_url, username=user, password=user)
+        hub = Hub(client, "test:hub", inbox_limit=3)
+        await hub.start()
+        try:
+            async with hub.listen("ok:1") as listener:
+                await redis_client.acl_setuser(user, enabled=True, reset_channels=True)
+                await wait_for(lambda: _ended(listener))
+                assert listener.ended is EndReason.HUB_FAILED
+                assert not hub.connected
+                with pytest.raises(HubClosedError):
+                    async with hub.listen("ok:2"):
+                        pass
+        finally:
+            await hub.close()
+            await client.aclose()
