@@ -11,6 +11,7 @@ from .access_log import access_log_middleware
 from .admission import Admission
 from .connections import RedisOpener, open_redis
 from .errors import error_middleware
+from .http_version import http_version_middleware
 from .keys import Keys
 from .protocol import handler_args
 from .settings import Settings
@@ -22,7 +23,7 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
     `open_client` is the seam tests use to put several apps on one shared in-memory Redis.
     """
     app = web.Application(
-        middlewares=[access_log_middleware, error_middleware],
+        middlewares=[access_log_middleware, error_middleware, http_version_middleware],
         client_max_size=settings.max_body_bytes,
         handler_args=handler_args(),
     )
