@@ -211,7 +211,7 @@ async def serve_metrics(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: Redis answers and the shared subscription is connected."""
+    """Readiness: Redis answers, the shared subscription is connected, the producer runs."""
     hub = request.app[r.hub_key]
     problems = []
     try:
@@ -220,6 +220,9 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append(f"redis: {error}")
     if not hub.connected:
         problems.append("shared subscription is not connected")
+    producer = request.app.get(r.producer_key)
+    if producer is not None and (problem := producer.problem) is not None:
+        problems.append(problem)
     if problems:
         return web.json_response({"status": "unavailable", "problems": problems}, status=503)
     return web.json_response({"status": "ready", "listeners": hub.listener_count})

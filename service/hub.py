@@ -89,14 +89,18 @@ class Listener:
     and handles the common case on the spot (a stream writes a live event straight to its
     socket), saving a task switch per event. Whatever the handler declines, and everything
     that arrives while the inbox is not empty, is queued, so items are never reordered.
+
+    A `coalescing` listener is for wake-ups, whose content does not matter: a full inbox
+    drops further items but still wakes the consumer, and is never a reason to end it.
     """
 
-    __slots__ = ("_items", "_limit", "_waiter", "direct", "ended", "on_end")
+    __slots__ = ("_coalescing", "_items", "_limit", "_waiter", "direct", "ended", "on_end")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, coalescing: bool = False) -> None:
         # A list swapped out whole by `take`: one append per offer, no copy per take.
         self._items: list[InboxItem] = []
         self._limit = limit
+        self._coalescing = coalescing
         self._waiter: asyncio.Future[None] | None = None
         self.direct: DirectHandler | None = None
         self.ended: EndReason | None = None
@@ -110,6 +114,9 @@ class Listener:
         if self.direct is not None and not self._items and self.direct(item):
             return True
         if len(self._items) >= self._limit:
+            if self._coalescing:  # the consumer has a wake-up queued already: enough
+                self._wake()
+                return True
             self.end(EndReason.SLOW)
             return False
         self._items.append(item)
@@ -257,16 +264,18 @@ class Hub:
         return len(state.listeners) if state else 0
 
     @contextlib.asynccontextmanager
-    async def listen(self, channel: str) -> AsyncIterator[Listener]:
+    async def listen(self, channel: str, *, coalescing: bool = False) -> AsyncIterator[Listener]:
         """A listener on `channel` whose subscription is live when the block starts.
 
-        Raises HubClosedError when the hub is closing or failed, or when the connection that
-        must carry the channel is down (the caller answers 503 and the client retries).
+        `coalescing`: for wake-up channels (see `Listener`); such a listener is never dropped
+        as slow. Raises HubClosedError when the hub is closing or failed, or when the
+        connection that must carry the channel is down (the caller answers 503 and the
+        client retries).
         """
         if self._closing or self._failed:
             raise HubClosedError("the shared subscription is not running")
         name = channel.encode()
-        listener = Listener(self._inbox_limit)
+        listener = Listener(self._inbox_limit, coalescing=coalescing)
         state = self._channels.get(name) or await self._open_channel(name)
         state.listeners.add(listener)
         try:

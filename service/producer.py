@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from .connections import RedisClient, pipelines_queue
 from .envelope import FINISH_EVENT
-from .hub import Hub, HubClosedError
+from .hub import Hub, Listener
 from .keys import Keys
 from .publisher import Fence, Publisher, PublishOutcome
 from .settings import Settings
@@ -109,12 +109,14 @@ class Producer:
         self._runs: dict[str, asyncio.Task[None]] = {}
         self._tokens: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._scan_problem: str | None = None
         self.events_published = 0
 
     async def start(self) -> None:
         """Start the claim loop; it is live (subscribed to wake-ups) when this returns."""
         ready = asyncio.get_running_loop().create_future()
         self._loop_task = asyncio.create_task(self._claim_loop(ready), name="producer")
+        self._loop_task.add_done_callback(lambda _: ready.cancel())  # never left waiting
         await ready
 
     async def close(self) -> None:
@@ -147,29 +149,70 @@ class Producer:
         """Runs this producer is executing now."""
         return len(self._runs)
 
-    async def _claim_loop(self, ready: asyncio.Future[None]) -> None:
-        try:
-            async with self._hub.listen(self._keys.producer_wake) as wake:
-                ready.set_result(None)
-                while wake.ended is None:
-                    try:
-                        await self._claim_due_runs()
-                    except RedisError as error:
-                        log.warning("producer could not scan for runs: %s", error)
-                    await wake.take(self._poll_s)
-        except HubClosedError as error:
-            if not ready.done():
-                ready.set_exception(error)
-            log.warning("producer stopped: the shared subscription closed")
-        except BaseException as error:
-            if not ready.done():
-                ready.set_exception(error)
-            raise
+    @property
+    def problem(self) -> str | None:
+        """Why this producer cannot execute runs now, or None while it can (for readiness)."""
+        if self._loop_task is None or self._loop_task.done():
+            return "the demo producer is not running"
+        return self._scan_problem
 
-    async def _claim_due_runs(self) -> None:
+    async def _claim_loop(self, ready: asyncio.Future[None]) -> None:
+        """Claim due runs whenever woken or polled, for as long as the producer runs.
+
+        Nothing but cancellation ends it: a lost wake-up subscription (a hub reconnect, a
+        drain, a failed hub) or a failed scan is logged, and the loop polls the runs index
+        until it can subscribe again. A dead loop would leave every later run waiting.
+        """
+        failures = 0
+        while True:
+            try:
+                async with self._hub.listen(self._keys.producer_wake, coalescing=True) as wake:
+                    if not ready.done():
+                        ready.set_result(None)
+                    failures = 0
+                    await self._claim_while_subscribed(wake)
+                why = f"it ended ({wake.ended.value if wake.ended else 'unknown'})"
+            except RedisError as error:  # HubClosedError included
+                if not ready.done():
+                    ready.set_exception(error)  # the app cannot start without its producer
+                    return
+                why = str(error)
+            failures += 1
+            delay_s = min(self._poll_s, RETRY_BASE_S * 2**failures)
+            log.warning(
+                "producer lost its wake-up subscription: %s; polling, subscribing again in %.1fs",
+                why,
+                delay_s,
+            )
+            await self._scan()
+            await asyncio.sleep(delay_s)
+
+    async def _claim_while_subscribed(self, wake: Listener) -> None:
+        while wake.ended is None:
+            if await self._scan():
+                continue  # a full batch: more runs may be due, look again at once
+            await wake.take(self._poll_s)  # a wake-up, or the poll interval
+
+    async def _scan(self) -> bool:
+        """One scan for due runs; True when it found a full batch. Errors are logged, not raised."""
+        try:
+            full = await self._claim_due_runs()
+        except RedisError as error:
+            log.warning("producer could not scan for runs: %s", error)
+            return False
+        except Exception as error:
+            # A bug, not an outage: say so loudly, report not ready, and keep trying.
+            log.exception("producer scan failed")
+            self._scan_problem = f"the demo producer cannot scan for runs: {error!r}"
+            return False
+        self._scan_problem = None
+        return full
+
+    async def _claim_due_runs(self) -> bool:
         """Claim every due run not already ours, in one round trip for the lot where possible.
 
         A burst of new sessions wakes the producers with hundreds of runs due at once.
+        Returns True when a full batch was due (more may be waiting).
         """
         now_ms = int(time.time() * 1000)
         due: list[bytes] = await self._redis.zrangebyscore(  # type: ignore[assignment]
@@ -178,7 +221,7 @@ class Producer:
         session_ids = [_text(raw) for raw in due]
         session_ids = [s for s in session_ids if s not in self._runs]
         if not session_ids:
-            return
+            return False
         tokens = [f"{self._token_prefix}:{secrets.token_hex(8)}" for _ in session_ids]
         replies = await self._claim_all(session_ids, tokens)
         gone: list[str] = []
@@ -198,6 +241,7 @@ class Producer:
             await self._redis.zrem(self._keys.runs, *gone)
         if look_again:
             await self._redis.zadd(self._keys.runs, look_again, xx=True)
+        return len(due) == SCAN_BATCH
 
     async def _claim_all(self, session_ids: list[str], tokens: list[str]) -> list[Any]:
         k = self._keys
@@ -240,6 +284,9 @@ class Producer:
         except RedisError as error:
             # The run's state is in Redis: a producer (maybe this one) resumes it later.
             log.warning("run of session %s interrupted: %s", session_id, error)
+        except Exception:
+            # A bug: the lease lapses and the run is taken over, but say why it stopped.
+            log.exception("run of session %s failed", session_id)
         finally:
             self._runs.pop(session_id, None)
             self._tokens.pop(session_id, None)

@@ -122,3 +122,18 @@ async def test_an_ended_listener_ignores_offers(reason: EndReason) -> None:
     assert await listener.take(1) == [queued_before]
     async with asyncio.timeout(1):
         assert await listener.take(5) == []
+
+
+async def test_a_coalescing_listener_wakes_when_full_and_is_never_dropped() -> None:
+    listener = Listener(limit=2, coalescing=True)
+    items = [incoming(n) for n in range(50)]
+    assert all(listener.offer(item) for item in items)
+    assert listener.ended is None
+    assert await listener.take(1) == items[:2]  # the content of wake-ups does not matter
+    taking = asyncio.create_task(listener.take(5))
+    await asyncio.sleep(0)
+    for item in items:
+        listener.offer(item)
+    async with asyncio.timeout(1):
+        assert len(await taking) == 2
+    assert listener.ended is None

@@ -11,14 +11,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from service.connections import RedisClient
+from service.connections import RedisClient, RedisOpener
+from service.hub import EndReason
 from service.keys import Keys
 from service.producer import demo_event
+from service.resources import hub_key, producer_key
 
 from conftest import MakeSettings, RedisTarget, StartClient, logged_ids
-from sse_reader import collect
+from sse_reader import STREAM_OPENED, collect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,3 +128,51 @@ async def test_a_killed_producer_process_is_taken_over_without_loss_or_repeat(
     logged = await logged_ids(target_client, "orphan")
     assert [e.id for e in received] == logged
     assert [e.event for e in received] == ["message"] * 9 + ["finish"]
+
+
+@pytest.mark.redis
+async def test_a_burst_of_fresh_connects_leaves_the_producer_running(
+    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+) -> None:
+    # Each fresh connect wakes the producer; hundreds arrive faster than it scans. A small
+    # inbox makes the burst overflow it for certain, as the default one does under load.
+    settings = make_settings(redis_url=redis_url, producer_interval_ms=5, listener_queue_size=16)
+    client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
+
+    async def connect_and_leave(n: int) -> int:
+        async with client.get("/sse/connect", params={"sessionId": f"crowd{n}"}) as response:
+            await response.content.readuntil(STREAM_OPENED)
+            return int(response.status)
+
+    async with asyncio.timeout(30):
+        statuses = await asyncio.gather(*(connect_and_leave(n) for n in range(320)))
+    assert statuses == [200] * 320
+
+    response = await client.get("/sse/connect", params={"sessionId": "after-the-crowd"})
+    events = await collect(response, timeout_s=20)
+    assert [e.event for e in events] == ["message"] * 9 + ["finish"]
+    ready = await client.get("/readyz")
+    assert ready.status == 200, await ready.text()
+
+
+async def test_readiness_fails_while_the_embedded_producer_is_not_running(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+) -> None:
+    client = await start_client(make_settings(), fake_opener)
+    assert (await client.get("/readyz")).status == 200
+    await client.server.app[producer_key].close()  # its loop is gone, as if it had died
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert any("producer" in problem for problem in (await response.json())["problems"])
+
+
+async def test_the_producer_keeps_claiming_after_its_wake_up_listener_was_ended(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+) -> None:
+    client = await start_client(make_settings(), fake_opener)
+    # What a drain or a failed reroute does to every local listener, the producer's included.
+    client.server.app[hub_key].end_listeners(EndReason.SHUTDOWN)
+    response = await client.get("/sse/connect", params={"sessionId": "afterwards"})
+    events = await collect(response, timeout_s=10)
+    assert [e.event for e in events] == ["message"] * 9 + ["finish"]
+    assert (await client.get("/readyz")).status == 200
