@@ -6,7 +6,10 @@ fan-out and `Last-Event-ID` resume behave identically for both.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
@@ -15,7 +18,15 @@ from . import resources as r
 from .auth import authorize
 from .bodies import decode_body
 from .envelope import FINISH_EVENT
-from .errors import InvalidParameter, SessionNotFound, UnsupportedMediaType
+from .errors import (
+    IdempotencyKeyReused,
+    InvalidParameter,
+    OutcomeUnknown,
+    SessionNotFound,
+    UnsupportedMediaType,
+)
+from .once import OutcomeUnknown as OutcomeUnknownError
+from .publisher import BatchOutcome, IdempotencyRecord, PublishedBatch
 from .sessions import is_valid_session_id
 from .submission import parse_body
 from .topology import subscriber_count
@@ -24,29 +35,85 @@ log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
 DELETED_DATA = "session deleted"
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+IDEMPOTENCY_KEY_MAX = 128
+IDEMPOTENCY_KEY = re.compile(f"[A-Za-z0-9_.:+/=-]{{1,{IDEMPOTENCY_KEY_MAX}}}")
 
 
 async def publish_events(request: web.Request) -> web.Response:
-    """Publish one event (JSON object) or a batch (JSON array) to every stream of a session."""
+    """Publish one event (JSON object) or a batch (JSON array) to every stream of a session.
+
+    The batch is published whole or not at all, and never twice: with an `Idempotency-Key`
+    a repeated request answers the ids of the first; a request whose outcome Redis left
+    unknown is answered 503 `outcome_unknown`, for the caller to repeat with its key.
+    """
     settings = request.app[r.settings_key]
     authorize(request.headers, settings)
     session_id = _session_id(request)
+    key = _idempotency_key(request)
     if request.content_type != JSON_TYPE:
         raise UnsupportedMediaType(f"the body must be {JSON_TYPE}")
     decoded = decode_body(
         await request.read(), request.headers.get("Content-Encoding", ""), settings.max_body_bytes
     )
     submissions, batch = parse_body(decoded, settings.max_event_bytes)
-    if settings.require_issued_session and not await _session_exists(request, session_id):
+    events = [(s.event, s.data) for s in submissions]
+    record = None
+    if key is not None:
+        ttl_ms = max(1, round(settings.idempotency_ttl_s * 1000))
+        record = IdempotencyRecord(key, _digest(events, batch), ttl_ms)
+    try:
+        result = await request.app[r.publisher_key].publish_batch(
+            session_id, events, require_issued=settings.require_issued_session, record=record
+        )
+    except OutcomeUnknownError:
+        retry = (
+            "repeat the request with the same Idempotency-Key to learn its ids"
+            if key
+            else "send an Idempotency-Key to make a repeated request safe"
+        )
+        raise OutcomeUnknown(
+            f"redis did not confirm in time; the events may or may not be published: {retry}",
+            headers={"Retry-After": "1"},
+        ) from None
+    _check_outcome(result, session_id)
+    headers = {}
+    if result.outcome is BatchOutcome.REPLAYED:
+        headers[REPLAYED_HEADER] = "true"
+        log.info("answered a repeated publish to session %s with its first ids", session_id)
+    else:
+        log.info("published %d event(s) to session %s via the API", len(events), session_id)
+    body: dict[str, Any] = {"ids": result.ids} if batch else {"id": result.ids[0]}
+    return web.json_response(body, status=202, headers=headers)
+
+
+def _check_outcome(result: PublishedBatch, session_id: str) -> None:
+    outcome = result.outcome
+    if outcome is BatchOutcome.KEY_REUSED:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was used for a different request to this session"
+        )
+    if outcome is BatchOutcome.UNKNOWN_SESSION:
         raise SessionNotFound(f"session {session_id!r} was not issued or has expired")
-    publisher = request.app[r.publisher_key]
-    ids = []
-    for submission in submissions:
-        published = await publisher.publish(session_id, submission.event, submission.data)
-        ids.append(published.event_id)
-    log.info("published %d event(s) to session %s via the API", len(ids), session_id)
-    body: dict[str, Any] = {"ids": ids} if batch else {"id": ids[0]}
-    return web.json_response(body, status=202)
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    values = request.headers.getall(IDEMPOTENCY_KEY_HEADER, [])
+    if not values:
+        return None
+    if len(values) != 1 or not IDEMPOTENCY_KEY.fullmatch(values[0]):
+        raise InvalidParameter(
+            f"'{IDEMPOTENCY_KEY_HEADER}' must be given once, as 1-{IDEMPOTENCY_KEY_MAX} "
+            "characters of A-Z, a-z, 0-9, '_', '-', '.', ':', '+', '/' or '='"
+        )
+    return values[0]
+
+
+def _digest(events: list[tuple[str, str]], batch: bool) -> str:
+    """What tells one request from another under the same key: its events and its shape."""
+    text = json.dumps([batch, events], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 async def delete_session(request: web.Request) -> web.Response:

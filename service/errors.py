@@ -84,6 +84,20 @@ class EventTooLarge(ServiceError):
     code = "event_too_large"
 
 
+class IdempotencyKeyReused(ServiceError):
+    """An `Idempotency-Key` already used for a different request to this session."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
+class OutcomeUnknown(ServiceError):
+    """Redis did not answer in time after the request was sent: it may or may not have run."""
+
+    status = 503
+    code = "outcome_unknown"
+
+
 class UnsupportedMediaType(ServiceError):
     """The request body is not declared as `application/json`."""
 

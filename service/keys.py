@@ -36,6 +36,10 @@ class Keys:
         """String with a TTL: the token of the producer currently executing the run."""
         return f"{self.prefix}:{{{session_id}}}:lease"
 
+    def idempotency(self, session_id: str, key: str) -> str:
+        """String with a TTL: the ids a publish with the caller's `Idempotency-Key` assigned."""
+        return f"{self.prefix}:{{{session_id}}}:published:{key}"
+
     def session_keys(self, session_id: str) -> tuple[str, ...]:
         """Every key holding the session's state (not its channel): what ending it removes."""
         return (

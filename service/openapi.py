@@ -14,6 +14,7 @@ from aiohttp import web
 
 from . import __version__
 from . import resources as r
+from .api import IDEMPOTENCY_KEY
 from .auth import AccessPolicy, access_policy
 from .envelope import EVENT_ID_PATTERN as EVENT_ID_PATTERN_TEXT
 from .envelope import GAP_EVENT
@@ -225,13 +226,29 @@ def _publish(settings: Settings) -> Spec:
             f"{MAX_BATCH_EVENTS} objects, published in order) to every stream of the session, "
             "on every worker, through the same path as the demo producer: each event is "
             "appended to the session's log and relayed live, so reconnecting clients get it "
-            "replayed. A batch is checked as a whole before anything is published; if Redis "
-            "fails part-way, a prefix of it may have been published.\n\n"
+            "replayed. A batch is checked as a whole and published whole or not at all, in "
+            "one atomic step.\n\n"
             "An event named `finish` ends every stream of the session after it is delivered.\n\n"
+            "A request is never published twice by the service. If Redis does not confirm it "
+            "in time, the answer is 503 `outcome_unknown`: it may or may not have been "
+            "published. Send an `Idempotency-Key` to make repeating it safe: for "
+            f"{settings.idempotency_ttl_s:g} s, the same key and body to the same session "
+            "answer the ids of the first publish (with `Idempotent-Replayed: true`) instead "
+            "of publishing again.\n\n"
             "Publishing to a session nobody has connected to yet creates it, unless "
             "`require_issued_session` is on: then an unknown session is 404."
         ),
         "security": _security(settings),
+        "parameters": [
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "description": "The caller's name for this request, to repeat it safely.",
+                "schema": {"type": "string", "pattern": f"^{IDEMPOTENCY_KEY.pattern}$"},
+                "example": "order-7781-paid",
+            }
+        ],
         "requestBody": {
             "required": True,
             "content": {
@@ -258,8 +275,15 @@ def _publish(settings: Settings) -> Spec:
         },
         "responses": {
             "202": {
-                "description": "Published. A single event answers `{\"id\"}`, a batch "
-                "`{\"ids\"}` in the order given.",
+                "description": "Published (or, for a repeated `Idempotency-Key`, published "
+                "before). A single event answers `{\"id\"}`, a batch `{\"ids\"}` in the "
+                "order given.",
+                "headers": {
+                    "Idempotent-Replayed": {
+                        "description": "`true` when these are the ids of an earlier publish.",
+                        "schema": {"type": "string", "enum": ["true"]},
+                    }
+                },
                 "content": {
                     JSON: {
                         "schema": {
@@ -271,14 +295,16 @@ def _publish(settings: Settings) -> Spec:
                     }
                 },
             },
-            "400": _error("`invalid_parameter`: malformed `sessionId`; `malformed_body`: the body "
-                          "cannot be read or decoded with its `Content-Encoding`; "
-                          "`malformed_json`: the body is not UTF-8 JSON, or holds a number out "
-                          "of range; `invalid_event`: wrong shape, an unknown field, a "
-                          "client-chosen `id`, a bad event name, or a batch size "
+            "400": _error("`invalid_parameter`: malformed `sessionId` or `Idempotency-Key`; "
+                          "`malformed_body`: the body cannot be read or decoded with its "
+                          "`Content-Encoding`; `malformed_json`: the body is not UTF-8 JSON, or "
+                          "holds a number out of range; `invalid_event`: wrong shape, an unknown "
+                          "field, a client-chosen `id`, a bad event name, or a batch size "
                           f"outside 1-{MAX_BATCH_EVENTS}. A bad batch publishes nothing."),
             **_auth_errors(),
             "404": _error("`session_not_found` (only with `require_issued_session`)."),
+            "422": _error("`idempotency_key_reused`: the `Idempotency-Key` was used for a "
+                          "different request to this session."),
             "413": _error(
                 f"`payload_too_large`: the body exceeds {settings.max_body_bytes} bytes (also "
                 "once decoded); "
@@ -298,7 +324,12 @@ def _publish(settings: Settings) -> Spec:
                     }
                 },
             },
-            "503": _ref("responses", "Unavailable"),
+            "503": _error(
+                "`unavailable`: Redis is unreachable, nothing was published; "
+                "`outcome_unknown`: Redis did not confirm in time, the events may or may not "
+                "have been published (repeat with the same `Idempotency-Key` to find out).",
+                retry_after=True,
+            ),
         },
     }
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from .connections import RedisClient, pipelines_queue
 from .keys import Keys
+from .once import run_once
 from .sse import check_field
 from .topology import publish_command
 
@@ -26,6 +29,7 @@ from .topology import publish_command
 # With a token the caller is a producer run: it must still hold the lease and be at `seq`,
 # and its progress advances in the same step as the publish, so no event goes out twice.
 # A retry of a publish whose reply was lost finds `next` already at seq + 1: 'done'.
+# A fenced publish also answers how many subscribers heard it (the producer's idle signal).
 _PUBLISH = """
 local session, log, run, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local channel, event, data = ARGV[1], ARGV[2], ARGV[3]
@@ -42,7 +46,7 @@ if redis.call('EXISTS', session) == 0 then
 end
 local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], '*', 'e', event, 'd', data)
 redis.call('PEXPIRE', log, redis.call('PTTL', session))
-redis.call(ARGV[9], channel, id .. '\\n' .. event .. '\\n' .. data)
+local heard = redis.call(ARGV[9], channel, id .. '\\n' .. event .. '\\n' .. data)
 if event == 'finish' then redis.call('HSET', session, 'finished', id) end
 if token ~= '' then
   local next_seq = redis.call('HINCRBY', run, 'next', 1)
@@ -52,8 +56,44 @@ if token ~= '' then
   else
     redis.call('PEXPIRE', lease, ARGV[8])
   end
+  return {'ok', id, heard}
 end
 return {'ok', id}
+"""
+
+# KEYS: session, log, and the idempotency record when the caller gave a key.
+# ARGV: channel, ttl_ms, maxlen, publish command, require_issued ('1'/'0'), record ttl_ms,
+# request digest, then event name and data for each event of the batch.
+# The publish API's script: the whole batch or nothing, in one step. With a record key, the
+# first run stores the ids it assigned; a later run with the same key (the caller's retry)
+# answers them again instead of publishing, or 'reused' if the request was a different one.
+_PUBLISH_BATCH = """
+local session, log, record = KEYS[1], KEYS[2], KEYS[3]
+if record then
+  local stored = redis.call('GET', record)
+  if stored then
+    local space = string.find(stored, ' ', 1, true)
+    if string.sub(stored, 1, space - 1) ~= ARGV[7] then return {'reused', ''} end
+    return {'replayed', string.sub(stored, space + 1)}
+  end
+end
+if redis.call('EXISTS', session) == 0 then
+  if ARGV[5] == '1' then return {'unknown', ''} end
+  redis.call('HSET', session, 'issued', '0', 'epoch', '0-0')
+  redis.call('PEXPIRE', session, ARGV[2])
+end
+local ids = {}
+for i = 8, #ARGV, 2 do
+  local event, data = ARGV[i], ARGV[i + 1]
+  local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[3], '*', 'e', event, 'd', data)
+  redis.call(ARGV[4], ARGV[1], id .. '\\n' .. event .. '\\n' .. data)
+  if event == 'finish' then redis.call('HSET', session, 'finished', id) end
+  ids[#ids + 1] = id
+end
+redis.call('PEXPIRE', log, redis.call('PTTL', session))
+local joined = table.concat(ids, ' ')
+if record then redis.call('SET', record, ARGV[7] .. ' ' .. joined, 'PX', ARGV[6]) end
+return {'ok', joined}
 """
 
 
@@ -67,7 +107,7 @@ class Fence:
 
 
 class PublishOutcome(Enum):
-    """Whether a fenced publish went out."""
+    """Whether a publish went out."""
 
     PUBLISHED = "ok"
     ALREADY_PUBLISHED = "done"
@@ -76,10 +116,40 @@ class PublishOutcome(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """The result of one publish: its outcome and, when published, the assigned event id."""
+    """The result of one publish: its outcome and, when published, the assigned event id.
+
+    `heard`: for a fenced publish, how many subscribed connections received it.
+    """
 
     outcome: PublishOutcome
     event_id: str
+    heard: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """A caller's key for one publish request, and what identifies the request itself."""
+
+    key: str
+    digest: str
+    ttl_ms: int
+
+
+class BatchOutcome(Enum):
+    """What the publish API's script did with a batch."""
+
+    PUBLISHED = "ok"
+    REPLAYED = "replayed"  # the idempotency key's first request was published: its ids
+    KEY_REUSED = "reused"  # the key belongs to a different request
+    UNKNOWN_SESSION = "unknown"  # not issued, with require_issued
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedBatch:
+    """The result of a batch: its outcome and the event ids (published or replayed)."""
+
+    outcome: BatchOutcome
+    ids: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +160,7 @@ class ScriptCall:
     args: list[str | int]
 
 
-_Queued = tuple[ScriptCall, "asyncio.Future[Any]"]
+_Queued = tuple[AsyncScript, ScriptCall, "asyncio.Future[Any]"]
 
 
 class Publisher:
@@ -101,6 +171,10 @@ class Publisher:
     concurrent publishers, such as a producer running hundreds of sessions. Each publish is
     still its own script run, atomic on its own. On a cluster each publish is its own call
     (see `pipelines_queue`).
+
+    Nothing here is ever re-sent (see `service/once.py`): a publish whose reply did not come
+    fails with `OutcomeUnknown`. The producer's publishes are fenced, so it simply retries;
+    the publish API hands the question to its caller, with an idempotency key to retry by.
     """
 
     SCRIPT = _PUBLISH
@@ -113,6 +187,7 @@ class Publisher:
         self._ttl_ms = max(1, round(session_ttl_s * 1000))
         self._log_maxlen = log_maxlen
         self._script = redis.register_script(_PUBLISH)
+        self._batch_script = redis.register_script(_PUBLISH_BATCH)
         self._publish_command = publish_command(redis)
         self._batching = pipelines_queue(redis)
         self._queued: list[_Queued] = []
@@ -127,7 +202,12 @@ class Publisher:
         check_field("event", event)
         k = self._keys
         return ScriptCall(
-            keys=[k.session(session_id), k.log(session_id), k.run(session_id), k.lease(session_id)],
+            keys=[
+                k.session(session_id),
+                k.log(session_id),
+                k.run(session_id),
+                k.lease(session_id),
+            ],
             args=[
                 k.channel(session_id),
                 event,
@@ -146,19 +226,66 @@ class Publisher:
     ) -> Published:
         """Log and publish one event (`event` '' for an unnamed one) to every listener."""
         call = self.script_call(session_id, event, data, fence)
-        if self._batching:
-            reply = await self._enqueue(call)
-        else:
-            reply = await self._script(keys=call.keys, args=call.args)
-        outcome, event_id = (part.decode() if isinstance(part, bytes) else part for part in reply)
-        published = Published(PublishOutcome(outcome), event_id)
+        reply = await self._run(self._script, call)
+        parts = [part.decode() if isinstance(part, bytes) else part for part in reply]
+        published = Published(
+            PublishOutcome(parts[0]), parts[1], int(parts[2]) if len(parts) > 2 else 0
+        )
         if published.outcome is PublishOutcome.PUBLISHED:
             self.events_published += 1
         return published
 
-    def _enqueue(self, call: ScriptCall) -> asyncio.Future[Any]:
+    async def publish_batch(
+        self,
+        session_id: str,
+        events: Sequence[tuple[str, str]],
+        *,
+        require_issued: bool,
+        record: IdempotencyRecord | None = None,
+    ) -> PublishedBatch:
+        """Log and publish `events` (name, data) all or none, in one step.
+
+        With a `record`, a repeated request (same key and digest) answers the ids of the
+        first instead of publishing again.
+        """
+        if not events:
+            raise ValueError("a batch holds at least one event")
+        k = self._keys
+        keys = [k.session(session_id), k.log(session_id)]
+        if record is not None:
+            keys.append(k.idempotency(session_id, record.key))
+        args: list[str | int] = [
+            k.channel(session_id),
+            self._ttl_ms,
+            self._log_maxlen,
+            self._publish_command,
+            int(require_issued),
+            record.ttl_ms if record else 0,
+            record.digest if record else "",
+        ]
+        for event, data in events:
+            args.extend((check_field("event", event), data))
+        reply = await self._run(self._batch_script, ScriptCall(keys, args))
+        outcome, ids = (part.decode() if isinstance(part, bytes) else part for part in reply)
+        batch = PublishedBatch(BatchOutcome(outcome), ids.split(" ") if ids else [])
+        if batch.outcome is BatchOutcome.PUBLISHED:
+            self.events_published += len(batch.ids)
+        return batch
+
+    async def _run(self, script: AsyncScript, call: ScriptCall) -> Any:
+        if self._batching:
+            return await self._enqueue(script, call)
+        reply = (await self._send_once([(script, call)]))[0]
+        if isinstance(reply, NoScriptError):
+            await self._redis.script_load(script.script)
+            reply = (await self._send_once([(script, call)]))[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def _enqueue(self, script: AsyncScript, call: ScriptCall) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((call, future))
+        self._queued.append((script, call, future))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_queued(), name="publisher")
         return future
@@ -168,7 +295,7 @@ class Publisher:
             while self._queued:
                 batch, self._queued = self._queued, []
                 with contextlib.suppress(Exception):  # its callers were handed the error
-                    await self._send_loading_script(batch)
+                    await self._send_loading_scripts(batch)
         except BaseException as error:  # cancelled: nothing queued may wait forever
             _fail_all(self._queued, error)
             self._queued = []
@@ -176,45 +303,51 @@ class Publisher:
         finally:
             self._sender = None
 
-    async def _send_loading_script(self, batch: list[_Queued]) -> None:
+    async def _send_loading_scripts(self, batch: list[_Queued]) -> None:
         unknown = await self._send_batch(batch)
         if unknown:
-            # The server has not cached the script (first use, or after a restart): load
-            # it once and resend those calls, before anything queued since.
+            # The server has not cached a script (first use, or after a restart): load it
+            # once and resend those calls (they did not run), before anything queued since.
             try:
-                await self._redis.script_load(_PUBLISH)
+                for script in {id(script): script for script, _, _ in unknown}.values():
+                    await self._redis.script_load(script.script)
             except BaseException as error:
                 _fail_all(unknown, error)
                 raise
             _fail_all(await self._send_batch(unknown), NoScriptError("script not cached"))
 
     async def _send_batch(self, batch: list[_Queued]) -> list[_Queued]:
-        """Run the batch's scripts in one pipeline and hand each caller its own reply.
+        """Run the batch's scripts in one write and hand each caller its own reply.
 
         Returns the calls the server refused because it does not have the script.
         """
         self.batches_sent += 1
-        pipe = self._redis.pipeline(transaction=False)
-        for call, _ in batch:
-            pipe.evalsha(self._script.sha, len(call.keys), *call.keys, *call.args)
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._send_once([(script, call) for script, call, _ in batch])
         except BaseException as error:
             _fail_all(batch, error)
             raise
         unknown = []
-        for (call, future), reply in zip(batch, replies, strict=True):
+        for queued, reply in zip(batch, replies, strict=True):
+            future = queued[2]
             if isinstance(reply, NoScriptError):
-                unknown.append((call, future))
+                unknown.append(queued)
             elif isinstance(reply, Exception):
                 _fail(future, reply)
             elif not future.done():
                 future.set_result(reply)
         return unknown
 
+    async def _send_once(self, calls: list[tuple[AsyncScript, ScriptCall]]) -> list[Any]:
+        commands = [
+            ("EVALSHA", script.sha, len(call.keys), *call.keys, *call.args)
+            for script, call in calls
+        ]
+        return await run_once(self._redis, commands, key=calls[0][1].keys[0])
+
 
 def _fail_all(queued: list[_Queued], error: BaseException) -> None:
-    for _, future in queued:
+    for _, _, future in queued:
         _fail(future, error)
 
 

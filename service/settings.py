@@ -51,6 +51,7 @@ class Settings:
     publish_tokens: tuple[str, ...] = field(default=(), repr=False)
     max_event_bytes: int = 256 * 1024
     max_body_bytes: int = 1024 * 1024
+    idempotency_ttl_s: float = 600.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -66,7 +67,12 @@ class Settings:
             "max_body_bytes",
         ):
             _require(name, getattr(self, name) >= 1, "must be at least 1")
-        for name in ("session_ttl_s", "heartbeat_interval_s", "redis_timeout_s"):
+        for name in (
+            "session_ttl_s",
+            "heartbeat_interval_s",
+            "redis_timeout_s",
+            "idempotency_ttl_s",
+        ):
             _require(name, getattr(self, name) > 0, "must be positive")
         _require("port", self.port >= 0, "must not be negative (0: any free port)")
         _require("port", self.port <= 65535, "must be at most 65535")
