@@ -20,8 +20,10 @@ from .bodies import decode_body
 from .envelope import FINISH_EVENT
 from .errors import (
     IdempotencyKeyReused,
+    InvalidEvent,
     InvalidParameter,
     OutcomeUnknown,
+    SessionFinished,
     SessionNotFound,
     UnsupportedMediaType,
 )
@@ -58,6 +60,10 @@ async def publish_events(request: web.Request) -> web.Response:
         await request.read(), request.headers.get("Content-Encoding", ""), settings.max_body_bytes
     )
     submissions, batch = parse_body(decoded, settings.max_event_bytes)
+    if any(s.event == FINISH_EVENT for s in submissions[:-1]):
+        raise InvalidEvent(
+            f"'{FINISH_EVENT}' ends the session's streams: it may only be the last event"
+        )
     events = [(s.event, s.data) for s in submissions]
     record = None
     if key is not None:
@@ -93,6 +99,11 @@ def _check_outcome(result: PublishedBatch, session_id: str) -> None:
     if outcome is BatchOutcome.KEY_REUSED:
         raise IdempotencyKeyReused(
             "this Idempotency-Key was used for a different request to this session"
+        )
+    if outcome is BatchOutcome.FINISHED:
+        raise SessionFinished(
+            f"session {session_id!r} has finished (its streams ended with 'finish'); "
+            "nothing more can reach them"
         )
     if outcome is BatchOutcome.UNKNOWN_SESSION:
         raise SessionNotFound(f"session {session_id!r} was not issued or has expired")

@@ -84,6 +84,13 @@ class EventTooLarge(ServiceError):
     code = "event_too_large"
 
 
+class SessionFinished(ServiceError):
+    """The session has finished: its streams have ended, so nothing more can reach them."""
+
+    status = 409
+    code = "session_finished"
+
+
 class IdempotencyKeyReused(ServiceError):
     """An `Idempotency-Key` already used for a different request to this session."""
 

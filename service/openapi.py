@@ -228,7 +228,9 @@ def _publish(settings: Settings) -> Spec:
             "appended to the session's log and relayed live, so reconnecting clients get it "
             "replayed. A batch is checked as a whole and published whole or not at all, in "
             "one atomic step.\n\n"
-            "An event named `finish` ends every stream of the session after it is delivered.\n\n"
+            "An event named `finish` ends every stream of the session after it is delivered; "
+            "it may only be the last event of a batch. A finished session takes no more "
+            "events (409): nothing published after `finish` could reach a stream.\n\n"
             "A request is never published twice by the service. If Redis does not confirm it "
             "in time, the answer is 503 `outcome_unknown`: it may or may not have been "
             "published. Send an `Idempotency-Key` to make repeating it safe: for "
@@ -299,10 +301,13 @@ def _publish(settings: Settings) -> Spec:
                           "`malformed_body`: the body cannot be read or decoded with its "
                           "`Content-Encoding`; `malformed_json`: the body is not UTF-8 JSON, or "
                           "holds a number out of range; `invalid_event`: wrong shape, an unknown "
-                          "field, a client-chosen `id`, a bad event name, or a batch size "
-                          f"outside 1-{MAX_BATCH_EVENTS}. A bad batch publishes nothing."),
+                          "field, a client-chosen `id`, a bad event name, a batch size outside "
+                          f"1-{MAX_BATCH_EVENTS}, or a `finish` that is not last. A bad batch "
+                          "publishes nothing."),
             **_auth_errors(),
             "404": _error("`session_not_found` (only with `require_issued_session`)."),
+            "409": _error("`session_finished`: the session has finished; nothing published "
+                          "now could reach a stream."),
             "422": _error("`idempotency_key_reused`: the `Idempotency-Key` was used for a "
                           "different request to this session."),
             "413": _error(

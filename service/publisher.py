@@ -67,6 +67,8 @@ return {'ok', id}
 # The publish API's script: the whole batch or nothing, in one step. With a record key, the
 # first run stores the ids it assigned; a later run with the same key (the caller's retry)
 # answers them again instead of publishing, or 'reused' if the request was a different one.
+# A finished session takes no more events: every stream has ended, and a fresh connect
+# replays its log only up to the finish (a new demo run clears it): 'finished'.
 _PUBLISH_BATCH = """
 local session, log, record = KEYS[1], KEYS[2], KEYS[3]
 if record then
@@ -81,6 +83,8 @@ if redis.call('EXISTS', session) == 0 then
   if ARGV[5] == '1' then return {'unknown', ''} end
   redis.call('HSET', session, 'issued', '0', 'epoch', '0-0')
   redis.call('PEXPIRE', session, ARGV[2])
+elseif redis.call('HEXISTS', session, 'finished') == 1 then
+  return {'finished', ''}
 end
 local ids = {}
 for i = 8, #ARGV, 2 do
@@ -141,6 +145,7 @@ class BatchOutcome(Enum):
     PUBLISHED = "ok"
     REPLAYED = "replayed"  # the idempotency key's first request was published: its ids
     KEY_REUSED = "reused"  # the key belongs to a different request
+    FINISHED = "finished"  # the session has finished: nothing can reach a stream any more
     UNKNOWN_SESSION = "unknown"  # not issued, with require_issued
 
 

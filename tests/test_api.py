@@ -182,3 +182,50 @@ async def test_payload_arrives_byte_exact_at_two_subscribers_on_two_instances(
         events = SSEParser().feed(body.decode())
         assert [(e.event, e.id) for e in events] == [("blob", blob_id), ("finish", finish_id)]
         assert events[0].data == data
+
+
+async def test_publishing_after_finish_is_refused_and_logs_nothing(
+    client: Any, fake_opener: RedisOpener, make_settings: MakeSettings
+) -> None:
+    session_id = await new_session(client)
+    await publish(client, session_id, [{"data": "last words"}, {"event": "finish", "data": "end"}])
+    inspector = await fake_opener(make_settings())
+    logged_before = await inspector.xlen(Keys().log(session_id))
+    for body in ({"data": "too late"}, [{"data": "a"}, {"event": "finish", "data": "b"}]):
+        response = await client.post(
+            f"/sse/sessions/{session_id}/events", json=body, headers=AUTH
+        )
+        assert response.status == 409
+        assert (await response.json())["error"] == "session_finished"
+    assert await inspector.xlen(Keys().log(session_id)) == logged_before
+    await inspector.aclose()
+
+
+async def test_a_finish_must_be_the_last_event_of_a_batch(client: Any) -> None:
+    session_id = await new_session(client)
+    response = await client.post(
+        f"/sse/sessions/{session_id}/events",
+        json=[{"event": "finish", "data": "end"}, {"data": "after the end"}],
+        headers=AUTH,
+    )
+    assert response.status == 400
+    assert (await response.json())["error"] == "invalid_event"
+    assert (await status(client, session_id))["lastEventId"] is None
+
+
+async def test_a_new_demo_run_takes_events_again_after_the_last_one_finished(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
+) -> None:
+    client = await start_client(make_settings(publish_tokens=[TOKEN]), fake_opener)
+    session_id = await new_session(client)
+    async with client.get("/sse/connect", params={"sessionId": session_id}) as stream:
+        assert (await collect(stream))[-1].event == "finish"
+    refused = await client.post(
+        f"/sse/sessions/{session_id}/events", json={"data": "x"}, headers=AUTH
+    )
+    assert refused.status == 409
+    async with client.get("/sse/connect", params={"sessionId": session_id}) as stream:
+        await collect(stream, until=1)  # a fresh connect started a new run
+        reply = await publish(client, session_id, {"event": "aside", "data": "x"})
+        rest = await collect(stream)
+    assert reply["id"] in [e.id for e in rest]
