@@ -179,7 +179,8 @@ class Producer:
                 why = str(error)
             failures += 1
             delay_s = min(self._poll_s, RETRY_BASE_S * 2**failures)
-            log.warning(
+            log.log(
+                logging.INFO if why.endswith("(shutdown)") else logging.WARNING,
                 "producer lost its wake-up subscription: %s; polling, subscribing again in %.1fs",
                 why,
                 delay_s,
@@ -273,7 +274,7 @@ class Producer:
                 event, data = demo_event(session_id, seq, count, self._clock())
                 fence = Fence(token=token, seq=seq, lease_ms=self._lease_ms)
                 outcome = await self._publish_until_redis_answers(session_id, event, data, fence)
-                if outcome is PublishOutcome.LEASE_LOST:
+                if outcome in (PublishOutcome.LEASE_LOST, PublishOutcome.SESSION_DELETED):
                     log.warning("run of session %s lost its lease at event %d", session_id, seq)
                     return
                 self.events_published += 1
