@@ -28,7 +28,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .once import OutcomeUnknown as OutcomeUnknownError
-from .publisher import BatchOutcome, IdempotencyRecord, PublishedBatch
+from .publisher import BatchOutcome, IdempotencyRecord, PublishedBatch, SessionEnd
 from .sessions import is_valid_session_id
 from .submission import parse_body
 from .topology import subscriber_count
@@ -105,6 +105,8 @@ def _check_outcome(result: PublishedBatch, session_id: str) -> None:
             f"session {session_id!r} has finished (its streams ended with 'finish'); "
             "nothing more can reach them"
         )
+    if outcome is BatchOutcome.DELETED:
+        raise SessionNotFound(f"session {session_id!r} was deleted")
     if outcome is BatchOutcome.UNKNOWN_SESSION:
         raise SessionNotFound(f"session {session_id!r} was not issued or has expired")
 
@@ -128,18 +130,28 @@ def _digest(events: list[tuple[str, str]], batch: bool) -> str:
 
 
 async def delete_session(request: web.Request) -> web.Response:
-    """End a session: its streams get a final `finish` event and close; its keys are removed."""
+    """End a session: its streams get a final `finish` event and close; its keys are removed.
+
+    A tombstone stays for a session TTL: resumes are answered 204, publishes do not re-create
+    the session, and a repeated DELETE (a retry) is answered 204 again.
+    """
     authorize(request.headers, request.app[r.settings_key])
     session_id = _session_id(request)
-    if not await _session_exists(request, session_id):
-        raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
     keys, redis = request.app[r.keys_key], request.app[r.redis_key]
-    # The finish goes out first, so every worker's streams of the session end on it.
-    await request.app[r.publisher_key].publish(session_id, FINISH_EVENT, DELETED_DATA)
-    # The session's keys share one hash slot; the runs index lives elsewhere, so two commands.
-    await redis.delete(*keys.session_keys(session_id))
+    try:
+        ended = await request.app[r.publisher_key].end_session(session_id, DELETED_DATA)
+    except OutcomeUnknownError:
+        raise OutcomeUnknown(
+            "redis did not confirm in time; repeat the request: it answers 204 once the "
+            "session is gone",
+            headers={"Retry-After": "1"},
+        ) from None
+    if ended is SessionEnd.MISSING:
+        raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
+    # The runs index lives on another slot: its own command, harmless to repeat.
     await redis.zrem(keys.runs, session_id)
-    log.info("session %s deleted via the API", session_id)
+    if ended is SessionEnd.DELETED:
+        log.info("session %s deleted via the API", session_id)
     return web.Response(status=204)
 
 
@@ -175,14 +187,6 @@ def _session_id(request: web.Request) -> str:
     if not is_valid_session_id(session_id):
         raise InvalidParameter("'sessionId' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
     return session_id
-
-
-async def _session_exists(request: web.Request, session_id: str) -> bool:
-    keys = request.app[r.keys_key]
-    found: int = await request.app[r.redis_key].exists(
-        keys.session(session_id), keys.log(session_id)
-    )
-    return found > 0
 
 
 def _text(value: bytes | str) -> str:

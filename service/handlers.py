@@ -27,6 +27,7 @@ from .stream import SSE_HEADERS, EventStream, StreamEnd, StreamPlan
 log = logging.getLogger(__name__)
 
 LAST_EVENT_ID_HEADER = "Last-Event-ID"
+NOTHING_MORE_HEADERS = {"Cache-Control": "no-store"}
 
 
 async def get_session_id(request: web.Request) -> web.Response:
@@ -60,8 +61,11 @@ async def _serve_stream(
         )
         if attachment.status is AttachStatus.UNKNOWN:
             raise SessionNotFound(f"session {session_id!r} was not issued or has expired")
-        if _already_finished(last_event_id, attachment):
-            return web.Response(status=204)
+        if attachment.status is AttachStatus.GONE or _already_finished(
+            last_event_id, attachment
+        ):
+            # Nothing more will come: 204 is the one answer that stops EventSource.
+            return web.Response(status=204, headers=NOTHING_MORE_HEADERS)
         if attachment.run_needs_producer:
             await request_run(app[r.redis_key], keys, session_id)
         response = web.StreamResponse(

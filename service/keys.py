@@ -36,6 +36,10 @@ class Keys:
         """String with a TTL: the token of the producer currently executing the run."""
         return f"{self.prefix}:{{{session_id}}}:lease"
 
+    def tombstone(self, session_id: str) -> str:
+        """String with a TTL, left by a DELETE: a resume gets 204 and no publish re-creates it."""
+        return f"{self.prefix}:{{{session_id}}}:deleted"
+
     def idempotency(self, session_id: str, key: str) -> str:
         """String with a TTL: the ids a publish with the caller's `Idempotency-Key` assigned."""
         return f"{self.prefix}:{{{session_id}}}:published:{key}"

@@ -91,7 +91,8 @@ sent before the first event.
 
 Event ids are positions in the session's log, `<milliseconds>-<sequence>`, strictly increasing.
 A client resumes with `Last-Event-ID` and is replayed what it missed, as long as the log (capped,
-and expiring with the session) still holds it; otherwise it gets a `gap` event first."""
+and expiring with the session) still holds it; otherwise it gets a `gap` event first, and if the
+session itself is gone the stream ends there and a resume is answered 204."""
 
 
 def _get_session_id() -> Spec:
@@ -130,7 +131,8 @@ def _connect(settings: Settings) -> Spec:
             f"Idle streams get a `: ping` comment every {settings.heartbeat_interval_s:g} s. "
             "Only events end with a blank line: `retry:` and comments have none of their own, "
             "so clients that hand every block over never see an empty message. "
-            "The stream ends after the `finish` event, when the session expires "
+            "The stream ends after the `finish` event, right after a `gap` event when the "
+            "session itself is gone, when the session expires "
             f"(TTL {settings.session_ttl_s:g} s from the last fresh connect), when the client is "
             "too slow to keep up, or when the worker shuts down.\n\n"
             "A fresh connect (no resume point) renews the session's TTL"
@@ -175,13 +177,18 @@ def _connect(settings: Settings) -> Spec:
                 "content": {"text/event-stream": {"schema": _ref("schemas", "StreamEvent")}},
             },
             "204": {
-                "description": "The resume point is at or after the session's `finish`; nothing "
-                "more will come (EventSource stops reconnecting)."
+                "description": "A resume (a resume point was given) of a session that has "
+                "nothing more to send: the resume point is at or after its `finish`, or the "
+                "session no longer exists (expired, deleted, lost with Redis' data). "
+                "EventSource stops reconnecting.",
+                "headers": {
+                    "Cache-Control": {"schema": {"type": "string", "enum": ["no-store"]}}
+                },
             },
             "400": _error("`invalid_parameter`: `sessionId` missing, repeated or malformed, "
                           "or a malformed resume point."),
-            "404": _error("`session_not_found`: the id was not issued or has expired "
-                          "(only with `require_issued_session`)."),
+            "404": _error("`session_not_found`: a fresh connect to an id that was not issued "
+                          "or has expired (only with `require_issued_session`)."),
             "429": _error("`too_many_session_connections`: this session already has "
                           f"{settings.max_connections_per_session} streams on this worker."),
             "503": _error(
@@ -238,7 +245,8 @@ def _publish(settings: Settings) -> Spec:
             "answer the ids of the first publish (with `Idempotent-Replayed: true`) instead "
             "of publishing again.\n\n"
             "Publishing to a session nobody has connected to yet creates it, unless "
-            "`require_issued_session` is on: then an unknown session is 404."
+            "`require_issued_session` is on (then an unknown session is 404); a deleted "
+            "session is not re-created (404)."
         ),
         "security": _security(settings),
         "parameters": [
@@ -305,7 +313,8 @@ def _publish(settings: Settings) -> Spec:
                           f"1-{MAX_BATCH_EVENTS}, or a `finish` that is not last. A bad batch "
                           "publishes nothing."),
             **_auth_errors(),
-            "404": _error("`session_not_found` (only with `require_issued_session`)."),
+            "404": _error("`session_not_found`: the session was deleted, or (only with "
+                          "`require_issued_session`) never issued or expired."),
             "409": _error("`session_finished`: the session has finished; nothing published "
                           "now could reach a stream."),
             "422": _error("`idempotency_key_reused`: the `Idempotency-Key` was used for a "
@@ -345,16 +354,24 @@ def _delete_session(settings: Settings) -> Spec:
         "operationId": "deleteSession",
         "summary": "End a session",
         "description": "Publishes a final `finish` event (data `session deleted`) so every "
-        "stream of the session, on every worker, receives it and closes; then removes the "
-        "session's record, log and demo-run state. A later connect with the same id starts "
-        "a new, empty session (unless `require_issued_session` is on: then 404).",
+        "stream of the session, on every worker, receives it and closes, and removes the "
+        "session's record, log and demo-run state, in one step. For a session TTL a "
+        "tombstone remains: a resume is answered 204, a publish 404, a repeated DELETE 204. "
+        "A later fresh connect with the same id starts a new, empty session (unless "
+        "`require_issued_session` is on: then 404).",
         "security": _security(settings),
         "responses": {
-            "204": {"description": "The session ended and its data is gone."},
+            "204": {"description": "The session ended and its data is gone (or it was "
+                    "deleted a moment ago)."},
             "400": _error("`invalid_parameter`: malformed `sessionId`."),
             **_auth_errors(),
             "404": _error("`session_not_found`: no such session (never existed or expired)."),
-            "503": _ref("responses", "Unavailable"),
+            "503": _error(
+                "`unavailable`: Redis is unreachable, nothing was done; `outcome_unknown`: "
+                "Redis did not confirm in time (repeat the request: it answers 204 once the "
+                "session is gone).",
+                retry_after=True,
+            ),
         },
     }
 

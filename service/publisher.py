@@ -23,13 +23,14 @@ from .once import run_once
 from .sse import check_field
 from .topology import publish_command
 
-# KEYS: session, log, run, lease.
+# KEYS: session, log, run, lease, tombstone.
 # ARGV: channel, event, data, ttl_ms, maxlen, token ('' = no fencing), seq, lease_ms,
 # publish command (SPUBLISH on a cluster: the channel shares the keys' slot).
 # With a token the caller is a producer run: it must still hold the lease and be at `seq`,
 # and its progress advances in the same step as the publish, so no event goes out twice.
 # A retry of a publish whose reply was lost finds `next` already at seq + 1: 'done'.
 # A fenced publish also answers how many subscribers heard it (the producer's idle signal).
+# A session deleted through the API (its tombstone stands) is not re-created: 'deleted'.
 _PUBLISH = """
 local session, log, run, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local channel, event, data = ARGV[1], ARGV[2], ARGV[3]
@@ -41,6 +42,7 @@ if token ~= '' then
   if next_seq ~= ARGV[7] then return {'lost', ''} end
 end
 if redis.call('EXISTS', session) == 0 then
+  if redis.call('EXISTS', KEYS[5]) == 1 then return {'deleted', ''} end
   redis.call('HSET', session, 'issued', '0', 'epoch', '0-0')
   redis.call('PEXPIRE', session, ARGV[4])
 end
@@ -61,7 +63,7 @@ end
 return {'ok', id}
 """
 
-# KEYS: session, log, and the idempotency record when the caller gave a key.
+# KEYS: session, log, tombstone, and the idempotency record when the caller gave a key.
 # ARGV: channel, ttl_ms, maxlen, publish command, require_issued ('1'/'0'), record ttl_ms,
 # request digest, then event name and data for each event of the batch.
 # The publish API's script: the whole batch or nothing, in one step. With a record key, the
@@ -70,7 +72,7 @@ return {'ok', id}
 # A finished session takes no more events: every stream has ended, and a fresh connect
 # replays its log only up to the finish (a new demo run clears it): 'finished'.
 _PUBLISH_BATCH = """
-local session, log, record = KEYS[1], KEYS[2], KEYS[3]
+local session, log, tombstone, record = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if record then
   local stored = redis.call('GET', record)
   if stored then
@@ -80,6 +82,7 @@ if record then
   end
 end
 if redis.call('EXISTS', session) == 0 then
+  if redis.call('EXISTS', tombstone) == 1 then return {'deleted', ''} end
   if ARGV[5] == '1' then return {'unknown', ''} end
   redis.call('HSET', session, 'issued', '0', 'epoch', '0-0')
   redis.call('PEXPIRE', session, ARGV[2])
@@ -100,6 +103,22 @@ if record then redis.call('SET', record, ARGV[7] .. ' ' .. joined, 'PX', ARGV[6]
 return {'ok', joined}
 """
 
+# KEYS: session, log, run, lease, tombstone. ARGV: channel, data, publish command, ttl_ms.
+# Ends a session in one step: a last `finish` goes out to its live streams, its keys go, and
+# a tombstone stays for a session TTL, so that no publish re-creates the session, a resume
+# is answered 204, and a repeated DELETE (a caller's retry) is known to have succeeded.
+_END_SESSION = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then
+  if redis.call('EXISTS', KEYS[5]) == 1 then return 'ended' end
+  return 'missing'
+end
+local id = redis.call('XADD', KEYS[2], '*', 'e', 'finish', 'd', ARGV[2])
+redis.call(ARGV[3], ARGV[1], id .. '\\n' .. 'finish' .. '\\n' .. ARGV[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('SET', KEYS[5], id, 'PX', ARGV[4])
+return 'deleted'
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Fence:
@@ -116,6 +135,7 @@ class PublishOutcome(Enum):
     PUBLISHED = "ok"
     ALREADY_PUBLISHED = "done"
     LEASE_LOST = "lost"
+    SESSION_DELETED = "deleted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +166,7 @@ class BatchOutcome(Enum):
     REPLAYED = "replayed"  # the idempotency key's first request was published: its ids
     KEY_REUSED = "reused"  # the key belongs to a different request
     FINISHED = "finished"  # the session has finished: nothing can reach a stream any more
+    DELETED = "deleted"  # the session was deleted (its tombstone stands)
     UNKNOWN_SESSION = "unknown"  # not issued, with require_issued
 
 
@@ -155,6 +176,14 @@ class PublishedBatch:
 
     outcome: BatchOutcome
     ids: list[str]
+
+
+class SessionEnd(Enum):
+    """What ending a session found."""
+
+    DELETED = "deleted"
+    ALREADY_DELETED = "ended"  # a repeated delete: its tombstone stands
+    MISSING = "missing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +222,7 @@ class Publisher:
         self._log_maxlen = log_maxlen
         self._script = redis.register_script(_PUBLISH)
         self._batch_script = redis.register_script(_PUBLISH_BATCH)
+        self._end_script = redis.register_script(_END_SESSION)
         self._publish_command = publish_command(redis)
         self._batching = pipelines_queue(redis)
         self._queued: list[_Queued] = []
@@ -212,6 +242,7 @@ class Publisher:
                 k.log(session_id),
                 k.run(session_id),
                 k.lease(session_id),
+                k.tombstone(session_id),
             ],
             args=[
                 k.channel(session_id),
@@ -256,7 +287,7 @@ class Publisher:
         if not events:
             raise ValueError("a batch holds at least one event")
         k = self._keys
-        keys = [k.session(session_id), k.log(session_id)]
+        keys = [k.session(session_id), k.log(session_id), k.tombstone(session_id)]
         if record is not None:
             keys.append(k.idempotency(session_id, record.key))
         args: list[str | int] = [
@@ -276,6 +307,16 @@ class Publisher:
         if batch.outcome is BatchOutcome.PUBLISHED:
             self.events_published += len(batch.ids)
         return batch
+
+    async def end_session(self, session_id: str, data: str) -> SessionEnd:
+        """Send a last `finish` (with `data`) to the session's streams and remove the session."""
+        k = self._keys
+        call = ScriptCall(
+            keys=[*k.session_keys(session_id), k.tombstone(session_id)],
+            args=[k.channel(session_id), data, self._publish_command, self._ttl_ms],
+        )
+        reply = await self._run(self._end_script, call)
+        return SessionEnd(reply.decode() if isinstance(reply, bytes) else reply)
 
     async def _run(self, script: AsyncScript, call: ScriptCall) -> Any:
         if self._batching:

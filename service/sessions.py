@@ -34,7 +34,8 @@ class AttachStatus(Enum):
     """What `attach` found."""
 
     ATTACHED = "attached"
-    UNKNOWN = "unknown"
+    UNKNOWN = "unknown"  # a fresh connect to a session not issued, with require_issued
+    GONE = "gone"  # a resume of a session that no longer exists: nothing will ever come
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,19 +49,24 @@ class Attachment:
     run_needs_producer: bool
 
 
-# KEYS: session, log, run, lease.
+# KEYS: session, log, run, lease, tombstone.
 # ARGV: ttl_ms, require_issued, last_id ('' = fresh), start_runs, count.
-# A fresh connect refreshes the session's TTL, and on a session without an active run (new or
-# finished) starts one: the epoch moves to the log's newest id so the new run replays from there.
+# A resume (a last id) of a session that no longer exists (expired, deleted, lost with Redis'
+# data) is 'gone': it is never re-created, so the client can be told to stop. A fresh connect
+# registers the session as the original demo does (a deleted one too), refreshes its TTL, and
+# on a session without an active run (new or finished) starts one: the epoch moves to the
+# log's newest id so the new run replays from there.
 _ATTACH = """
 local session, log, run = KEYS[1], KEYS[2], KEYS[3]
 local ttl = tonumber(ARGV[1])
+local fresh = ARGV[3] == ''
 if redis.call('EXISTS', session) == 0 then
+  if not fresh then return {'gone', '', '', 0, 0} end
   if ARGV[2] == '1' then return {'unknown', '', '', 0, 0} end
+  redis.call('DEL', KEYS[5])
   redis.call('HSET', session, 'issued', '0', 'epoch', '0-0')
   redis.call('PEXPIRE', session, ttl)
 end
-local fresh = ARGV[3] == ''
 local needs_producer = 0
 if fresh then
   redis.call('PEXPIRE', session, ttl)
@@ -124,7 +130,13 @@ class SessionStore:
         """Register a connection; a fresh one may start a demo run of `start_run_with` events."""
         k = self._keys
         reply = await self._attach(
-            keys=[k.session(session_id), k.log(session_id), k.run(session_id), k.lease(session_id)],
+            keys=[
+                k.session(session_id),
+                k.log(session_id),
+                k.run(session_id),
+                k.lease(session_id),
+                k.tombstone(session_id),
+            ],
             args=[
                 self._ttl_ms,
                 int(require_issued),
@@ -141,6 +153,10 @@ class SessionStore:
             ttl_ms=int(ttl_ms),
             run_needs_producer=bool(needs_producer),
         )
+
+    async def exists(self, session_id: str) -> bool:
+        """Whether the session still exists (not expired, deleted or lost)."""
+        return bool(await self._redis.exists(self._keys.session(session_id)))
 
     async def ttl_ms(self, session_id: str) -> int:
         """Milliseconds the session has left; 0 or less when it is gone."""

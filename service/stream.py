@@ -45,6 +45,7 @@ class StreamEnd(Enum):
     SLOW = "slow"
     SHUTDOWN = "shutdown"
     HUB_FAILED = "hub_failed"
+    SESSION_GONE = "session_gone"  # its history and the session itself were lost: after `gap`
 
 
 _END_BY_HUB = {
@@ -101,7 +102,7 @@ class EventStream:
         self._last_id = plan.replay_after
         self._last_position = parse_event_id(plan.replay_after)
         self._needs_resync = False
-        self._finished = False
+        self._end: StreamEnd | None = None  # set by what the stream wrote: finish, or gap
         self.events_sent = 0
         self.events_replayed = 0
 
@@ -129,7 +130,7 @@ class EventStream:
         await self._replay(plan.replay_after, plan.detect_gap)
         listener, live = self._listener, self._live
         direct = self._write_live if live is not None else None
-        while not self._finished:
+        while self._end is None:
             wait_s = min(plan.heartbeat_interval_s, max(0.0, expires_at - time.monotonic()))
             listener.direct = direct
             try:
@@ -151,7 +152,7 @@ class EventStream:
                 await self._resync()
             else:
                 await self._response.write(sse.PING)
-        return StreamEnd.FINISHED
+        return self._end
 
     def _write_live(self, item: Incoming | Resync) -> bool:
         """Take a plain live event for the socket; False leaves `item` to the task."""
@@ -185,7 +186,7 @@ class EventStream:
                 # log cannot be read yet, drop them: the next successful resync replays them.
                 await self._flush(frames)
                 frames = []
-                if not await self._resync() or self._finished:
+                if not await self._resync() or self._end is not None:
                     return
             try:
                 delivery = item.delivery
@@ -195,10 +196,10 @@ class EventStream:
             if self._accept(delivery):
                 frames.append(delivery.frame)
                 if delivery.is_finish:
-                    self._finished = True
+                    self._end = StreamEnd.FINISHED
                     break
         await self._flush(frames)
-        if self._needs_resync and not self._finished:
+        if self._needs_resync and self._end is None:
             await self._resync()
 
     async def _resync(self) -> bool:
@@ -230,19 +231,27 @@ class EventStream:
             return round(self._plan.heartbeat_interval_s * 1000)
 
     async def _replay(self, after: str, detect_gap: bool) -> None:
-        """Write logged events after `after`, stopping after `finish`."""
-        deliveries, gap = await self._sessions.read_log(
-            self._plan.session_id, after, detect_gap=detect_gap
-        )
+        """Write logged events after `after`, stopping after `finish`.
+
+        A hole in the history is announced with `gap` (data: the last id the client had).
+        If the session itself is gone (expired, deleted, lost with Redis' data), nothing
+        will ever follow: the stream ends right after the `gap`, and the client's resume
+        is answered 204.
+        """
+        session_id = self._plan.session_id
+        deliveries, gap = await self._sessions.read_log(session_id, after, detect_gap=detect_gap)
         frames = []
         if gap:
             frames.append(sse.Event(data=after, event=GAP_EVENT).encode())
+            if not deliveries and not await self._sessions.exists(session_id):
+                log.info("session %s is gone: its stream ends after a gap", session_id)
+                self._end = StreamEnd.SESSION_GONE
         for delivery in deliveries:
             if self._accept(delivery):
                 self.events_replayed += 1
                 frames.append(delivery.frame)
                 if delivery.is_finish:
-                    self._finished = True
+                    self._end = StreamEnd.FINISHED
                     break
         await self._flush(frames)
 
