@@ -1,4 +1,4 @@
-"""Command line: `python -m service [serve|producer] [--config PATH]`."""
+"""Command line: `python -m service [serve|producer] [--config PATH]`, or `token ...`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from .producer_main import require_shared_redis, run_producer
 from .serving import run_worker
 from .settings import Settings, SettingsError, load_settings
 from .startup import StartupError, bind_sockets, serving_line
+from .token_cli import mint_command
+from .token_keys import load_key_ring
 
 log = logging.getLogger("service")
 
@@ -33,7 +35,14 @@ GC_THRESHOLDS = (50_000, 10, 10)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen component until it is stopped."""
-    parser = argparse.ArgumentParser(prog="sse-fanout", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["token"]:
+        return mint_command(argv[1:], os.environ)
+    parser = argparse.ArgumentParser(
+        prog="sse-fanout",
+        description=__doc__,
+        epilog="`sse-fanout token --help`: mint an access token for sessions.",
+    )
     parser.add_argument(
         "command",
         nargs="?",
@@ -50,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config, os.environ)
+        load_key_ring(settings)  # a key file that cannot be used stops the start, with its name
     except SettingsError as error:
         print(f"sse-fanout: {error}", file=sys.stderr)
         return 2

@@ -1,4 +1,7 @@
-"""One log line per HTTP request: method, path, status, duration and request id.
+"""One log line per HTTP request: method, path and query, status, duration and request id.
+
+The query is logged with secrets redacted (see redaction.py): a token in a URL stays out of
+the log.
 
 aiohttp's own access log is switched off (see logs.py) because it cannot carry the request id
 or structured fields. A stream's line is written when the stream ends, so its duration is the
@@ -14,6 +17,7 @@ import time
 from aiohttp import web
 
 from .errors import Handler, request_id_of
+from .redaction import redacted_query
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +45,13 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     finally:
         request_id = request_id_of(request)
         duration_s = time.monotonic() - started
+        query = redacted_query(request.rel_url.raw_query_string)
         log.log(
             logging.DEBUG if request.path in QUIET_PATHS else logging.INFO,
-            "%s %s %d %.3fs request=%s",
+            "%s %s%s %d %.3fs request=%s",
             request.method,
             request.path,
+            f"?{query}" if query else "",
             status,
             duration_s,
             request_id,
@@ -53,6 +59,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
                 "fields": {
                     "method": request.method,
                     "path": request.path,
+                    "query": query,
                     "status": status,
                     "duration_s": round(duration_s, 6),
                     "request_id": request_id,

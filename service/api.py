@@ -51,7 +51,7 @@ async def publish_events(request: web.Request) -> web.Response:
     unknown is answered 503 `outcome_unknown`, for the caller to repeat with its key.
     """
     settings = request.app[r.settings_key]
-    authorize(request.headers, settings)
+    authorize(request)
     session_id = _session_id(request)
     key = _idempotency_key(request)
     if request.content_type != JSON_TYPE:
@@ -135,7 +135,7 @@ async def delete_session(request: web.Request) -> web.Response:
     A tombstone stays for a session TTL: resumes are answered 204, publishes do not re-create
     the session, and a repeated DELETE (a retry) is answered 204 again.
     """
-    authorize(request.headers, request.app[r.settings_key])
+    authorize(request)
     session_id = _session_id(request)
     keys, redis = request.app[r.keys_key], request.app[r.redis_key]
     try:
@@ -157,7 +157,7 @@ async def delete_session(request: web.Request) -> web.Response:
 
 async def session_status(request: web.Request) -> web.Response:
     """TTL left, subscribed workers, local streams, whether it finished, its newest event id."""
-    authorize(request.headers, request.app[r.settings_key])
+    authorize(request)
     session_id = _session_id(request)
     keys = request.app[r.keys_key]
     channel = keys.channel(session_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp_cors
 from aiohttp import web
 
-from . import api, docs_page, handlers, openapi
+from . import api, demo_token, docs_page, handlers, openapi
 from . import resources as r
 from .access_log import access_log_middleware
 from .admission import Admission
@@ -32,6 +32,7 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
     app[r.keys_key] = Keys(settings.key_prefix)
     app[r.lifecycle_key] = r.Lifecycle()
     app[r.admission_key] = Admission(settings.max_connections, settings.max_connections_per_session)
+    app.cleanup_ctx.append(r.tokens_ctx)
     app.cleanup_ctx.append(r.redis_ctx)
     app.cleanup_ctx.append(r.hub_ctx)
     app.cleanup_ctx.append(r.metrics_ctx)
@@ -71,5 +72,7 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
         web.get("/openapi.json", openapi.openapi_json),
         web.get("/docs", docs_page.docs),
     ]
+    if settings.embedded_redis:
+        routes.append(web.post("/dev/token", demo_token.mint_demo_token))
     for route in app.router.add_routes(routes):
         cors.add(route)

@@ -1,9 +1,10 @@
-"""Who may use the session API: bearer tokens from settings, compared in constant time.
+"""Who may use the session API: static bearer tokens, or signed tokens scoped to sessions.
 
-Subscribing needs only the unguessable session id (as in the original demo); publishing,
-ending a session and reading its status need one of `publish_tokens`. With no token
-configured the API is switched off (403), except in the embedded default mode (no
-`redis_url`), where it is open so the single-process demo works out of the box.
+Publishing, ending a session and reading its status need one of `publish_tokens` (compared
+in constant time) or a signed token (service/tokens.py) whose `sse.publish` names the
+session. With neither configured the API is switched off (403), except in the embedded
+default mode (no `redis_url`), where it is open so the single-process demo works out of the
+box. Who may subscribe is subscribe_auth.py's business.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import hmac
 from collections.abc import Mapping
 from enum import Enum
 
+from aiohttp import web
+
+from . import resources as r
 from .errors import PublishingDisabled, Unauthorized
 from .settings import Settings
+from .tokens import InsufficientScope, Scope
 
 AUTHORIZATION_HEADER = "Authorization"
 _SCHEME = "bearer"
@@ -30,7 +35,7 @@ class AccessPolicy(Enum):
 
 def access_policy(settings: Settings) -> AccessPolicy:
     """Tokens if any are configured; otherwise open only in embedded mode."""
-    if settings.publish_tokens:
+    if settings.publish_tokens or settings.token_keys_configured:
         return AccessPolicy.TOKEN
     return AccessPolicy.OPEN if settings.embedded_redis else AccessPolicy.DISABLED
 
@@ -44,26 +49,40 @@ def token_matches(given: str, tokens: tuple[str, ...]) -> bool:
     return matched
 
 
-def authorize(headers: Mapping[str, str], settings: Settings) -> None:
-    """Return if the request may use the session API; raise a 401 or 403 ServiceError if not.
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The token of `Authorization: Bearer <token>` ('' if empty), None for any other header."""
+    scheme, _, token = headers.get(AUTHORIZATION_HEADER, "").strip().partition(" ")
+    return token.strip() if scheme.lower() == _SCHEME else None
+
+
+def authorize(request: web.Request) -> None:
+    """Return if the request may use the session API on its session; raise 401 or 403 if not.
 
     The token itself never appears in an error detail or a log line.
     """
+    settings = request.app[r.settings_key]
     policy = access_policy(settings)
     if policy is AccessPolicy.OPEN:
         return
     if policy is AccessPolicy.DISABLED:
         raise PublishingDisabled(
-            "the session API is disabled: no publish token is configured (publish_tokens)"
+            "the session API is disabled: no publish token or token key is configured "
+            "(publish_tokens, token_hs256_secrets, token_public_keys, token_jwks_path)"
         )
-    scheme, _, token = headers.get(AUTHORIZATION_HEADER, "").strip().partition(" ")
-    if scheme.lower() != _SCHEME or not token.strip():
+    token = bearer_token(request.headers)
+    if not token:
         raise Unauthorized(
             "a bearer token is required (Authorization: Bearer <token>)",
             headers={"WWW-Authenticate": _CHALLENGE},
         )
-    if not token_matches(token.strip(), settings.publish_tokens):
-        raise Unauthorized(
-            "the bearer token is not valid",
-            headers={"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'},
-        )
+    if token_matches(token, settings.publish_tokens):
+        return
+    if settings.token_keys_configured and token.count(".") == 2:
+        grant = request.app[r.token_verifier_key].verify(token)  # 401 unless genuine, current
+        if not grant.covers(Scope.PUBLISH, request.match_info["sessionId"]):
+            raise InsufficientScope(Scope.PUBLISH)
+        return
+    raise Unauthorized(
+        "the bearer token is not valid",
+        headers={"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'},
+    )

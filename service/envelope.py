@@ -15,6 +15,8 @@ FINISH_EVENT = "finish"
 # Sent by the service itself when a resuming client's history is no longer all in the log;
 # publishers may not use the name, so a client can trust it.
 GAP_EVENT = "gap"
+# Sent by the service itself as the last event of a stream whose subscriber's token expired.
+UNAUTHORIZED_EVENT = "unauthorized"
 # The event ids clients may send back: ASCII digits only (`\d` would admit other scripts'
 # digits), at most 19 per part so that each part fits the 64-bit numbers of Redis stream ids
 # (milliseconds have 13 digits). The OpenAPI description states the same pattern.

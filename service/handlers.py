@@ -23,6 +23,7 @@ from .metrics import CONTENT_TYPE, StreamMetrics, render
 from .producer import request_run
 from .sessions import Attachment, AttachStatus, is_valid_session_id
 from .stream import SSE_HEADERS, EventStream, StreamEnd, StreamPlan
+from .subscribe_auth import StreamAccess, check_subscriber
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,18 @@ async def connect(request: web.Request) -> web.StreamResponse:
     app = request.app
     session_id = _session_id(request)
     last_event_id = _last_event_id(request)
+    access = check_subscriber(request, session_id)
+    if access.stop:
+        # An expired token's reconnect: EventSource stops.
+        return web.Response(status=204, headers=NOTHING_MORE_HEADERS)
     if app[r.lifecycle_key].draining:
         raise Unavailable("this worker is shutting down", headers={"Retry-After": "1"})
     with app[r.admission_key].admit(session_id):
-        return await _serve_stream(request, session_id, last_event_id)
+        return await _serve_stream(request, session_id, last_event_id, access)
 
 
 async def _serve_stream(
-    request: web.Request, session_id: str, last_event_id: str | None
+    request: web.Request, session_id: str, last_event_id: str | None, access: StreamAccess
 ) -> web.StreamResponse:
     app = request.app
     settings, hub, keys = app[r.settings_key], app[r.hub_key], app[r.keys_key]
@@ -85,6 +90,7 @@ async def _serve_stream(
             ttl_ms=attachment.ttl_ms,
             retry_ms=settings.retry_ms,
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            access_ends_at=access.monotonic_deadline(),
         )
         stream = EventStream(
             response, listener, app[r.sessions_key], plan, request.transport,

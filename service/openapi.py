@@ -16,11 +16,13 @@ from . import __version__
 from . import resources as r
 from .api import IDEMPOTENCY_KEY
 from .auth import AccessPolicy, access_policy
+from .demo_token import DEFAULT_DEMO_TTL_S, MAX_DEMO_TTL_S
 from .envelope import EVENT_ID_PATTERN as EVENT_ID_PATTERN_TEXT
-from .envelope import GAP_EVENT
+from .envelope import GAP_EVENT, UNAUTHORIZED_EVENT
 from .sessions import SESSION_ID_BITS, SESSION_ID_LENGTH, SESSION_ID_PATTERN
 from .settings import Settings
 from .submission import EVENT_NAME_PATTERN, MAX_BATCH_EVENTS
+from .subscribe_auth import ACCESS_TOKEN_PARAM
 
 EVENT_ID_PATTERN = f"^{EVENT_ID_PATTERN_TEXT}$"
 # An empty resume point counts as none, as EventSource sends no header before the first id.
@@ -74,6 +76,7 @@ def build_document(settings: Settings) -> Spec:
             "/": {"get": _static_op("The browser demo page.", "text/html")},
             "/app.js": {"get": _static_op("The demo page's script.", "text/javascript")},
             "/style.css": {"get": _static_op("The demo page's style sheet.", "text/css")},
+            **({"/dev/token": {"post": _demo_token()}} if settings.embedded_redis else {}),
         },
         "components": _components(settings),
     }
@@ -81,8 +84,10 @@ def build_document(settings: Settings) -> Spec:
 
 _INFO_TEXT = """\
 A browser gets a session id, opens an EventSource on `/sse/connect`, and receives every event
-published to that session by any backend through any worker. Subscribing needs only the
-unguessable session id. The session API (`/sse/sessions/...`) needs a bearer token.
+published to that session by any backend through any worker. Subscribing needs the
+unguessable session id and, with `subscribe_auth = "token"`, a signed token (JWT) whose
+`sse.subscribe` claim names the session. The session API (`/sse/sessions/...`) needs a bearer
+token: a static publish token, or a signed token whose `sse.publish` claim names the session.
 
 Every error is JSON: `{"error": "<stable code>", "detail": "<text for people>"}`. Each response
 carries an `X-Request-Id` header (a request may send its own, up to 64 printable characters)
@@ -121,7 +126,9 @@ def _get_session_id() -> Spec:
 
 
 def _connect(settings: Settings) -> Spec:
+    token_mode = settings.subscribe_auth == "token"
     return {
+        **({"security": _SUBSCRIBER_SECURITY} if token_mode else {}),
         "tags": ["stream"],
         "operationId": "connect",
         "summary": "Open the session's event stream",
@@ -134,8 +141,10 @@ def _connect(settings: Settings) -> Spec:
             "The stream ends after the `finish` event, right after a `gap` event when the "
             "session itself is gone, when the session expires "
             f"(TTL {settings.session_ttl_s:g} s from the last fresh connect), when the client is "
-            "too slow to keep up, or when the worker shuts down.\n\n"
-            "A fresh connect (no resume point) renews the session's TTL"
+            "too slow to keep up, or when the worker shuts down"
+            + (", and when the subscriber's token expires (after an `unauthorized` event).\n\n"
+               if token_mode else ".\n\n")
+            + "A fresh connect (no resume point) renews the session's TTL"
             + (" and starts a demo run of "
                f"{settings.producer_event_count} events when none is active."
                if settings.demo_runs else ".")
@@ -171,8 +180,9 @@ def _connect(settings: Settings) -> Spec:
             "200": {
                 "description": "The event stream. Events carry `id:` (their log position), an "
                 "optional `event:` name and `data:` lines. Named events of the service itself: "
-                "`finish` (last event of the session) and `gap` (data: the resume point, whose "
-                "successors are no longer all in the log).",
+                "`finish` (last event of the session), `gap` (data: the resume point, whose "
+                f"successors are no longer all in the log) and `{UNAUTHORIZED_EVENT}` (no id; "
+                "the subscriber's token expired and the stream ends).",
                 "headers": {"X-Request-Id": _ref("headers", "RequestId")},
                 "content": {"text/event-stream": {"schema": _ref("schemas", "StreamEvent")}},
             },
@@ -180,13 +190,18 @@ def _connect(settings: Settings) -> Spec:
                 "description": "A resume (a resume point was given) of a session that has "
                 "nothing more to send: the resume point is at or after its `finish`, or the "
                 "session no longer exists (expired, deleted, lost with Redis' data). "
-                "EventSource stops reconnecting.",
+                "EventSource stops reconnecting."
+                + (" Also the answer to an EventSource (`Accept: text/event-stream`) whose "
+                   "token is genuine and names the session but has expired: the reconnect "
+                   "after an `unauthorized` event. Open a new EventSource with a fresh token."
+                   if token_mode else ""),
                 "headers": {
                     "Cache-Control": {"schema": {"type": "string", "enum": ["no-store"]}}
                 },
             },
             "400": _error("`invalid_parameter`: `sessionId` missing, repeated or malformed, "
                           "or a malformed resume point."),
+            **(_subscriber_errors() if token_mode else {}),
             "404": _error("`session_not_found`: a fresh connect to an id that was not issued "
                           "or has expired (only with `require_issued_session`)."),
             "429": _error("`too_many_session_connections`: this session already has "
@@ -481,8 +496,74 @@ def _security(settings: Settings) -> list[Spec]:
 def _auth_errors() -> Spec:
     return {
         "401": _ref("responses", "Unauthorized"),
-        "403": _error("`publishing_disabled`: no publish token is configured and Redis is "
-                      "external, so the session API is off."),
+        "403": _error("`publishing_disabled`: no publish token or token key is configured and "
+                      "Redis is external, so the session API is off; `insufficient_scope`: a "
+                      "genuine signed token whose `sse.publish` does not name the session."),
+    }
+
+
+_SUBSCRIBER_SECURITY: list[Spec] = [
+    {"subscriberBearer": []},
+    {"subscriberQuery": []},
+    {"subscriberCookie": []},
+]
+
+
+def _subscriber_errors() -> Spec:
+    return {
+        "401": _ref("responses", "Unauthorized"),
+        "403": _error("`insufficient_scope`: a genuine, current token whose `sse.subscribe` "
+                      "does not name the session."),
+    }
+
+
+def _demo_token() -> Spec:
+    return {
+        "tags": ["operations"],
+        "operationId": "mintDemoToken",
+        "summary": "A subscriber token for the demo page (embedded mode only)",
+        "description": "Exists only without a `redis_url`: the single-process demo, whose "
+        "session API is open too. Signs with a random key made at start, so the demo page can "
+        "show the token flow without a secret in the page. A real page gets its token from "
+        "its own backend instead.",
+        "parameters": [
+            {
+                "name": "sessionId",
+                "in": "query",
+                "required": True,
+                "schema": {"type": "string", "pattern": SESSION_ID_PATTERN.pattern},
+            },
+            {
+                "name": "ttlS",
+                "in": "query",
+                "required": False,
+                "description": f"Lifetime in seconds (default {DEFAULT_DEMO_TTL_S}).",
+                "schema": {"type": "integer", "minimum": 1, "maximum": MAX_DEMO_TTL_S},
+            },
+        ],
+        "responses": {
+            "200": {
+                "description": "The token, when it expires, the leeway the worker allows, and "
+                "whether this worker checks subscriber tokens at all.",
+                "content": {
+                    JSON: {
+                        "schema": {
+                            "type": "object",
+                            "required": ["token", "expiresAt", "leewayS", "subscribeAuth"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "token": {"type": "string"},
+                                "expiresAt": {"type": "integer"},
+                                "leewayS": {"type": "number", "minimum": 0},
+                                "subscribeAuth": {"enum": ["open", "token"]},
+                            },
+                        }
+                    }
+                },
+            },
+            "400": _error("`invalid_parameter`: a malformed `sessionId`, or `ttlS` outside "
+                          f"1-{MAX_DEMO_TTL_S}."),
+        },
     }
 
 
@@ -500,16 +581,46 @@ def _ref(kind: str, name: str) -> Spec:
     return {"$ref": f"#/components/{kind}/{name}"}
 
 
+_SUBSCRIBER_TOKEN_TEXT = (
+    "A signed token (JWT: HS256, RS256, ES256 or EdDSA) whose `sse.subscribe` claim lists the "
+    "session id or a prefix of it ending in `*`; `exp` required. Checked only with "
+    '`subscribe_auth = "token"`; the header wins over the query parameter, which wins over the '
+    "cookie."
+)
+
+
 def _components(settings: Settings) -> Spec:
     return {
         "securitySchemes": {
             "bearerAuth": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "One of the configured `publish_tokens` (`SSE_PUBLISH_TOKENS`). "
-                "Without any, the session API answers 403, except in the embedded default mode "
-                "(no `redis_url`), where it is open.",
-            }
+                "description": "One of the configured `publish_tokens` (`SSE_PUBLISH_TOKENS`), "
+                "or a signed token (JWT) whose `sse.publish` claim names the session. Without "
+                "either configured, the session API answers 403, except in the embedded default "
+                "mode (no `redis_url`), where it is open.",
+            },
+            "subscriberBearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "JWT",
+                "description": _SUBSCRIBER_TOKEN_TEXT + " For fetch-based clients.",
+            },
+            "subscriberQuery": {
+                "type": "apiKey",
+                "in": "query",
+                "name": ACCESS_TOKEN_PARAM,
+                "description": _SUBSCRIBER_TOKEN_TEXT + " For clients that can set neither a "
+                "header nor a cookie. URLs get logged by proxies; this service's own logs "
+                "redact the parameter.",
+            },
+            "subscriberCookie": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": settings.token_cookie,
+                "description": _SUBSCRIBER_TOKEN_TEXT + " For a native EventSource with "
+                "`withCredentials` (credentialed CORS from another origin).",
+            },
         },
         "parameters": {
             "SessionIdPath": {
@@ -534,7 +645,11 @@ def _components(settings: Settings) -> Spec:
         },
         "responses": {
             "Unauthorized": {
-                "description": "`unauthorized`: no bearer token, or not a valid one.",
+                "description": "`unauthorized`: no token, or not a valid static one; "
+                "`invalid_token`: a signed token that is malformed, forged, not yet valid, for "
+                "another audience or issuer, or signed with an unknown key or algorithm; "
+                "`token_expired`. `WWW-Authenticate` says the same in RFC 6750 terms "
+                '(`error="invalid_token"`, `error_description`).',
                 "headers": {
                     "WWW-Authenticate": {
                         "required": True,
@@ -567,10 +682,11 @@ def _components(settings: Settings) -> Spec:
                     "event": {
                         "type": "string",
                         "pattern": EVENT_NAME_PATTERN,
-                        "not": {"const": GAP_EVENT},
+                        "not": {"enum": [GAP_EVENT, UNAUTHORIZED_EVENT]},
                         "description": "The event name (EventSource `addEventListener` type). "
                         "Omit it for an unnamed `message` event. `finish` ends the session's "
-                        f"streams; `{GAP_EVENT}` is reserved for the service.",
+                        f"streams; `{GAP_EVENT}` and `{UNAUTHORIZED_EVENT}` are reserved for the "
+                        "service.",
                     },
                     "data": {
                         "description": "A string is sent as-is (any text; line breaks become "

@@ -18,6 +18,8 @@ from .producer import Producer
 from .publisher import Publisher
 from .sessions import SessionStore
 from .settings import Settings
+from .token_keys import SigningKey, load_key_ring, new_demo_key, verify_key_of
+from .tokens import TokenVerifier
 
 settings_key = web.AppKey("settings_key", Settings)
 redis_opener_key = web.AppKey("redis_opener_key", RedisOpener)
@@ -30,6 +32,8 @@ publisher_key = web.AppKey("publisher_key", Publisher)
 producer_key = web.AppKey("producer_key", Producer)
 stream_metrics_key = web.AppKey("stream_metrics_key", StreamMetrics)
 metrics_registry_key = web.AppKey("metrics_registry_key", CollectorRegistry)
+token_verifier_key = web.AppKey("token_verifier_key", TokenVerifier)
+demo_signer_key = web.AppKey("demo_signer_key", SigningKey)
 
 
 @dataclass(slots=True)
@@ -92,6 +96,26 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     app[stream_metrics_key] = streams
     app[metrics_registry_key] = build_registry(
         ServiceCollector(streams, app[hub_key], app[publisher_key])
+    )
+    yield
+
+
+async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The keys that verify access tokens (files are read once here; a JWKS file on change).
+
+    In the embedded single-process mode a random demo key is added, for the demo page's
+    token flow (demo_token.py); it never exists with a real Redis.
+    """
+    settings = app[settings_key]
+    extra = []
+    if settings.embedded_redis:
+        app[demo_signer_key] = new_demo_key()
+        extra.append(verify_key_of(app[demo_signer_key]))
+        if settings.subscribe_auth == "token":
+            log.warning("embedded mode: POST /dev/token mints subscriber tokens for anyone; "
+                        "use a real redis_url for anything but a demo")
+    app[token_verifier_key] = TokenVerifier.from_settings(
+        settings, load_key_ring(settings, extra)
     )
     yield
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -52,6 +53,16 @@ class Settings:
     max_event_bytes: int = 256 * 1024
     max_body_bytes: int = 1024 * 1024
     idempotency_ttl_s: float = 600.0
+    # Signed access tokens (JWT): who may subscribe and publish. See service/tokens.py.
+    subscribe_auth: str = "open"
+    token_cookie: str = "sse_token"
+    token_hs256_secrets: tuple[str, ...] = field(default=(), repr=False)
+    token_public_keys: tuple[str, ...] = ()
+    token_jwks_path: str = ""
+    token_jwks_check_s: float = 2.0
+    token_audience: str = ""
+    token_issuer: str = ""
+    token_leeway_s: float = 5.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -114,11 +125,95 @@ class Settings:
             all(len(t) >= 16 for t in self.publish_tokens),
             "each token must be at least 16 characters",
         )
+        _check_token_settings(self)
 
     @property
     def embedded_redis(self) -> bool:
         """True when no Redis URL is configured and the in-process stand-in is used."""
         return self.redis_url == ""
+
+    @property
+    def token_keys_configured(self) -> bool:
+        """True when any key to verify signed tokens is configured (the demo key aside)."""
+        return bool(self.token_hs256_secrets or self.token_public_keys or self.token_jwks_path)
+
+
+# --- Signed access tokens: the forms of the key settings ---
+
+SUBSCRIBE_AUTH_MODES = ("open", "token")
+ASYMMETRIC_ALGORITHMS = ("RS256", "ES256", "EdDSA")
+# A key id as it appears in a token's `kid` header and in the key settings.
+KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# 256 bits, the size of the HS256 digest (RFC 7518 section 3.2 asks for at least that).
+MIN_HS256_SECRET_BYTES = 32
+# RFC 6265 cookie-name characters (an HTTP token).
+_COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """One configured verification key: its id, its algorithm, and a secret or a PEM path."""
+
+    kid: str
+    alg: str
+    value: str = field(repr=False)
+
+
+def key_entries(settings: Settings) -> list[KeyEntry]:
+    """The keys of `token_hs256_secrets` ("kid:secret") and `token_public_keys` ("kid:ALG:path")."""
+    entries = []
+    for text in settings.token_hs256_secrets:
+        kid, sep, secret = text.partition(":")
+        _require(
+            "token_hs256_secrets",
+            bool(sep) and KEY_ID_PATTERN.fullmatch(kid) is not None,
+            "entries must read 'kid:secret' (kid: 1-64 of A-Z, a-z, 0-9, '.', '_', '-')",
+        )
+        _require(
+            "token_hs256_secrets",
+            len(secret.encode()) >= MIN_HS256_SECRET_BYTES,
+            f"secret of key {kid!r} must be at least {MIN_HS256_SECRET_BYTES} bytes",
+        )
+        entries.append(KeyEntry(kid, "HS256", secret))
+    for text in settings.token_public_keys:
+        kid, _, rest = text.partition(":")
+        alg, sep, path = rest.partition(":")
+        _require(
+            "token_public_keys",
+            bool(sep and path) and KEY_ID_PATTERN.fullmatch(kid) is not None
+            and alg in ASYMMETRIC_ALGORITHMS,
+            f"entries must read 'kid:ALG:path/to/public.pem' with ALG one of "
+            f"{', '.join(ASYMMETRIC_ALGORITHMS)}, got {text!r}",
+        )
+        entries.append(KeyEntry(kid, alg, path))
+    kids = [entry.kid for entry in entries]
+    duplicated = sorted({kid for kid in kids if kids.count(kid) > 1})
+    _require("token_public_keys", not duplicated, f"key ids must be unique: {duplicated}")
+    return entries
+
+
+def _check_token_settings(settings: Settings) -> None:
+    _require(
+        "subscribe_auth",
+        settings.subscribe_auth in SUBSCRIBE_AUTH_MODES,
+        f"must be one of {SUBSCRIBE_AUTH_MODES}",
+    )
+    _require(
+        "subscribe_auth",
+        settings.subscribe_auth == "open"
+        or settings.token_keys_configured
+        or settings.embedded_redis,
+        "'token' needs a key to verify tokens with: token_hs256_secrets, token_public_keys "
+        "or token_jwks_path",
+    )
+    _require(
+        "token_cookie",
+        _COOKIE_NAME.fullmatch(settings.token_cookie) is not None,
+        "must be a cookie name: 1-64 letters, digits or !#$%&'*+.^_`|~-",
+    )
+    _require("token_leeway_s", settings.token_leeway_s >= 0, "must not be negative")
+    _require("token_jwks_check_s", settings.token_jwks_check_s > 0, "must be positive")
+    key_entries(settings)
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -218,7 +313,7 @@ def _shown(name: str, value: Any) -> str:
     return "<hidden>" if name in _SECRET_SETTINGS else repr(value)
 
 
-_SECRET_SETTINGS = frozenset({"publish_tokens"})
+_SECRET_SETTINGS = frozenset({"publish_tokens", "token_hs256_secrets"})
 
 
 def _describe(hint: Any) -> str:

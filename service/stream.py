@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -18,7 +19,7 @@ from redis.exceptions import RedisError
 
 from . import sse
 from .chunked import ChunkWriter
-from .envelope import GAP_EVENT, Delivery, parse_event_id
+from .envelope import GAP_EVENT, UNAUTHORIZED_EVENT, Delivery, parse_event_id
 from .hub import EndReason, Incoming, Listener, Resync
 from .sessions import SessionStore
 
@@ -46,6 +47,7 @@ class StreamEnd(Enum):
     SHUTDOWN = "shutdown"
     HUB_FAILED = "hub_failed"
     SESSION_GONE = "session_gone"  # its history and the session itself were lost: after `gap`
+    UNAUTHORIZED = "unauthorized"
 
 
 _END_BY_HUB = {
@@ -65,6 +67,14 @@ class StreamPlan:
     ttl_ms: int
     retry_ms: int
     heartbeat_interval_s: float
+    # When the subscriber's token runs out (a time.monotonic() value); None: never.
+    access_ends_at: float | None = None
+
+
+# The stream's last frame when its subscriber's token expires (subscribe_auth.py).
+UNAUTHORIZED_FRAME = sse.Event(
+    data="the access token has expired", event=UNAUTHORIZED_EVENT
+).encode()
 
 
 class EventStream:
@@ -130,15 +140,21 @@ class EventStream:
         await self._replay(plan.replay_after, plan.detect_gap)
         listener, live = self._listener, self._live
         direct = self._write_live if live is not None else None
+        access_ends_at = plan.access_ends_at if plan.access_ends_at is not None else math.inf
         while self._end is None:
-            wait_s = min(plan.heartbeat_interval_s, max(0.0, expires_at - time.monotonic()))
+            wait_s = min(plan.heartbeat_interval_s, expires_at - time.monotonic(),
+                         access_ends_at - time.monotonic())
             listener.direct = direct
             try:
-                items = await listener.take(wait_s)
+                items = await listener.take(max(0.0, wait_s))
             finally:
                 listener.direct = None
             if live is not None:
                 live.flush()  # older than anything the task writes next
+            if time.monotonic() >= access_ends_at:
+                # Checked before anything is relayed, so a busy stream ends on time too.
+                await self._response.write(UNAUTHORIZED_FRAME)
+                return StreamEnd.UNAUTHORIZED
             if items:
                 await self._relay(items)
             elif self._listener.ended is not None:

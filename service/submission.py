@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .envelope import GAP_EVENT
+from .envelope import GAP_EVENT, UNAUTHORIZED_EVENT
 from .errors import EventTooLarge, InvalidEvent, MalformedJson
 
 MAX_BATCH_EVENTS = 100
@@ -100,6 +100,11 @@ def _submission(item: Any, max_event_bytes: int, where: str) -> Submission:
         raise InvalidEvent(
             f"event{where}: '{GAP_EVENT}' is reserved: the service sends it when a resuming "
             "client's history is no longer all in the log"
+        )
+    if event == UNAUTHORIZED_EVENT:
+        raise InvalidEvent(
+            f"event{where}: '{UNAUTHORIZED_EVENT}' is reserved: the service sends it when a "
+            "subscriber's token expires"
         )
     data = serialize_data(item["data"])
     try:
