@@ -16,7 +16,7 @@ from aiohttp import web
 from . import resources as r
 from .errors import InvalidParameter
 from .sessions import is_valid_session_id
-from .tokens import mint_token
+from .tokens import expiry, mint_token
 
 MAX_DEMO_TTL_S = 3600
 DEFAULT_DEMO_TTL_S = 30
@@ -41,7 +41,7 @@ async def mint_demo_token(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "token": token,
-            "expiresAt": int(now) + ttl_s,
+            "expiresAt": expiry(now, ttl_s),
             "leewayS": settings.token_leeway_s,
             "subscribeAuth": settings.subscribe_auth,
         },

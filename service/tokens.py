@@ -244,6 +244,11 @@ def is_session_pattern(text: str) -> bool:
     return SESSION_PATTERN.fullmatch(text) is not None
 
 
+def expiry(now: float, ttl_s: float) -> int:
+    """The `exp` of a token minted at `now` for `ttl_s`: whole seconds, never less than asked."""
+    return math.ceil(now + ttl_s)
+
+
 def mint_token(
     key: SigningKey,
     *,
@@ -258,13 +263,13 @@ def mint_token(
     for pattern in (*subscribe, *publish):
         if not is_session_pattern(pattern):
             raise ValueError(f"not a session id or id prefix ending in '*': {pattern!r}")
-    issued = int(time.time() if now is None else now)
+    now = time.time() if now is None else now
     scopes: dict[str, list[str]] = {}
     if subscribe:
         scopes[Scope.SUBSCRIBE.value] = list(subscribe)
     if publish:
         scopes[Scope.PUBLISH.value] = list(publish)
-    claims: dict[str, Any] = {CLAIM: scopes, "iat": issued, "exp": issued + math.ceil(ttl_s)}
+    claims: dict[str, Any] = {CLAIM: scopes, "iat": int(now), "exp": expiry(now, ttl_s)}
     if audience:
         claims["aud"] = audience
     if issuer:

@@ -11,6 +11,7 @@ from service.auth import AccessPolicy, access_policy, token_matches
 from service.connections import RedisOpener
 
 from conftest import MakeSettings, StartClient
+from signing import claims, hs256_key, sign
 
 TOKEN = "right-token-0123456789"
 OTHER = "second-token-abcdefghij"
@@ -118,3 +119,86 @@ async def test_tokens_never_reach_the_logs(
     logged = caplog.text + "".join(f"{r.args!r}{r.getMessage()}" for r in caplog.records)
     for secret in (TOKEN, WRONG, OTHER):
         assert secret not in logged
+
+
+# Signed publisher tokens: the `publish` scope of the same JWT form subscribers use.
+
+SECRET = "publisher-signing-secret-0123456789"
+
+
+@pytest.fixture
+async def signed(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
+) -> Any:
+    settings = make_settings(
+        publish_tokens=[TOKEN], token_hs256_secrets=[f"pub:{SECRET}"], demo_runs=False,
+        token_leeway_s=0, redis_url=EXTERNAL,
+    )  # fmt: skip
+    return await start_client(settings, fake_opener)
+
+
+def publisher_token(*sessions: str, scope: str = "publish", ttl_s: float = 60,
+                    secret: str = SECRET) -> str:
+    body = claims(**{scope: list(sessions)}, ttl_s=ttl_s)  # type: ignore[arg-type]
+    return sign(hs256_key("pub", secret), body)
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_token_keys_alone_guard_the_api(make_settings: MakeSettings) -> None:
+    settings = make_settings(token_hs256_secrets=[f"pub:{SECRET}"], redis_url=EXTERNAL)
+    assert access_policy(settings) is AccessPolicy.TOKEN
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("POST", "/sse/sessions/room-1/events", 202), ("GET", "/sse/sessions/room-1", 200),
+     ("DELETE", "/sse/sessions/room-1", 204)],
+)
+async def test_a_publish_token_for_the_session_is_accepted(
+    signed: Any, method: str, path: str, status: int
+) -> None:
+    await signed.post("/sse/sessions/room-1/events", json=BODY, headers=bearer(TOKEN))
+    response = await signed.request(
+        method, path, json=BODY, headers=bearer(publisher_token("room-*"))
+    )
+    assert response.status == status
+
+
+async def test_a_publish_token_is_scoped_to_its_sessions(signed: Any) -> None:
+    url = "/sse/sessions/other/events"
+    response = await signed.post(url, json=BODY, headers=bearer(publisher_token("room-*")))
+    assert response.status == 403
+    assert (await response.json())["error"] == "insufficient_scope"
+    assert 'error="insufficient_scope"' in response.headers["WWW-Authenticate"]
+    # A subscriber's token is no publisher's.
+    subscriber = publisher_token("other", scope="subscribe")
+    assert (await signed.post(url, json=BODY, headers=bearer(subscriber))).status == 403
+
+
+async def test_a_bad_or_expired_publish_token_is_401(signed: Any) -> None:
+    url = "/sse/sessions/room-1/events"
+    expired = await signed.post(url, json=BODY, headers=bearer(publisher_token("*", ttl_s=-5)))
+    assert expired.status == 401
+    assert (await expired.json())["error"] == "token_expired"
+    forged = publisher_token("*", secret="f" * 40)
+    response = await signed.post(url, json=BODY, headers=bearer(forged))
+    assert response.status == 401
+    assert (await response.json())["error"] == "invalid_token"
+    assert response.headers["WWW-Authenticate"].startswith(
+        'Bearer realm="sse-fanout", error="invalid_token"'
+    )
+    # The static tokens still work beside the signed ones.
+    assert (await signed.post(url, json=BODY, headers=bearer(TOKEN))).status == 202
+
+
+async def test_without_token_keys_a_signed_token_is_just_a_wrong_token(
+    guarded: Any,
+) -> None:
+    response = await guarded.post(
+        "/sse/sessions/abc/events", json=BODY, headers=bearer(publisher_token("*"))
+    )
+    assert response.status == 401
+    assert (await response.json())["error"] == "unauthorized"

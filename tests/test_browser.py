@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiohttp import web
@@ -264,5 +265,86 @@ async def test_page_from_another_origin_uses_the_configured_server(
     assert status == 204
     assert [s.status for s in service.connects("OPTIONS")] == [200]
     assert service.connects()[-1].last_event_id == events[-1]["id"]
+    assert page_errors == []
+    await context.close()
+
+
+# --- Signed subscriber tokens in the browser ---
+
+TOKEN_SETTINGS: dict[str, Any] = {
+    # The demo token endpoint exists only in the embedded single-process mode.
+    "redis_url": "",
+    "subscribe_auth": "token",
+    "token_leeway_s": 0,
+}
+
+
+async def test_token_mode_renews_an_expired_token_and_loses_nothing(
+    browser: Browser, start_service: StartService, page_errors: list[str]
+) -> None:
+    service = await start_service(**TOKEN_SETTINGS, producer_interval_ms=400)
+    context = await browser.new_context(viewport=PHONE)
+    page = await context.new_page()
+    requested = watch(page, page_errors)
+    await page.goto(f"{service.url}?token=1&ttl=1")
+    await page.evaluate(RECORD_STATES)
+    session_id = await start_session(page)
+    events = await finished_events(page)
+
+    check_demo_run(events, session_id)
+    states = await page.evaluate("window.statusStates")
+    renewals = len(connect_urls(requested)) - 1
+    assert renewals >= 1
+    assert states == ["requesting"] + ["authorizing", "connecting", "open"] * (renewals + 1) + [
+        "finished"
+    ]
+    await expect(page.locator("#token-state")).to_contain_text("renewed")
+
+    urls = connect_urls(requested)
+    assert len(urls) >= 2
+    queries = [parse_qs(urlsplit(url).query) for url in urls]
+    tokens = [q["access_token"][0] for q in queries]
+    assert len(set(tokens)) == len(tokens), "each connect carries a fresh token"
+    assert "lastEventId" not in queries[0]
+    ids = [e["id"] for e in events]
+    for query in queries[1:]:
+        assert query["lastEventId"][0] in ids
+    statuses = [s.status for s in service.connects()]
+    assert statuses == [200] * len(urls), "the page renews before EventSource could retry"
+    assert page_errors == []
+    await context.close()
+
+
+async def test_an_eventsource_stops_on_expiry_when_the_page_does_nothing(
+    browser: Browser, start_service: StartService, page_errors: list[str]
+) -> None:
+    """The stream ends with `unauthorized`; EventSource's own reconnect is answered 204."""
+    service = await start_service(**TOKEN_SETTINGS, demo_runs=False)
+    context = await browser.new_context(viewport=PHONE)
+    page = await context.new_page()
+    watch(page, page_errors)
+    await page.goto(service.url)
+    minted = await page.evaluate(
+        """async () => (await fetch("dev/token?sessionId=plain&ttlS=1",
+                                    {method: "POST"})).json()"""
+    )
+    await page.evaluate(
+        """token => {
+            window.seen = [];
+            const es = new EventSource("sse/connect?sessionId=plain&access_token=" + token);
+            window.es = es;
+            es.addEventListener("unauthorized", () => window.seen.push("unauthorized"));
+            es.onerror = () => window.seen.push("error:" + es.readyState);
+        }""",
+        minted["token"],
+    )
+    await page.wait_for_function(
+        "window.seen.includes('error:' + EventSource.CLOSED)", timeout=WAIT_MS
+    )
+    assert await page.evaluate("window.seen") == ["unauthorized", "error:0", "error:2"]
+    assert [s.status for s in service.connects()] == [200, 204]
+    # Closed for good: no further attempt within three retry periods.
+    await asyncio.sleep(3 * RETRY_MS / 1000)
+    assert len(service.connects()) == 2
     assert page_errors == []
     await context.close()

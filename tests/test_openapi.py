@@ -214,3 +214,38 @@ def test_api_conforms_to_its_document(case: Any) -> None:
     case.call_and_validate(
         headers={"Authorization": f"Bearer {TOKEN}"}, excluded_checks=excluded
     )
+
+
+def test_document_describes_the_token_security_schemes(make_settings: MakeSettings) -> None:
+    open_mode = build_document(make_settings())
+    token_mode = build_document(
+        make_settings(subscribe_auth="token", token_hs256_secrets=["k:" + "s" * 32],
+                      token_cookie="app_sse", redis_url="redis://127.0.0.1:1/0")
+    )  # fmt: skip
+    for document in (open_mode, token_mode):
+        validate(document)
+    schemes = token_mode["components"]["securitySchemes"]
+    assert schemes["subscriberBearer"] == {**schemes["subscriberBearer"], "type": "http",
+                                           "scheme": "bearer", "bearerFormat": "JWT"}
+    assert (schemes["subscriberQuery"]["in"], schemes["subscriberQuery"]["name"]) == (
+        "query", "access_token"
+    )
+    assert (schemes["subscriberCookie"]["in"], schemes["subscriberCookie"]["name"]) == (
+        "cookie", "app_sse"
+    )
+    connect = token_mode["paths"]["/sse/connect"]["get"]
+    assert connect["security"] == [
+        {"subscriberBearer": []}, {"subscriberQuery": []}, {"subscriberCookie": []}
+    ]
+    assert {"401", "403", "204"} <= set(connect["responses"])
+    assert "Accept: text/event-stream" in connect["responses"]["204"]["description"]
+    # Open mode asks nothing of subscribers, and says no more than it does.
+    open_connect = open_mode["paths"]["/sse/connect"]["get"]
+    assert "security" not in open_connect
+    assert "401" not in open_connect["responses"]
+    # The demo mint exists only in the embedded mode, and so does its description.
+    assert "/dev/token" in open_mode["paths"]
+    assert "/dev/token" not in token_mode["paths"]
+    publish = token_mode["paths"]["/sse/sessions/{sessionId}/events"]["post"]
+    assert publish["security"] == [{"bearerAuth": []}]
+    assert "insufficient_scope" in publish["responses"]["403"]["description"]

@@ -1,0 +1,98 @@
+"""What logs show of a request's query: secrets redacted, in the worker's log and in nginx's."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from service.app import create_app
+from service.redaction import MAX_LOGGED_QUERY_CHARS, REDACTED, redacted_query
+
+from conftest import MakeSettings, wait_for
+from redis_process import free_port
+from signing import HS_SECRET, claims, hs256_key, sign
+from stack_processes import Child, local_nginx_conf, nginx_argv, require_nginx
+
+
+@pytest.mark.parametrize(
+    ("query", "logged"),
+    [
+        ("", ""),
+        ("sessionId=a", "sessionId=a"),
+        ("sessionId=a&access_token=x.y.z", f"sessionId=a&access_token={REDACTED}"),
+        ("access_token=x&access_token=y", f"access_token={REDACTED}&access_token={REDACTED}"),
+        ("access%5Ftoken=x", f"access%5Ftoken={REDACTED}"),
+        ("ACCESS_TOKEN=x", f"ACCESS_TOKEN={REDACTED}"),
+        ("a=1;access_token=x", f"a=1;access_token={REDACTED}"),
+        ("access_token", f"access_token={REDACTED}"),
+        ("access_token=", f"access_token={REDACTED}"),
+        ("my_access_token=x&tokens=y", "my_access_token=x&tokens=y"),
+        ("x=access_token%3Dy", "x=access_token%3Dy"),
+    ],
+)
+def test_redacted_query(query: str, logged: str) -> None:
+    assert redacted_query(query) == logged
+
+
+def test_a_long_query_is_cut() -> None:
+    logged = redacted_query("a=" + "x" * 5000)
+    assert len(logged) == MAX_LOGGED_QUERY_CHARS + 1
+    assert logged.endswith("…")
+
+
+def _start_nginx(prefix: Path, worker_port: int, listen_port: int, log: Path) -> Child:
+    prefix.mkdir()
+    (prefix / "nginx.conf").write_text(local_nginx_conf([worker_port], listen_port))
+    nginx = Child("nginx", nginx_argv(require_nginx(), prefix, directives="daemon off;"),
+                  dict(os.environ), log)
+    nginx.start()
+    return nginx
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace")
+
+
+async def test_nginx_logs_no_query(
+    aiohttp_server: Any, make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    """config/nginx.conf's access log leaves the query out, where a token may travel."""
+    settings = make_settings(
+        subscribe_auth="token", token_hs256_secrets=[f"hs1:{HS_SECRET}"], demo_runs=False
+    )
+    server = await aiohttp_server(create_app(settings), access_log=None)
+    listen_port = free_port()
+    log = tmp_path / "nginx.log"
+    nginx = _start_nginx(tmp_path / "nginx", server.port, listen_port, log)
+    token = sign(hs256_key("hs1"), claims(subscribe=["other"]))
+    base = f"http://127.0.0.1:{listen_port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def through_nginx() -> bool:
+                try:
+                    async with session.get(f"{base}/healthz") as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(through_nginx, timeout_s=15, interval_s=0.05)
+            url = f"{base}/sse/connect?sessionId=s1&access_token={token}"
+            async with session.get(url) as response:
+                assert response.status == 403  # the worker read the token: it got through
+
+            async def logged() -> bool:
+                return "/sse/connect" in _read(log)
+
+            await wait_for(logged, timeout_s=10, interval_s=0.05)
+    finally:
+        nginx.stop()
+    text = _read(log)
+    assert '"GET /sse/connect HTTP/1.1" 403' in text
+    for part in token.split("."):
+        assert part not in text
+    assert "access_token" not in text
