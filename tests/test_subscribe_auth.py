@@ -51,7 +51,7 @@ def connect(client: Any, session_id: str, token: str | None = None, via: str = "
 
 async def first_bytes(response: Any) -> bytes:
     async with asyncio.timeout(5):
-        data: bytes = await response.content.readuntil(b": connected\n\n")
+        data: bytes = await response.content.readuntil(b": connected\n")
         return data
 
 
@@ -106,7 +106,7 @@ async def test_a_missing_token_is_401_with_a_bare_challenge(client: Any) -> None
 async def test_a_token_is_accepted_from_each_place(client: Any, via: str) -> None:
     async with connect(client, "s1", token_for("s1"), via) as response:
         assert response.status == 200
-        assert await first_bytes(response) == b"retry: 500\n\n: connected\n\n"
+        assert await first_bytes(response) == b"retry: 500\n: connected\n"
 
 
 @pytest.mark.parametrize(
