@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings(args.config, os.environ)
-        load_key_ring(settings)  # a key file that cannot be used stops the start, with its name
+        if args.command == "serve":
+            load_key_ring(settings)  # a key file that cannot be used stops the start, named
     except SettingsError as error:
         print(f"sse-fanout: {error}", file=sys.stderr)
         return 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +298,18 @@ def test_token_settings_from_the_environment() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings(environ={"SSE_TOKEN_HS256_SECRETS": "a:tooshortsecret"})
     assert "tooshortsecret" not in str(caught.value)
+
+
+def test_a_bad_key_file_stops_a_worker_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "gone.pem"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_")}
+    env.update(SSE_TOKEN_PUBLIC_KEYS=f"k1:ES256:{missing}", SSE_PORT="0")
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"sse-fanout: setting 'token_public_keys', key 'k1': cannot read {missing}: "
+        "No such file or directory\n"
+    )
