@@ -381,3 +381,16 @@ async def test_the_demo_token_endpoint_exists_only_in_embedded_mode(
     response = await client.post("/dev/token", params={"sessionId": "demo1"})
     assert response.status == 404
     assert r.demo_signer_key not in client.app
+
+
+async def test_a_publisher_cannot_send_the_unauthorized_event(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
+) -> None:
+    client = await start_client(make_settings(demo_runs=False), fake_opener)
+    for body in ({"event": "unauthorized", "data": "x"},
+                 [{"data": "fine"}, {"event": "unauthorized", "data": "x"}]):
+        response = await client.post("/sse/sessions/s1/events", json=body)
+        assert response.status == 400
+        body_json = await response.json()
+        assert body_json["error"] == "invalid_event"
+        assert "reserved" in body_json["detail"]
