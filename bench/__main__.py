@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import math
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +24,7 @@ from . import procs
 from .capacity import run_capacity
 from .churn import run_churn
 from .delivery import DeliveryStep, run_step
+from .nchan import nginx_binary
 from .procs import Pinning
 from .progress import Progress
 from .report import plot, print_ratios, print_tables, ratios, sustained_ratios, write_json
@@ -243,6 +246,7 @@ class Outcome:
     skipped: dict[str, str]
     pinning: Pinning
     redis_pinned: bool
+    versions: dict[str, str]
 
 
 async def run(args: argparse.Namespace, progress: Progress) -> Outcome:
@@ -262,6 +266,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> Outcome:
         targets = [t for t in requested if t not in skipped]
         client = bench_redis(url, max_connections=32)
         try:
+            versions = await _versions(client)
             with log_directory() as log_dir:
                 for repeat in range(args.repeat):
                     order = rotated(targets, repeat)
@@ -273,7 +278,35 @@ async def run(args: argparse.Namespace, progress: Progress) -> Outcome:
                             results.append(result)
         finally:
             await client.aclose()
-    return Outcome(results, skipped, pinning, bool(pinning.active and not args.redis_url))
+    return Outcome(
+        results, skipped, pinning, bool(pinning.active and not args.redis_url), versions
+    )
+
+
+async def _versions(client: redis.Redis) -> dict[str, str]:
+    """The Redis server's version, and the Python libraries' the contestants run on."""
+    found = {"redis_server": str((await client.info("server"))["redis_version"])}
+    for name in ("aiohttp", "redis", "hiredis", "uvloop"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[name] = importlib.metadata.version(name)
+    return found
+
+
+def _nginx_versions() -> dict[str, str]:
+    """nginx's version and, on Debian, the nchan package's."""
+    found: dict[str, str] = {}
+    nginx = nginx_binary()
+    if nginx:
+        shown = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=False)
+        found["nginx"] = shown.stderr.strip().rpartition("/")[2]
+    with contextlib.suppress(OSError):
+        shown = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "libnginx-mod-nchan"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if shown.returncode == 0:
+            found["libnginx-mod-nchan"] = shown.stdout.strip()
+    return found
 
 
 def rotated(targets: list[str], repeat: int) -> list[str]:
@@ -392,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     fd_limit = raise_fd_limit()
     progress = Progress(args.progress)
     factory = _event_loop_factory()
-    started = time.time()
+    started, load_before = time.time(), _load_average()
     with asyncio.Runner(loop_factory=factory) as runner:
         outcome = runner.run(run(args, progress))
     results = outcome.results
@@ -411,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             "argv": sys.argv[1:] if argv is None else argv,
             "machine": {"python": platform.python_version(), "platform": platform.platform(),
                         "cpus": _cpus(), "generator_loop": "uvloop" if factory else "asyncio",
-                        "fd_limit": fd_limit, "load_average": _load_average()},
+                        "fd_limit": fd_limit, "load_average_before": load_before,
+                        "load_average_after": _load_average(),
+                        "versions": {**outcome.versions, **_nginx_versions()}},
             "pinning": {**outcome.pinning.as_dict(), "redis_pinned": outcome.redis_pinned},
             "skipped": outcome.skipped,
             "results": results,
@@ -424,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _runs(repeat: int) -> str:
-    return "one run" if repeat == 1 else f"medians of {repeat} interleaved runs, (range)"
+    return "one run" if repeat == 1 else f"medians of {repeat} interleaved runs, range in brackets"
 
 
 def _load_average() -> list[float]:

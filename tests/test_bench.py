@@ -110,6 +110,7 @@ def test_every_scenario_runs_against_the_service_and_the_naive_design(
             ours / theirs, abs=0.006
         )
     assert "pinned" in document["pinning"]
+    assert document["machine"]["versions"]["redis_server"]
     assert "churn" in document["stdout"]
 
 
