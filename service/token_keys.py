@@ -97,8 +97,8 @@ class KeyRing:
 
 def load_key_ring(settings: Settings, extra: list[VerifyKey] | None = None) -> KeyRing:
     """Read every configured key (PEM files, the JWKS file); raise KeyConfigError if one is bad."""
-    static = [_load_entry(entry) for entry in key_entries(settings)]
-    static.extend(extra or [])
+    # The configured keys come last, so they win over an extra key with the same id.
+    static = [*(extra or []), *(_load_entry(entry) for entry in key_entries(settings))]
     jwks = None
     if settings.token_jwks_path:
         jwks = JwksFile(Path(settings.token_jwks_path), settings.token_jwks_check_s)
