@@ -18,6 +18,7 @@ from service import resources as r
 from service.app import create_app
 from service.connections import RedisOpener
 from service.stream import StreamEnd
+from service.token_keys import DEMO_KEY_ID
 
 from conftest import MakeSettings, StartClient, wait_for
 from signing import HS_SECRET, KeyPair, claims, ec_key, ed_key, hs256_key, jwks, raw_token, sign
@@ -394,3 +395,14 @@ async def test_a_publisher_cannot_send_the_unauthorized_event(
         body_json = await response.json()
         assert body_json["error"] == "invalid_event"
         assert "reserved" in body_json["detail"]
+
+
+async def test_a_configured_key_wins_over_the_demo_key_of_the_same_id(
+    start_client: StartClient, token_settings: Any, fake_opener: RedisOpener
+) -> None:
+    secret = "configured-under-the-demo-id-0123456"
+    settings = token_settings(token_hs256_secrets=[f"{DEMO_KEY_ID}:{secret}"])
+    client = await start_client(settings, fake_opener)
+    token = token_for("s1", key=hs256_key(DEMO_KEY_ID, secret))
+    async with connect(client, "s1", token) as response:
+        assert response.status == 200
