@@ -111,10 +111,27 @@ class QueueingRedisCluster(RedisCluster):
     def __init__(self, *, max_connections: int, **kwargs: Any) -> None:
         super().__init__(max_connections=max_connections, **kwargs)
         self._in_flight = asyncio.Semaphore(max_connections)
+        self._resets = 0
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self._in_flight:
-            return await super().execute_command(*args, **kwargs)
+            resets = self._resets
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except (AttributeError, RuntimeError) as error:
+                # TODO(redis>8.1): when a node answers CLUSTERDOWN, redis-py (8.1.0) resets
+                # the whole client, closing the connections of commands in flight too. One
+                # caught in its handshake fails on its vanished writer (AttributeError) or,
+                # on uvloop, its closed transport (RuntimeError): a lost connection, which
+                # callers answer as one (503, retry), not a bug to report as a 500.
+                if self._resets == resets:
+                    raise
+                raise RedisConnectionError(f"connection closed by a reset: {error}") from error
+
+    async def aclose(self) -> None:
+        """Close every connection (redis-py also calls this itself on CLUSTERDOWN)."""
+        self._resets += 1
+        await super().aclose()
 
 
 def _cluster_client(settings: Settings) -> RedisCluster:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import aiohttp
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisError
 
+from service.connections import open_redis
 from service.keys import Keys
 from service.publisher import Publisher
 from service.resources import hub_key
@@ -143,3 +146,36 @@ async def test_killed_pubsub_connections_on_every_shard_resubscribe_every_stream
         assert (await client.get("/readyz")).status == 200
     finally:
         await cluster_client.aclose()
+
+
+async def test_commands_cut_off_by_a_client_reset_fail_as_redis_errors(
+    make_settings: MakeSettings, redis_cluster: RedisClusterProcesses,
+) -> None:
+    # redis-py resets its whole cluster client when a node answers CLUSTERDOWN, also closing
+    # the connections of commands in flight; each of those must fail as a Redis error (the
+    # API answers 503), not escape as an AttributeError or RuntimeError (a 500).
+    client = await open_redis(make_settings(redis_url=redis_cluster.url, redis_cluster=True))
+    outcomes: Counter[str] = Counter()
+    resetting = True
+
+    async def commands(worker: int) -> None:
+        n = 0
+        while resetting:
+            n += 1
+            try:
+                await client.set(f"reset:{worker}:{n}", "v")
+                outcomes["ok"] += 1
+            except RedisError:
+                outcomes["redis error"] += 1
+
+    tasks = [asyncio.create_task(commands(worker)) for worker in range(20)]
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.005)  # the pace of the resets, not a synchronisation
+            await client.aclose()
+    finally:
+        resetting = False
+        ended = await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+    assert [repr(error) for error in ended if error is not None] == []
+    assert outcomes["ok"] > 0
