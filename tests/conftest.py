@@ -18,6 +18,7 @@ from service.connections import RedisClient, RedisOpener, open_redis
 from service.keys import Keys
 from service.settings import Settings, build_settings
 
+from chaos_report import report_table
 from redis_process import RedisClusterProcesses, RedisProcess, require_redis_server
 
 # Fast, test-friendly defaults; each test overrides what it is about.
@@ -184,3 +185,12 @@ def start_client(aiohttp_client: Any) -> StartClient:
         return await aiohttp_client(create_app(settings, open_client), **client_kwargs)
 
     return start
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The chaos suite's table: one row per fault, with its counts."""
+    lines = report_table()
+    if lines:
+        terminalreporter.section("chaos report")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -1,0 +1,196 @@
+"""The chaos suite: every fault ends with each event delivered once, or the client told and done.
+
+Each test drives real processes (redis-server or a cluster, workers, producers, nginx) with
+EventSource-like clients (`chaos_harness`), injects one fault, and checks the pass rule: no
+duplicate ever; no loss where Redis kept its data; where it lost data, every client gets
+`gap` and then ends (on `finish` or a 204) in bounded time; every worker goes back to no open
+stream and about its idle memory; `/readyz` says "not ready" while a worker cannot deliver
+and "ready" again once it can. Each test prints its row of the report the run ends with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from chaos_harness import API_ROLE, DEMO_ROLE, Deployment, Lab, metric, wait_until
+from chaos_report import FaultRow, recovery_s, report, verdict
+from chaos_workload import Workload, new_session_id
+from event_source import ApiPublisher, EventSourceClient
+from redis_process import require_redis_server
+from stack_processes import Worker, require_nginx
+
+pytestmark = [pytest.mark.redis, pytest.mark.chaos, pytest.mark.timeout(180)]
+
+TARGETS = pytest.mark.parametrize("target", ["single", "cluster"])
+CLIENTS = 50
+# Long enough for every client to reconnect, catch up and reach `finish` after any fault.
+SETTLE_S = 30.0
+# Readiness may lag a fault by one Redis command timeout (1 s) and a probe's own latency.
+READINESS_GRACE_S = 1.5
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    chaos_lab = Lab(tmp_path, require_redis_server())
+    try:
+        yield chaos_lab
+    finally:
+        await chaos_lab.close()
+
+
+async def deployment_for(lab: Lab, target: str) -> Deployment:
+    return await lab.cluster() if target == "cluster" else await lab.single()
+
+
+async def mixed_workload(lab: Lab, deployment: Deployment) -> Workload:
+    """25 demo runs on a worker with its embedded producer, 25 API-fed sessions on another."""
+    stack = await lab.stack(deployment, workers=2, roles=[DEMO_ROLE, API_ROLE])
+    demo, api = stack.worker_processes
+    work = Workload(stack, lab.http(), demo_urls=[demo.url], api_url=api.url)
+    await work.start(demo=CLIENTS // 2, api=CLIENTS // 2)
+    await work.midway()
+    return work
+
+
+async def conclude(
+    lab: Lab, work: Workload, deployment: Deployment, fault: str, *,
+    lost: Callable[[str], bool] = lambda _: False, note: str = "",
+    extra: list[str] | None = None,
+) -> None:
+    """Let the clients finish, count, print the row and apply the pass rule."""
+    await work.settle(SETTLE_S)
+    tally = await work.account(deployment, lost)
+    problems = [*work.problems, *(extra or [])]
+    problems += await work.idle_problems()
+    await work.stop_probes()
+    problems += work.readiness_problems(READINESS_GRACE_S)
+    note = "; ".join([f"rss +{work.rss_growth / 2**20:.0f} MiB", *([note] if note else [])])
+    row = report(FaultRow(f"{fault} [{deployment_name(deployment)}]", tally,
+                          recovery_s(work.clients, work.injected), note))
+    verdict(row, problems, lab.logs)
+
+
+def deployment_name(deployment: Deployment) -> str:
+    return "cluster" if deployment.cluster else "single"
+
+
+def _victims(deployment: Deployment) -> str:
+    return f"node 1 of {len(deployment.nodes)}; " if deployment.cluster else ""
+
+
+# --- Redis faults ---
+
+
+@TARGETS
+async def test_redis_sigkill_and_restart_with_its_data(lab: Lab, target: str) -> None:
+    deployment = await deployment_for(lab, target)
+    await deployment.persist()
+    work = await mixed_workload(lab, deployment)
+    work.fault_started()
+    await deployment.kill_and_restart(deployment.nodes[:1], keep_data=True,
+                                      down_s=0.5 if deployment.cluster else 2.0)
+    work.fault_ended(outage=not deployment.cluster)
+    await conclude(lab, work, deployment, "redis SIGKILL, restart with data",
+                   note=_victims(deployment).removesuffix("; "))
+
+
+@TARGETS
+async def test_redis_client_pause(lab: Lab, target: str) -> None:
+    deployment = await deployment_for(lab, target)
+    work = await mixed_workload(lab, deployment)
+    work.fault_started()
+    await deployment.pause(2.5)
+    await asyncio.sleep(2.5)  # the pause the fault prescribes
+    work.fault_ended(outage=True)
+    await conclude(lab, work, deployment, "CLIENT PAUSE 2.5s ALL")
+
+
+@TARGETS
+async def test_redis_kills_every_pubsub_connection(lab: Lab, target: str) -> None:
+    deployment = await deployment_for(lab, target)
+    work = await mixed_workload(lab, deployment)
+    work.fault_started()
+    killed = await deployment.kill_pubsub()
+    work.fault_ended(outage=False)
+    await conclude(lab, work, deployment, "CLIENT KILL TYPE pubsub",
+                   note=f"{killed} connections cut")
+
+
+# --- Process faults ---
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+async def test_worker_killed_mid_run_behind_nginx(lab: Lab, signum: signal.Signals) -> None:
+    deployment = await lab.single()
+    stack = await lab.stack(deployment, workers=3, embedded_producer=False, producers=1,
+                            nginx_binary=require_nginx())
+    work = Workload(stack, lab.http(), demo_urls=[stack.url])
+    await work.start(demo=CLIENTS, api=0)
+    await work.midway()
+    victim = stack.worker_processes[0]
+    streams = await _open_streams(work, victim)
+    work.fault_started()
+    victim.send(signum)
+    await wait_until(lambda: not victim.running, 15, f"{victim.name} to exit")
+    work.fault_ended(outage=False)
+    extra = [] if streams else [f"{victim.name} held no stream when it was signalled"]
+    await conclude(lab, work, deployment, f"worker {signum.name} mid-run (nginx)",
+                   note=f"victim held {streams} streams", extra=extra)
+
+
+async def _open_streams(work: Workload, worker: Worker) -> int:
+    return round(await metric(work.http, worker, "sse_open_streams"))
+
+
+async def test_producer_sigkill_mid_run(lab: Lab) -> None:
+    deployment = await lab.single()
+    stack = await lab.stack(deployment, workers=2, embedded_producer=False, producers=1)
+    work = Workload(stack, lab.http(), demo_urls=stack.client_urls())
+    await work.start(demo=CLIENTS, api=0)
+    await work.midway()
+    # A second producer joins while the first holds every run, then the first dies.
+    standby = stack.add_producer()
+    await stack.wait_producer(standby)
+    work.fault_started()
+    stack.producer_processes[0].send(signal.SIGKILL)
+    work.fault_ended(outage=False)
+    await conclude(lab, work, deployment, "producer SIGKILL mid-run (standby takes over)")
+
+
+# --- Load faults ---
+
+FLOOD = 1000
+
+
+@TARGETS
+async def test_publish_flood_to_one_session(lab: Lab, target: str) -> None:
+    deployment = await deployment_for(lab, target)
+    stack = await lab.stack(deployment, workers=1, roles=[API_ROLE],
+                            settings={"log_maxlen": 5 * FLOOD,
+                                      "max_connections_per_session": 10 * CLIENTS})
+    http = lab.http()
+    session_id = new_session_id()
+    publisher = ApiPublisher(http, stack.url)
+    work = Workload(stack, http, api_url=stack.url, publisher=publisher)
+    await work.watch(stack.worker_processes)
+    work.api = [EventSourceClient(stack.url, session_id) for _ in range(CLIENTS)]
+    await work.add_api_clients()
+    await wait_until(lambda: all(c.connects for c in work.api), 20, "every client to connect")
+    work.fault_started()
+    queue = iter(range(FLOOD))
+
+    async def sender() -> None:
+        for k in queue:
+            await publisher.publish(session_id, str(k))
+
+    await asyncio.gather(*(sender() for _ in range(32)))
+    work.fault_ended(outage=False)
+    await publisher.publish(session_id, "end", "finish")
+    await conclude(lab, work, deployment, f"flood of {FLOOD} API publishes, 1 session",
+                   note=f"{sum(publisher.retries.values())} publish retries")
