@@ -172,9 +172,13 @@ class Deployment:
 
     async def node_of(self, session_id: str) -> RedisProcess:
         """The node holding the session's keys."""
+        return await self.node_of_key(KEYS.session(session_id))
+
+    async def node_of_key(self, key: str) -> RedisProcess:
+        """The node holding `key`."""
         if not self.cluster:
             return self.nodes[0]
-        slot = key_slot(KEYS.session(session_id).encode())
+        slot = key_slot(key.encode())
         for first, last, port in await self._slot_ranges():
             if first <= slot <= last:
                 return next(node for node in self.nodes if node.port == port)

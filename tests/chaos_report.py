@@ -189,5 +189,8 @@ def verdict(row: FaultRow, problems: list[str], logs: Callable[[], str]) -> None
         problems.insert(0, f"{row.tally.out_of_order} events out of order")
     if problems:
         print(logs())
-        shown = "\n  ".join(problems[:25])
+        counted = Counter(problems)  # clients of one session report the same problem
+        shown = "\n  ".join(
+            problem if n == 1 else f"{problem} (x{n})" for problem, n in list(counted.items())[:25]
+        )
         raise AssertionError(f"{row.fault}: {len(problems)} broken rules\n  {shown}")

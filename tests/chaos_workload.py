@@ -179,13 +179,19 @@ class Workload:
         If they do not in time, that is noted and the test goes on: its row still counts
         what every client got.
         """
+        await self.wait_for(
+            lambda c: len(c.content()) >= events, timeout_s, f"every client to hold {events} events"
+        )
+
+    async def wait_for(
+        self, holds: Callable[[EventSourceClient], bool], timeout_s: float, what: str
+    ) -> None:
+        """Wait until `holds` for every client that has not ended; note it if it never does."""
         try:
-            await wait_until(
-                lambda: all(len(c.content()) >= events or c.ended for c in self.clients),
-                timeout_s, f"every client to hold {events} events",
-            )
+            await wait_until(lambda: all(holds(c) or c.ended for c in self.clients),
+                             timeout_s, what)
         except AssertionError as error:
-            behind = sum(1 for c in self.clients if len(c.content()) < events and not c.ended)
+            behind = sum(1 for c in self.clients if not (holds(c) or c.ended))
             self.problems.append(f"{error} ({behind} clients behind)")
 
     def fault_started(self) -> None:
@@ -264,7 +270,8 @@ class Workload:
                 if end - start >= 0.5:
                     lies = probe.lies_during(start, end)
                     if lies:
-                        problems.append(f"{name}: 'ready' {len(lies)}x while Redis was away")
+                        problems.append(f"{name}: 'ready' {len(lies)}x while Redis was away: "
+                                        f"{probe.describe(self.outage[0], end + grace_s)}")
                     if not probe.not_ready_during(start, end + grace_s):
                         problems.append(f"{name}: never said 'not ready' during the outage: "
                                         f"{probe.describe(self.outage[0], end + grace_s)}")

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from chaos_harness import API_ROLE, DEMO_ROLE, Deployment, Lab, metric, wait_until
+from chaos_harness import (
+    API_ROLE,
+    DEMO_ROLE,
+    KEYS,
+    Deployment,
+    Lab,
+    metric,
+    wait_until,
+)
 from chaos_report import FaultRow, recovery_s, report, verdict
 from chaos_workload import Workload, new_session_id
 from event_source import ApiPublisher, EventSourceClient
@@ -79,8 +87,6 @@ def deployment_name(deployment: Deployment) -> str:
     return "cluster" if deployment.cluster else "single"
 
 
-def _victims(deployment: Deployment) -> str:
-    return f"node 1 of {len(deployment.nodes)}; " if deployment.cluster else ""
 
 
 # --- Redis faults ---
@@ -96,7 +102,35 @@ async def test_redis_sigkill_and_restart_with_its_data(lab: Lab, target: str) ->
                                       down_s=0.5 if deployment.cluster else 2.0)
     work.fault_ended(outage=not deployment.cluster)
     await conclude(lab, work, deployment, "redis SIGKILL, restart with data",
-                   note=_victims(deployment).removesuffix("; "))
+                   note="1 of 3 nodes" if deployment.cluster else "")
+
+
+@pytest.mark.parametrize("target", ["single"])
+async def test_redis_sigkill_and_restart_empty(lab: Lab, target: str) -> None:
+    deployment = await deployment_for(lab, target)
+    work = await mixed_workload(lab, deployment)
+    # On a cluster, the node that also holds the index of runs in progress.
+    victim = await deployment.node_of_key(KEYS.runs)
+    on_victim = {c.session_id for c in work.clients
+                 if await deployment.node_of(c.session_id) is victim}
+    work.fault_started()
+    await deployment.kill_and_restart([victim], keep_data=False,
+                                      down_s=0.5 if deployment.cluster else 2.0)
+    work.fault_ended(outage=not deployment.cluster)
+    where = "the node of the runs index; " if deployment.cluster else ""
+    await conclude(lab, work, deployment, "redis SIGKILL, restart empty",
+                   lost=on_victim.__contains__,
+                   note=f"{where}{len(on_victim)} sessions lost their data")
+
+
+@TARGETS
+async def test_redis_stalled_longer_than_the_command_timeout(lab: Lab, target: str) -> None:
+    deployment = await deployment_for(lab, target)
+    work = await mixed_workload(lab, deployment)
+    work.fault_started()
+    await deployment.stall(2.5)  # the workers' redis_timeout_s is 1.0
+    work.fault_ended(outage=True)
+    await conclude(lab, work, deployment, "redis busy script 2.5s (timeout 1s)")
 
 
 @TARGETS
@@ -164,6 +198,26 @@ async def test_producer_sigkill_mid_run(lab: Lab) -> None:
 
 
 # --- Load faults ---
+
+BURST = 1000
+EVENTS_AFTER_BURST = 1
+
+
+@TARGETS
+async def test_burst_of_simultaneous_fresh_connects(lab: Lab, target: str) -> None:
+    deployment = await deployment_for(lab, target)
+    stack = await lab.stack(deployment, workers=1, roles=[DEMO_ROLE])
+    work = Workload(stack, lab.http(), demo_urls=[stack.url])
+    work.fault_started()
+    await work.start(demo=BURST, api=0)
+    await work.midway(events=EVENTS_AFTER_BURST, timeout_s=SETTLE_S)
+    work.fault_ended(outage=False)  # the burst is over once every stream delivers
+    # Sessions that start after the burst must run as well.
+    later = [EventSourceClient(stack.url, new_session_id()) for _ in range(CLIENTS)]
+    await work.add_clients(later)
+    await conclude(lab, work, deployment, f"burst of {BURST} fresh connects",
+                   note=f"then {CLIENTS} more sessions")
+
 
 FLOOD = 1000
 
