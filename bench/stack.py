@@ -201,6 +201,10 @@ def service_env(redis_url: str, port: int, config: WorkerConfig) -> dict[str, st
         SSE_MAX_CONNECTIONS_PER_SESSION=str(config.max_connections),
         SSE_SESSION_TTL_S=str(nchan.MESSAGE_TIMEOUT_S),
         SSE_DRAIN_TIMEOUT_S="1",
+        # The load generator is one client address asking for thousands of sessions and
+        # runs: the per-address limits would measure themselves.
+        SSE_SESSION_RATE_PER_S="0",
+        SSE_RUN_RATE_PER_S="0",
         # Per-stream INFO lines would be measured too; production keeps them, the bench not.
         SSE_LOG_LEVEL="WARNING",
         SSE_EVENT_LOOP=config.loop,

@@ -14,6 +14,7 @@ from .errors import error_middleware
 from .http_version import http_version_middleware
 from .keys import Keys
 from .protocol import handler_args
+from .rate_limit import RateLimits
 from .settings import Settings
 
 
@@ -32,6 +33,7 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
     app[r.keys_key] = Keys(settings.key_prefix)
     app[r.lifecycle_key] = r.Lifecycle()
     app[r.admission_key] = Admission(settings.max_connections, settings.max_connections_per_session)
+    app[r.rate_limits_key] = RateLimits.from_settings(settings)
     app.cleanup_ctx.append(r.tokens_ctx)
     app.cleanup_ctx.append(r.redis_ctx)
     app.cleanup_ctx.append(r.hub_ctx)

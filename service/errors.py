@@ -59,6 +59,13 @@ class TooManyForSession(ServiceError):
     code = "too_many_session_connections"
 
 
+class RateLimited(ServiceError):
+    """This client address asked for more sessions or demo runs than its limit allows."""
+
+    status = 429
+    code = "rate_limited"
+
+
 class MalformedJson(ServiceError):
     """The request body is not valid UTF-8 JSON."""
 

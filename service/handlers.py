@@ -33,6 +33,8 @@ NOTHING_MORE_HEADERS = {"Cache-Control": "no-store"}
 
 async def get_session_id(request: web.Request) -> web.Response:
     """Issue a new session id (plain text, as the original demo returns it)."""
+    limits = request.app[r.rate_limits_key]
+    limits.sessions.take_or_refuse(limits.address_of(request), "new sessions")
     session_id = await request.app[r.sessions_key].issue()
     return web.Response(text=session_id, content_type="text/plain")
 
@@ -48,6 +50,10 @@ async def connect(request: web.Request) -> web.StreamResponse:
         return web.Response(status=204, headers=NOTHING_MORE_HEADERS)
     if app[r.lifecycle_key].draining:
         raise Unavailable("this worker is shutting down", headers={"Retry-After": "1"})
+    if last_event_id is None and app[r.settings_key].demo_runs:
+        # A fresh connect may start a demo run: refused while this address may start none.
+        limits = app[r.rate_limits_key]
+        limits.runs.check(limits.address_of(request), "demo runs")
     with app[r.admission_key].admit(session_id):
         return await _serve_stream(request, session_id, last_event_id, access)
 
@@ -72,6 +78,7 @@ async def _serve_stream(
             # Nothing more will come: 204 is the one answer that stops EventSource.
             return web.Response(status=204, headers=NOTHING_MORE_HEADERS)
         if attachment.run_needs_producer:
+            app[r.rate_limits_key].runs.spend(app[r.rate_limits_key].address_of(request))
             await request_run(app[r.redis_key], keys, session_id)
         response = web.StreamResponse(
             headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id_of(request)}

@@ -55,7 +55,10 @@ def build_document(settings: Settings) -> Spec:
             {"name": "operations", "description": "Health probes, this description, the demo."},
         ],
         "paths": {
-            "/sse/getSessionId": {"get": _get_session_id(), "head": _head_refused("issue")},
+            "/sse/getSessionId": {
+                "get": _get_session_id(settings),
+                "head": _head_refused("issue"),
+            },
             "/sse/connect": {"get": _connect(settings), "head": _head_refused("connect")},
             "/sse/sessions/{sessionId}": {
                 "parameters": [_ref("parameters", "SessionIdPath")],
@@ -97,10 +100,13 @@ sent before the first event.
 Event ids are positions in the session's log, `<milliseconds>-<sequence>`, strictly increasing.
 A client resumes with `Last-Event-ID` and is replayed what it missed, as long as the log (capped,
 and expiring with the session) still holds it; otherwise it gets a `gap` event first, and if the
-session itself is gone the stream ends there and a resume is answered 204."""
+session itself is gone the stream ends there and a resume is answered 204.
+
+Each worker limits, per client address, how many session ids it issues and how many demo runs
+fresh connects start (429 `rate_limited` with `Retry-After`)."""
 
 
-def _get_session_id() -> Spec:
+def _get_session_id(settings: Settings) -> Spec:
     return {
         "tags": ["stream"],
         "operationId": "getSessionId",
@@ -120,6 +126,11 @@ def _get_session_id() -> Spec:
                     }
                 },
             },
+            "429": _error(
+                "`rate_limited`: this client address asked this worker for session ids faster "
+                f"than {_rate(settings, 'session')}.",
+                retry_after=True,
+            ),
             "503": _ref("responses", "Unavailable"),
         },
     }
@@ -204,8 +215,21 @@ def _connect(settings: Settings) -> Spec:
             **(_subscriber_errors() if token_mode else {}),
             "404": _error("`session_not_found`: a fresh connect to an id that was not issued "
                           "or has expired (only with `require_issued_session`)."),
-            "429": _error("`too_many_session_connections`: this session already has "
-                          f"{settings.max_connections_per_session} streams on this worker."),
+            "429": {
+                **_error(
+                    "`too_many_session_connections`: this session already has "
+                    f"{settings.max_connections_per_session} streams on this worker; "
+                    "`rate_limited` (with `Retry-After`): a fresh connect from a client address "
+                    f"that started demo runs on this worker faster than {_rate(settings, 'run')} "
+                    "(resumes are never limited)."
+                ),
+                "headers": {
+                    "Retry-After": {
+                        "description": "Seconds to wait; sent with `rate_limited`.",
+                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                    }
+                },
+            },
             "503": _error(
                 "`too_many_connections`: this worker holds "
                 f"{settings.max_connections} streams; `unavailable`: Redis is unreachable or "
@@ -214,6 +238,14 @@ def _connect(settings: Settings) -> Spec:
             ),
         },
     }
+
+
+def _rate(settings: Settings, limit: str) -> str:
+    rate_per_s: float = getattr(settings, f"{limit}_rate_per_s")
+    burst: int = getattr(settings, f"{limit}_burst")
+    if rate_per_s == 0:
+        return "any rate (this limit is off)"
+    return f"{rate_per_s:g} a second after a burst of {burst}"
 
 
 def _head_refused(operation: str) -> Spec:

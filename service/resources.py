@@ -16,6 +16,7 @@ from .keys import Keys
 from .metrics import ServiceCollector, StreamMetrics, build_registry
 from .producer import Producer
 from .publisher import Publisher
+from .rate_limit import RateLimits
 from .sessions import SessionStore
 from .settings import Settings
 from .token_keys import SigningKey, load_key_ring, new_demo_key, verify_key_of
@@ -34,6 +35,7 @@ stream_metrics_key = web.AppKey("stream_metrics_key", StreamMetrics)
 metrics_registry_key = web.AppKey("metrics_registry_key", CollectorRegistry)
 token_verifier_key = web.AppKey("token_verifier_key", TokenVerifier)
 demo_signer_key = web.AppKey("demo_signer_key", SigningKey)
+rate_limits_key = web.AppKey("rate_limits_key", RateLimits)
 
 
 @dataclass(slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 import typing
@@ -39,6 +40,12 @@ class Settings:
     max_connections: int = 20000
     max_connections_per_session: int = 100
     cors_origins: tuple[str, ...] = ("*",)
+    trusted_proxies: tuple[str, ...] = ()
+    session_rate_per_s: float = 10.0
+    session_burst: int = 100
+    run_rate_per_s: float = 2.0
+    run_burst: int = 50
+    rate_limit_addresses: int = 10_000
     demo_runs: bool = True
     producer: str = "embedded"
     producer_event_count: int = 10
@@ -76,6 +83,9 @@ class Settings:
             "producer_poll_ms",
             "max_event_bytes",
             "max_body_bytes",
+            "session_burst",
+            "run_burst",
+            "rate_limit_addresses",
         ):
             _require(name, getattr(self, name) >= 1, "must be at least 1")
         for name in (
@@ -126,6 +136,7 @@ class Settings:
             "each token must be at least 16 characters",
         )
         _check_token_settings(self)
+        _check_edge(self)
 
     @property
     def embedded_redis(self) -> bool:
@@ -214,6 +225,20 @@ def _check_token_settings(settings: Settings) -> None:
     _require("token_leeway_s", settings.token_leeway_s >= 0, "must not be negative")
     _require("token_jwks_check_s", settings.token_jwks_check_s > 0, "must be positive")
     key_entries(settings)
+
+
+def _check_edge(settings: Settings) -> None:
+    """Rate limits and trusted proxies."""
+    for name in ("session_rate_per_s", "run_rate_per_s"):
+        _require(name, getattr(settings, name) >= 0, "must not be negative (0: no limit)")
+    for network in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise SettingsError(
+                f"setting 'trusted_proxies' holds {network!r}, which is not an IP address or "
+                "network (e.g. '10.0.0.5' or '172.16.0.0/12')"
+            ) from None
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
