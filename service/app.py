@@ -15,6 +15,7 @@ from .http_version import http_version_middleware
 from .keys import Keys
 from .protocol import handler_args
 from .rate_limit import RateLimits
+from .response_headers import set_response_headers
 from .settings import Settings
 
 
@@ -50,7 +51,8 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
         app,
         defaults={
             origin: aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
-                allow_credentials=False,
+                # Never with "*": settings refuse that combination.
+                allow_credentials=settings.cors_credentials,
                 expose_headers="*",
                 allow_headers="*",
                 allow_methods=["GET", "POST", "DELETE"],
@@ -78,3 +80,4 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
         routes.append(web.post("/dev/token", demo_token.mint_demo_token))
     for route in app.router.add_routes(routes):
         cors.add(route)
+    app.on_response_prepare.append(set_response_headers)

@@ -103,7 +103,9 @@ and expiring with the session) still holds it; otherwise it gets a `gap` event f
 session itself is gone the stream ends there and a resume is answered 204.
 
 Each worker limits, per client address, how many session ids it issues and how many demo runs
-fresh connects start (429 `rate_limited` with `Retry-After`)."""
+fresh connects start (429 `rate_limited` with `Retry-After`). Responses carry
+`Cache-Control: no-store` unless they say otherwise, and `Vary: Origin`, since CORS answers
+echo the origin."""
 
 
 def _get_session_id(settings: Settings) -> Spec:
@@ -117,6 +119,7 @@ def _get_session_id(settings: Settings) -> Spec:
         "responses": {
             "200": {
                 "description": "The new session id.",
+                "headers": {"Cache-Control": _ref("headers", "NoStore")},
                 "content": {
                     "text/plain": {
                         "schema": {
@@ -194,7 +197,10 @@ def _connect(settings: Settings) -> Spec:
                 "`finish` (last event of the session), `gap` (data: the resume point, whose "
                 f"successors are no longer all in the log) and `{UNAUTHORIZED_EVENT}` (no id; "
                 "the subscriber's token expired and the stream ends).",
-                "headers": {"X-Request-Id": _ref("headers", "RequestId")},
+                "headers": {
+                    "X-Request-Id": _ref("headers", "RequestId"),
+                    "Cache-Control": _ref("headers", "NoStore"),
+                },
                 "content": {"text/event-stream": {"schema": _ref("schemas", "StreamEvent")}},
             },
             "204": {
@@ -206,9 +212,7 @@ def _connect(settings: Settings) -> Spec:
                    "token is genuine and names the session but has expired: the reconnect "
                    "after an `unauthorized` event. Open a new EventSource with a fresh token."
                    if token_mode else ""),
-                "headers": {
-                    "Cache-Control": {"schema": {"type": "string", "enum": ["no-store"]}}
-                },
+                "headers": {"Cache-Control": _ref("headers", "NoStore")},
             },
             "400": _error("`invalid_parameter`: `sessionId` missing, repeated or malformed, "
                           "or a malformed resume point."),
@@ -663,6 +667,12 @@ def _components(settings: Settings) -> Spec:
             }
         },
         "headers": {
+            "NoStore": {
+                "description": "`no-store`: the answer belongs to this client; no cache may keep "
+                "it. Every response without a policy of its own carries it.",
+                "required": True,
+                "schema": {"const": "no-store"},
+            },
             "RequestId": {
                 "description": "The request's id, taken from the request or generated; the "
                 "worker's log lines for the request name it.",

@@ -41,6 +41,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.web_protocol import RequestHandler
 
 from .errors import MalformedBody, body_fault, error_response
+from .response_headers import NO_STORE
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ class JsonErrorRequestHandler(RequestHandler):
         else:
             phrase = HTTPStatus(status).phrase
             response = error_response(status, "http_error", phrase)
+        response.headers["Cache-Control"] = NO_STORE
         response.force_close()
         return response
 

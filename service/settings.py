@@ -40,6 +40,7 @@ class Settings:
     max_connections: int = 20000
     max_connections_per_session: int = 100
     cors_origins: tuple[str, ...] = ("*",)
+    cors_credentials: bool = False
     trusted_proxies: tuple[str, ...] = ()
     session_rate_per_s: float = 10.0
     session_burst: int = 100
@@ -228,9 +229,22 @@ def _check_token_settings(settings: Settings) -> None:
 
 
 def _check_edge(settings: Settings) -> None:
-    """Rate limits and trusted proxies."""
+    """CORS, rate limits and trusted proxies."""
     for name in ("session_rate_per_s", "run_rate_per_s"):
         _require(name, getattr(settings, name) >= 0, "must not be negative (0: no limit)")
+    bad_origins = [o for o in settings.cors_origins if o != "*" and not _ORIGIN.fullmatch(o)]
+    _require(
+        "cors_origins",
+        not bad_origins,
+        f"holds {bad_origins[:1]!r}: each must be '*' or an origin such as "
+        "'https://app.example' or 'http://localhost:3000' (scheme, host, port; no path)",
+    )
+    _require(
+        "cors_credentials",
+        not (settings.cors_credentials and "*" in settings.cors_origins),
+        "cannot be true while cors_origins allows '*': browsers refuse credentials from a "
+        "wildcard; list the origins that may send them",
+    )
     for network in settings.trusted_proxies:
         try:
             ipaddress.ip_network(network, strict=False)
@@ -241,6 +255,8 @@ def _check_edge(settings: Settings) -> None:
             ) from None
 
 
+# An origin as browsers send it: scheme://host[:port], no path, no trailing slash.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@]+")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 

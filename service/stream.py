@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
+    # A session's events are that client's: no cache may keep them (no-cache would allow it).
+    "Cache-Control": "no-store",
     "X-Accel-Buffering": "no",
 }
 

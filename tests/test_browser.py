@@ -347,4 +347,45 @@ async def test_an_eventsource_stops_on_expiry_when_the_page_does_nothing(
     await asyncio.sleep(3 * RETRY_MS / 1000)
     assert len(service.connects()) == 2
     assert page_errors == []
+
+
+CREDENTIALED_STREAM = """url => new Promise(resolve => {
+    const received = [];
+    const source = new EventSource(url, {withCredentials: true});
+    const end = failed => { source.close(); resolve({received, failed}); };
+    source.onmessage = event => received.push(["message", event.data]);
+    source.addEventListener("finish", event => {
+        received.push(["finish", event.data]);
+        end(false);
+    });
+    source.onerror = () => { if (source.readyState === EventSource.CLOSED) end(true); };
+})"""
+
+
+@pytest.mark.parametrize("allow_credentials", [True, False], ids=["allowed", "not-allowed"])
+async def test_a_credentialed_event_source_from_another_origin(
+    browser: Browser, start_service: StartService, page_server: str, page_errors: list[str],
+    allow_credentials: bool,
+) -> None:
+    # `withCredentials` makes Chromium require the exact origin and Allow-Credentials.
+    page_origin = "/".join(page_server.split("/")[:3])
+    service = await start_service(
+        cors_origins=[page_origin], cors_credentials=allow_credentials
+    )
+    context = await browser.new_context(viewport=PHONE)
+    page = await context.new_page()
+    watch(page, page_errors)
+    await page.goto(page_server)
+    outcome = await page.evaluate(
+        CREDENTIALED_STREAM, f"{service.url}sse/connect?sessionId=credentialed"
+    )
+    if allow_credentials:
+        assert outcome["failed"] is False
+        assert [name for name, _ in outcome["received"]] == ["message"] * 9 + ["finish"]
+        assert all("credentialed" in data for _, data in outcome["received"])
+        assert page_errors == []
+    else:
+        # What the browser did before credentials could be allowed: the stream is refused.
+        assert outcome == {"received": [], "failed": True}
+        assert any("Access-Control-Allow-Credentials" in e for e in page_errors), page_errors
     await context.close()

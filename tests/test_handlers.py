@@ -36,7 +36,7 @@ async def test_stream_headers_and_first_bytes_arrive_at_once(client: Any) -> Non
     async with client.get("/sse/connect", params={"sessionId": "1234"}) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
-        assert response.headers["Cache-Control"] == "no-cache"
+        assert response.headers["Cache-Control"] == "no-store"
         assert response.headers["X-Accel-Buffering"] == "no"
         async with asyncio.timeout(2):
             first = await response.content.readuntil(STREAM_OPENED)

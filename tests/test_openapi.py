@@ -9,6 +9,7 @@ live 0.1 s, so every stream it opens ends on its own within that.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import threading
@@ -41,6 +42,17 @@ def test_document_is_valid_openapi_3_1(make_settings: MakeSettings) -> None:
         document = build_document(settings)
         assert document["openapi"].startswith("3.1")
         validate(document)
+
+
+def test_every_reference_resolves(make_settings: MakeSettings) -> None:
+    document = build_document(make_settings(publish_tokens=[TOKEN]))
+    references = re.findall(r'"\$ref": "#/([^"]+)"', json.dumps(document))
+    assert references
+    for reference in references:
+        node: Any = document
+        for part in reference.split("/"):
+            assert part in node, f"#/{reference} does not resolve"
+            node = node[part]
 
 
 async def test_document_names_exactly_the_routes_the_app_serves(
