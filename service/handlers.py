@@ -50,8 +50,8 @@ async def connect(request: web.Request) -> web.StreamResponse:
         return web.Response(status=204, headers=NOTHING_MORE_HEADERS)
     if app[r.lifecycle_key].draining:
         raise Unavailable("this worker is shutting down", headers={"Retry-After": "1"})
-    if last_event_id is None and app[r.settings_key].demo_runs:
-        # A fresh connect may start a demo run: refused while this address may start none.
+    if _may_start_run(request, last_event_id):
+        # Refused before any Redis work while this address may start no run (see _attach).
         limits = app[r.rate_limits_key]
         limits.runs.check(limits.address_of(request), "demo runs")
     with app[r.admission_key].admit(session_id):
@@ -64,12 +64,7 @@ async def _serve_stream(
     app = request.app
     settings, hub, keys = app[r.settings_key], app[r.hub_key], app[r.keys_key]
     async with hub.listen(keys.channel(session_id)) as listener:
-        attachment = await app[r.sessions_key].attach(
-            session_id,
-            last_event_id,
-            require_issued=settings.require_issued_session,
-            start_run_with=settings.producer_event_count if settings.demo_runs else None,
-        )
+        attachment = await _attach(request, session_id, last_event_id)
         if attachment.status is AttachStatus.UNKNOWN:
             raise SessionNotFound(f"session {session_id!r} was not issued or has expired")
         if attachment.status is AttachStatus.GONE or _already_finished(
@@ -78,7 +73,6 @@ async def _serve_stream(
             # Nothing more will come: 204 is the one answer that stops EventSource.
             return web.Response(status=204, headers=NOTHING_MORE_HEADERS)
         if attachment.run_needs_producer:
-            app[r.rate_limits_key].runs.spend(app[r.rate_limits_key].address_of(request))
             await request_run(app[r.redis_key], keys, session_id)
         response = web.StreamResponse(
             headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id_of(request)}
@@ -105,6 +99,32 @@ async def _serve_stream(
         )  # fmt: skip
         await _run_stream(stream, session_id, app[r.stream_metrics_key])
         return response
+
+
+async def _attach(request: web.Request, session_id: str, last_event_id: str | None) -> Attachment:
+    """Register the connection with its session; a fresh one may start a demo run.
+
+    It holds a run token of its client address until the answer says whether a run started,
+    so concurrent connects cannot start more runs than the address has tokens.
+    """
+    app = request.app
+    settings, limits = app[r.settings_key], app[r.rate_limits_key]
+    holds_token = _may_start_run(request, last_event_id)
+    if holds_token:
+        limits.runs.take_or_refuse(limits.address_of(request), "demo runs")
+    started = False
+    try:
+        attachment = await app[r.sessions_key].attach(
+            session_id,
+            last_event_id,
+            require_issued=settings.require_issued_session,
+            start_run_with=settings.producer_event_count if settings.demo_runs else None,
+        )
+        started = attachment.run_needs_producer
+    finally:
+        if holds_token and not started:
+            limits.runs.refund(limits.address_of(request))
+    return attachment
 
 
 async def _run_stream(stream: EventStream, session_id: str, metrics: StreamMetrics) -> None:
@@ -140,6 +160,11 @@ async def _run_stream(stream: EventStream, session_id: str, metrics: StreamMetri
                 }
             },
         )
+
+
+def _may_start_run(request: web.Request, last_event_id: str | None) -> bool:
+    """A fresh connect may start a demo run (rate limited per client address)."""
+    return last_event_id is None and request.app[r.settings_key].demo_runs
 
 
 def _session_id(request: web.Request) -> str:

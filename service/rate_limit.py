@@ -69,6 +69,12 @@ class RateLimiter:
         if self.enabled:
             self._refilled(address).tokens -= 1
 
+    def refund(self, address: str) -> None:
+        """Give back a token taken for something that did not happen (never beyond the burst)."""
+        if self.enabled:
+            bucket = self._refilled(address)
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1)
+
     def take(self, address: str) -> float:
         """Spend a token if one is there and return 0; else the seconds until one is."""
         wait = self.wait_s(address)

@@ -56,7 +56,8 @@ async def test_a_burst_of_new_sessions_is_claimed_at_once_and_every_run_complete
     start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
-    settings = make_settings(**redis_target.settings, producer_interval_ms=10)
+    # Sixty clients from one address: more runs at once than its run limit allows.
+    settings = make_settings(**redis_target.settings, producer_interval_ms=10, run_rate_per_s=0)
     client = await start_client(settings)
     sessions = [f"burst{n}" for n in range(60)]
 
@@ -136,7 +137,9 @@ async def test_a_burst_of_fresh_connects_leaves_the_producer_running(
 ) -> None:
     # Each fresh connect wakes the producer; hundreds arrive faster than it scans. A small
     # inbox makes the burst overflow it for certain, as the default one does under load.
-    settings = make_settings(redis_url=redis_url, producer_interval_ms=5, listener_queue_size=16)
+    # The crowd comes from one address here; its run limit would refuse most of it.
+    settings = make_settings(redis_url=redis_url, producer_interval_ms=5, listener_queue_size=16,
+                             run_rate_per_s=0)
     client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
 
     async def connect_and_leave(n: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any
@@ -71,6 +72,14 @@ def test_check_takes_nothing_and_spend_may_go_into_debt(clock: FakeClock) -> Non
     assert limiter.wait_s("a") == pytest.approx(3.0)
     with pytest.raises(RateLimited):
         limiter.check("a", "runs")
+
+
+def test_a_refund_gives_back_a_token_but_never_beyond_the_burst(clock: FakeClock) -> None:
+    limiter = RateLimiter(rate_per_s=0.001, burst=2, max_addresses=10, clock=clock)
+    assert limiter.take("a") == 0.0
+    limiter.refund("a")
+    limiter.refund("a")  # nothing was taken for this one
+    assert [limiter.take("a") for _ in range(3)] == [0.0, 0.0, pytest.approx(1000)]
 
 
 def test_rate_zero_is_no_limit_and_remembers_nobody(clock: FakeClock) -> None:
@@ -225,6 +234,23 @@ async def test_fresh_connects_are_limited_only_by_the_runs_they_start(
         "/sse/connect", params={"sessionId": "first"}, headers={"Last-Event-ID": "1-0"}
     ) as resumed:
         assert resumed.status == 200
+
+
+async def test_concurrent_fresh_connects_start_no_more_runs_than_the_burst(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    inspector: Any,
+) -> None:
+    settings = make_settings(run_rate_per_s=SLOW, run_burst=5, producer_interval_ms=60_000)
+    client = await start_client(settings, fake_opener)
+
+    async def fresh(n: int) -> int:
+        async with client.get("/sse/connect", params={"sessionId": f"crowd{n}"}) as response:
+            return int(response.status)
+
+    statuses = await asyncio.gather(*(fresh(n) for n in range(40)))
+    assert sorted(statuses) == [200] * 5 + [429] * 35
+    runs = [n for n in range(40) if await inspector.exists(Keys().run(f"crowd{n}"))]
+    assert len(runs) == 5
 
 
 async def test_without_demo_runs_fresh_connects_are_not_limited(
