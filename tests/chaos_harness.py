@@ -45,6 +45,10 @@ WORKER_SETTINGS: dict[str, object] = {
     "drain_timeout_s": 5,
     "publish_tokens": TOKEN,
     "log_level": "INFO",
+    # Every simulated client connects from 127.0.0.1, which the per-address limits on new
+    # sessions and demo runs would count as one client (tests/test_rate_limit.py).
+    "session_rate_per_s": 0,
+    "run_rate_per_s": 0,
 }
 EVENTS_PER_RUN = 10
 START_TIMEOUT_S = 20.0
