@@ -358,8 +358,7 @@ class Hub:
             state for name in channels
             if (state := self._channels.get(name)) is not None and state.link is link
         ]  # fmt: skip
-        log.info("pub/sub link %s re-established; %d channels resubscribed",
-                 link.name, len(states))
+        log.info("pub/sub link %s re-established; %d channels resubscribed", link.name, len(states))
         for state in states:
             _resync(state)
 
@@ -453,8 +452,11 @@ class Hub:
             if state.link is link and self._topology.node_for(name) != link.name
         ]  # fmt: skip
         if moved:
-            log.warning("pub/sub link %s unreachable; %d channels move to their slots' new "
-                        "owners", link.name, len(moved))
+            log.warning(
+                "pub/sub link %s unreachable; %d channels move to their slots' new owners",
+                link.name,
+                len(moved),
+            )
         for name, state in moved:
             self._start_reroute(name, state)
         await self._retire_if_unused(link)
@@ -502,8 +504,12 @@ class Hub:
             log.error("the control channel cannot be subscribed (%s): hub failed", error)
             self.on_failed()
             return
-        log.warning("channel %r cannot be subscribed (%s); ending its %d streams",
-                    name, error, len(state.listeners))
+        log.warning(
+            "channel %r cannot be subscribed (%s); ending its %d streams",
+            name,
+            error,
+            len(state.listeners),
+        )
         del self._channels[name]
         for listener in state.listeners:
             listener.end(EndReason.HUB_FAILED)

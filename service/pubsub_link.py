@@ -200,8 +200,9 @@ class PubSubLink:
         """Send UNSUBSCRIBE (a no-op while disconnected: a reconnect skips unused channels)."""
         if not self.up:
             return
-        await self._send_due(_Due(_Kind.UNSUBSCRIBE, deque([channel])),
-                             self._dialect.unsubscribe, channel)
+        await self._send_due(
+            _Due(_Kind.UNSUBSCRIBE, deque([channel])), self._dialect.unsubscribe, channel
+        )
 
     async def reconnect(self, reason: str) -> None:
         """Drop the connection now; the reader connects again and re-subscribes."""
@@ -242,8 +243,12 @@ class PubSubLink:
                     failures = 1 if self._answered else failures + 1
                     self._answered = False
                     delay_s = _backoff_s(failures)
-                    log.warning("pub/sub link %s lost (%s); reconnecting in %.2fs",
-                                self.name, error, delay_s)
+                    log.warning(
+                        "pub/sub link %s lost (%s); reconnecting in %.2fs",
+                        self.name,
+                        error,
+                        delay_s,
+                    )
                     if failures > 1 or isinstance(error, RedisTimeoutError):
                         self._owner.on_unreachable(self)
                     await asyncio.sleep(delay_s)
@@ -382,8 +387,12 @@ class PubSubLink:
         head = self._due.popleft()
         if head.kind is _Kind.SUBSCRIBE:
             channels = list(head.channels)
-            log.warning("pub/sub link %s: subscribe of %d channel(s) refused: %s",
-                        self.name, len(channels), error)
+            log.warning(
+                "pub/sub link %s: subscribe of %d channel(s) refused: %s",
+                self.name,
+                len(channels),
+                error,
+            )
             self._fail_waiters([head], error)
             self._answered_one(head)
             self._owner.on_refused(self, channels, error)

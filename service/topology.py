@@ -119,9 +119,7 @@ async def subscriber_count(client: Redis | RedisCluster, channel: str) -> int:
     if isinstance(client, RedisCluster):
         await client.initialize()  # a no-op once the slot table is known
         node = client.get_node_from_key(channel)
-        reply = await client.execute_command(
-            "PUBSUB", "SHARDNUMSUB", channel, target_nodes=node
-        )
+        reply = await client.execute_command("PUBSUB", "SHARDNUMSUB", channel, target_nodes=node)
     else:
         reply = await client.pubsub_numsub(channel)
     return _count_of(reply)

@@ -188,9 +188,22 @@ def start_client(aiohttp_client: Any) -> StartClient:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """The chaos suite's table: one row per fault, with its counts."""
+    """The chaos suite's table (one row per fault, with its counts), then the failover
+    tests' accounts (events expected, received, gap-signalled, ...)."""
     lines = report_table()
     if lines:
         terminalreporter.section("chaos report")
         for line in lines:
+            terminalreporter.write_line(line)
+    failovers = [
+        f"{report.nodeid}: {value}"
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name == "failover"
+    ]
+    if failovers:
+        terminalreporter.section("failover reports")
+        for line in failovers:
             terminalreporter.write_line(line)
