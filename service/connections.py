@@ -1,20 +1,25 @@
-"""Open the Redis client: the real server from `redis_url`, or an in-process stand-in."""
+"""Open the Redis client from `redis_url`: one server, a Redis Cluster, the primary a set of
+Redis Sentinels names, or (no URL) an in-process stand-in."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, Protocol, TypeGuard
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .logs import redacted_url
+from .sentinel_url import is_sentinel_url, parse_sentinel_url
 from .settings import Settings
 from .startup import StartupError
 
@@ -51,7 +56,7 @@ async def open_redis(settings: Settings) -> RedisClient:
     """
     if settings.embedded_redis:
         return _embedded_redis()
-    client = _cluster_client(settings) if settings.redis_cluster else _server_client(settings)
+    client = _client(settings)
     url = redacted_url(settings.redis_url)
     attempt, delay_s, waited_s = 1, 0.2, 0.0
     while True:
@@ -85,6 +90,18 @@ def _one_line(error: BaseException) -> str:
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, RedisClusterException, ClusterDownError)
 
 
+def _client(settings: Settings) -> RedisClient:
+    if settings.redis_cluster:
+        return _cluster_client(settings)
+    if is_sentinel_url(settings.redis_url):
+        return _sentinel_client(settings)
+    return _server_client(settings)
+
+
+def _retry() -> Retry:
+    return Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=2)
+
+
 def _server_client(settings: Settings) -> Redis:
     # A blocking pool: a burst of requests queues for a connection instead of opening one
     # each, so the worker's Redis connection count stays fixed whatever the client count.
@@ -94,10 +111,136 @@ def _server_client(settings: Settings) -> Redis:
         timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
-        retry=Retry(EqualJitterBackoff(cap=1.0, base=0.05), retries=2),
+        retry=_retry(),
         health_check_interval=30,
     )
     return redis.Redis.from_pool(pool)
+
+
+class PrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary the Sentinels name, refused unless the server is one.
+
+    Every (re)connect asks the Sentinels for the primary's address. Around a failover one of
+    them may still name the former primary, which may already be a replica: it would refuse
+    writes and serve stale reads, and a subscription there may hear nothing. ROLE settles it
+    before the connection is used; the pool then asks the Sentinels again.
+    """
+
+    async def on_connect_check_health(self, check_health: bool = True) -> None:
+        await super().on_connect_check_health(check_health=check_health)
+        await self.send_command("ROLE", check_health=False)
+        role = await self.read_response()
+        name = role[0].decode() if isinstance(role, list) and role else repr(role)
+        if name != "master":
+            raise RedisConnectionError(
+                f"{self.host}:{self.port} is a {name}, not the primary; asking the Sentinels again"
+            )
+
+
+class BlockingSentinelConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """redis-py's Sentinel pool, waiting for a free connection like the single-server pool.
+
+    SentinelConnectionPool builds on the pool that raises when full; mixing in the blocking
+    pool keeps the worker's connection count fixed whatever the request rate. When the
+    Sentinels name a new primary, the pool drops its idle connections to the old one; a
+    connection that was in use at that moment is dropped here, when it comes back, so no
+    command goes on to a former primary that may still accept writes it will lose.
+    """
+
+    def __init__(self, service_name: str, sentinel_manager: Any, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._released = asyncio.Condition()
+
+    async def release(self, connection: AbstractConnection) -> None:
+        primary = self.master_address
+        moved = primary is not None and _address(connection) != _address_of(primary)
+        if moved and connection.is_connected:
+            await connection.disconnect()
+        await super().release(connection)
+        async with self._released:
+            self._released.notify_all()
+
+    async def wait_for_commands_at(
+        self, address: tuple[str, int], keep: AbstractConnection, timeout_s: float
+    ) -> None:
+        """Until no connection to `address` other than `keep` is in use (at most `timeout_s`).
+
+        A command already sent to a former primary is answered there, and an event it
+        publishes reaches only the subscribers still there.
+        """
+
+        def answered() -> bool:
+            # `_in_use_connections` is private in redis-py (checked against 8.0 and 8.1).
+            in_use = self._in_use_connections
+            return not any(c is not keep and _address(c) == address for c in in_use)
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s), self._released:
+                await self._released.wait_for(answered)
+
+
+def _address(connection: AbstractConnection) -> tuple[str, int] | None:
+    host, port = getattr(connection, "host", None), getattr(connection, "port", None)
+    return None if host is None or port is None else (str(host), int(port))
+
+
+def _address_of(address: Any) -> tuple[str, int]:
+    host, port = address
+    return str(host), int(port)
+
+
+class SentinelRedis(redis.Redis):
+    """A client of the primary the Sentinels name; closing it closes its Sentinel clients."""
+
+    _sentinels: Sentinel | None = None
+
+    @classmethod
+    def over(cls, pool: BlockingSentinelConnectionPool, sentinels: Sentinel) -> SentinelRedis:
+        """A client owning `pool` (as `from_pool` makes) and the `sentinels` it asks."""
+        client = cls(connection_pool=pool)
+        client.auto_close_connection_pool = True
+        client._sentinels = sentinels
+        return client
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if self._sentinels is not None:
+                await self._sentinels.aclose()
+
+
+def _sentinel_client(settings: Settings) -> SentinelRedis:
+    # redis-py's Sentinel support: each new connection asks the Sentinels where the primary
+    # is (SentinelManagedConnection), and a write refused as READONLY by a demoted primary
+    # drops the connection, so the retry below reconnects to the new one.
+    address = parse_sentinel_url(settings.redis_url)
+    timeouts = {
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+    }
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        list(address.sentinels),
+        sentinel_kwargs={
+            **timeouts,
+            "username": address.sentinel_username,
+            "password": address.sentinel_password,
+        },
+    )
+    pool = BlockingSentinelConnectionPool(
+        address.service_name,
+        sentinels,
+        connection_class=PrimaryConnection,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s,
+        db=address.db,
+        username=address.username,
+        password=address.password,
+        retry=_retry(),
+        health_check_interval=30,
+        **timeouts,
+    )
+    return SentinelRedis.over(pool, sentinels)
 
 
 class QueueingRedisCluster(RedisCluster):

@@ -197,7 +197,7 @@ class Hub:
         inbox_limit: int,
         timeout_s: float = 2.0,
     ) -> None:
-        self._topology = topology_of(redis)
+        self._topology = topology_of(redis, drain_s=timeout_s)
         self._control_channel = control_channel.encode()
         self._inbox_limit = inbox_limit
         self._timeout_s = timeout_s

@@ -55,7 +55,8 @@ def configure_logging(settings: Settings) -> None:
 
 
 def redacted_url(url: str) -> str:
-    """The URL without its password (user info or a `password=` query field), for logs."""
+    """The URL without its passwords (user info, a `password=` or `sentinel_password=` query
+    field), for logs."""
     parts = urlsplit(url)
     redacted = url
     user_info, at, host = parts.netloc.rpartition("@")
@@ -69,4 +70,4 @@ def redacted_url(url: str) -> str:
     return redacted
 
 
-_PASSWORD_FIELD = re.compile(r"(?i)((?:^|&)password=)[^&]*")
+_PASSWORD_FIELD = re.compile(r"(?i)((?:^|&)(?:sentinel_)?password=)[^&]*")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .assets import DEFAULT_CONFIG, read_asset
+from .sentinel_url import SCHEME as SENTINEL_SCHEME
+from .sentinel_url import is_sentinel_url, parse_sentinel_url
 
 ENV_PREFIX = "SSE_"
 
@@ -131,6 +133,8 @@ class Settings:
             self.redis_url == "" or self.redis_url.startswith(_REDIS_SCHEMES),
             f"must be empty (embedded) or start with one of {_REDIS_SCHEMES}",
         )
+        if is_sentinel_url(self.redis_url):
+            self._check_sentinel_url()
         _require(
             "publish_tokens",
             all(len(t) >= 16 for t in self.publish_tokens),
@@ -138,6 +142,17 @@ class Settings:
         )
         _check_token_settings(self)
         _check_edge(self)
+
+    def _check_sentinel_url(self) -> None:
+        try:
+            parse_sentinel_url(self.redis_url)
+        except ValueError as error:
+            raise SettingsError(f"setting 'redis_url' (a Sentinel URL) {error}") from None
+        _require(
+            "redis_cluster",
+            not self.redis_cluster,
+            "cannot be combined with a redis+sentinel:// redis_url (Sentinel or Cluster)",
+        )
 
     @property
     def embedded_redis(self) -> bool:
@@ -258,7 +273,7 @@ def _check_edge(settings: Settings) -> None:
 # An origin as browsers send it: scheme://host[:port], no path, no trailing slash.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@]+")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 
 
 def _require(name: str, ok: bool, problem: str) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import socket
 
 from .logs import redacted_url
+from .sentinel_url import is_sentinel_url
 from .settings import Settings
 
 
@@ -79,6 +80,8 @@ def redis_description(settings: Settings) -> str:
     if settings.embedded_redis:
         return "redis: embedded in-process stand-in (this process only, nothing kept)"
     kind = "redis cluster" if settings.redis_cluster else "redis"
+    if is_sentinel_url(settings.redis_url):
+        kind = "redis primary named by sentinels"
     return f"{kind}: {redacted_url(settings.redis_url)}"
 
 

@@ -1,8 +1,10 @@
-"""Which Redis node carries a pub/sub channel: the one server, or the cluster shard of its slot.
+"""Which Redis node carries a pub/sub channel: the one server, the primary the Sentinels name,
+or the cluster shard of the channel's slot.
 
 redis-py's asyncio cluster client routes commands but the hub needs raw connections it can
 drive itself (see pubsub_link), one per shard that owns a channel in use; this module
-builds them from the client's own node table.
+builds them from the client's own node table. Behind Sentinel the one connection comes from
+the client's Sentinel-managed pool, so each reconnect asks the Sentinels where the primary is.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection
 
+from .connections import BlockingSentinelConnectionPool
 from .pubsub_link import PLAIN, SHARDED, Dialect
 
 SINGLE_NODE = "redis"
@@ -75,6 +78,39 @@ class SingleNode:
         return None
 
 
+class SentinelPrimary(SingleNode):
+    """The primary a set of Redis Sentinels names; it changes when they fail it over.
+
+    The connection comes from the client's Sentinel-managed pool: every (re)connect asks the
+    Sentinels for the primary and checks the server's role (see connections). A connection
+    that stays open to a server the Sentinels no longer name (demoted without its clients
+    being killed, or cut off from the Sentinels) is found by `misplaced`.
+    """
+
+    watches_primary = True
+
+    def __init__(self, client: Redis, pool: BlockingSentinelConnectionPool, drain_s: float) -> None:
+        super().__init__(client)
+        self._sentinel_pool = pool
+        self._drain_s = drain_s
+
+    async def misplaced(self, connection: Connection) -> str | None:
+        """Why `connection` must move to the primary the Sentinels name now, or None.
+
+        Before saying so it lets the commands already sent to the former primary be answered
+        (at most `drain_s`): an event one of them publishes there reaches the streams only
+        while the subscription is still there. A stream that got such an event, which the
+        new primary never had, is then told of the gap when it replays from the new one.
+        """
+        # Also drops the pool's idle connections to a former primary.
+        host, port = await self._sentinel_pool.get_master_address()  # type: ignore[no-untyped-call]
+        here = (str(connection.host), int(connection.port))
+        if here == (str(host), int(port)):
+            return None
+        await self._sentinel_pool.wait_for_commands_at(here, connection, self._drain_s)
+        return f"the Sentinels name {host}:{port} as primary, not {here[0]}:{here[1]}"
+
+
 class ClusterShards:
     """A Redis Cluster: each channel on a connection to the primary owning its hash slot."""
 
@@ -131,8 +167,10 @@ def _count_of(reply: Any) -> int:
     return int(first[1] if isinstance(first, list | tuple) else reply[1])
 
 
-def topology_of(client: Redis | RedisCluster) -> Topology:
-    """The topology matching the kind of client."""
+def topology_of(client: Redis | RedisCluster, drain_s: float = 2.0) -> Topology:
+    """The topology matching the kind of client (`drain_s`: see SentinelPrimary.misplaced)."""
     if isinstance(client, RedisCluster):
         return ClusterShards(client)
+    if isinstance(client.connection_pool, BlockingSentinelConnectionPool):
+        return SentinelPrimary(client, client.connection_pool, drain_s)
     return SingleNode(client)

@@ -122,8 +122,10 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def argv(self) -> list[str]:
+        # A replica's first sync starts at once, not after the default 5 s wait for others.
         return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir), *self.extra_args]
+                "--appendonly", "no", "--repl-diskless-sync-delay", "0",
+                "--dir", str(self.workdir), *self.extra_args]
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from delivery_audit import DeliveryAudit, ReadinessLog, wait_until_async
 from redis.asyncio.cluster import RedisCluster
 
 from service.keys import Keys
 from service.resources import hub_key
 
 from conftest import MakeSettings, StartClient, logged_ids
+from delivery_audit import DeliveryAudit, ReadinessLog, wait_until_async
 from redis_process import (
     RedisClusterProcesses,
     RedisProcess,
