@@ -245,17 +245,22 @@ class SentinelProcess(RedisProcess):
     quorum: int = 2
     down_after_ms: int = 1000
     failover_timeout_ms: int = 3000
+    # Sentinel directives to use instead of the ones above (e.g. a deployment's own).
+    directives: tuple[str, ...] = ()
 
     def argv(self) -> list[str]:
         # Sentinel rewrites its config file as it learns, so it lives in its own directory.
         config = self.workdir / "sentinel.conf"
         name = self.service_name
+        directives = self.directives or (
+            f"sentinel monitor {name} 127.0.0.1 {self.primary_port} {self.quorum}",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {name} 1",
+        )
         config.write_text(
             f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
-            f"sentinel monitor {name} 127.0.0.1 {self.primary_port} {self.quorum}\n"
-            f"sentinel down-after-milliseconds {name} {self.down_after_ms}\n"
-            f"sentinel failover-timeout {name} {self.failover_timeout_ms}\n"
-            f"sentinel parallel-syncs {name} 1\n"
+            + "".join(f"{line}\n" for line in directives)
         )
         return [self.binary, str(config)]
 

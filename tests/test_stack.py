@@ -18,13 +18,21 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+import redis as redis_sync
 import redis.asyncio as redis
 import yaml
 
 from service.__main__ import main as cli_main
+from service.sentinel_url import parse_sentinel_url
 from service.settings import Settings, load_settings
 
 from conftest import MakeSettings, StartClient, logged_ids, wait_for
+from redis_process import (
+    RedisProcess,
+    SentinelProcess,
+    require_redis_sentinel,
+    require_redis_server,
+)
 from sse_reader import ReceivedEvent, SSEParser, read_events
 from stack_processes import (
     NGINX_CONF,
@@ -112,6 +120,76 @@ def test_compose_cluster_profile_runs_the_same_stack_on_three_shards() -> None:
     assert SERVICES["worker-cluster"]["networks"]["cluster"]["aliases"] == ["worker"]
     assert SERVICES["nginx-cluster"]["volumes"] == SERVICES["nginx"]["volumes"]
     assert SERVICES["nginx-cluster"]["ports"] == ["8081:8080"]
+
+
+SENTINEL_SERVICES = ("worker-sentinel", "producer-sentinel")
+SENTINEL_NODES = ("redis-sentinel-1", "redis-sentinel-2", "redis-sentinel-3")
+SENTINEL_SERVERS = ("redis-server-1", "redis-server-2")
+
+
+def sentinel_directives(name: str) -> list[str]:
+    """The lines a compose Sentinel writes to its config file before it starts."""
+    script = SERVICES[name]["command"][0]
+    printed, redirect, start = script.partition(" > ")
+    assert redirect, script
+    config_path = start.split()[0]
+    assert start.endswith(f"exec redis-sentinel {config_path}"), script
+    return re.findall(r"'([^']*)'", printed)[1:]  # after printf's '%s\n'
+
+
+def test_compose_sentinel_profile_runs_the_same_stack_behind_three_sentinels() -> None:
+    profile = {name for name, svc in SERVICES.items() if "sentinel" in svc.get("profiles", ())}
+    assert profile == {*SENTINEL_SERVERS, *SENTINEL_NODES, "nginx-sentinel", *SENTINEL_SERVICES}
+    replica = SERVICES["redis-server-2"]["command"]
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis-server-1", "6379"]
+    monitored = set()
+    for name in SENTINEL_NODES:
+        directives = sentinel_directives(name)
+        assert "port 26379" in directives
+        assert "sentinel resolve-hostnames yes" in directives  # it monitors by service name
+        [monitor] = [line for line in directives if line.startswith("sentinel monitor ")]
+        _, _, service_name, host, port, quorum = monitor.split()
+        assert (host, port) == ("redis-server-1", "6379")
+        # A majority of the three must agree that the primary is down.
+        assert int(quorum) == len(SENTINEL_NODES) // 2 + 1
+        monitored.add(service_name)
+        assert set(SERVICES[name]["depends_on"]) == set(SENTINEL_SERVERS)
+    [service_name] = monitored
+    for name in SENTINEL_SERVICES:
+        service = SERVICES[name]
+        assert service["command"] == SERVICES[name.removesuffix("-sentinel")]["command"]
+        address = parse_sentinel_url(load_settings(None, service["environment"]).redis_url)
+        assert address.sentinels == tuple((node, 26379) for node in SENTINEL_NODES)
+        assert address.service_name == service_name
+        assert set(service["depends_on"]) == set(SENTINEL_NODES)
+    assert SERVICES["worker-sentinel"]["networks"]["sentinel"]["aliases"] == ["worker"]
+    assert SERVICES["nginx-sentinel"]["volumes"] == SERVICES["nginx"]["volumes"]
+    assert SERVICES["nginx-sentinel"]["ports"] == ["8082:8080"]
+
+
+@pytest.mark.redis
+def test_compose_sentinel_config_is_accepted_by_redis_sentinel(tmp_path: Path) -> None:
+    """The compose Sentinel's directives, pointed at a local server, start a Sentinel that
+    monitors it with those settings (a misspelt directive would stop it)."""
+    server = RedisProcess(require_redis_server(), tmp_path / "server")
+    server.start()
+    directives = [
+        line.replace("redis-server-1 6379", f"127.0.0.1 {server.port}")
+        for line in sentinel_directives("redis-sentinel-1")
+        if not line.startswith("port ")
+    ]
+    sentinel = SentinelProcess(require_redis_sentinel(), tmp_path / "sentinel",
+                               directives=tuple(directives))
+    try:
+        sentinel.start()
+        with redis_sync.Redis(host="127.0.0.1", port=sentinel.port) as client:
+            state = client.sentinel_master("mymaster")
+        assert (state["ip"], state["port"]) == ("127.0.0.1", server.port)
+        assert state["down-after-milliseconds"] == 5000
+        assert state["quorum"] == 2
+    finally:
+        sentinel.stop()
+        server.stop()
 
 
 def test_compose_ports_line_up_with_nginx_and_the_workers() -> None:
