@@ -207,3 +207,18 @@ async def test_a_link_that_cannot_subscribe_at_all_is_not_ready_and_ends_every_s
         finally:
             await hub.close()
             await client.aclose()
+
+
+async def test_a_topology_task_that_dies_of_a_bug_fails_the_hub_rather_than_going_quiet(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken() -> None:
+        raise RuntimeError("slot table bug")
+
+    monkeypatch.setattr(hub._topology, "refresh", broken)
+    async with hub.listen("followed") as listener:
+        (link,) = hub._links.values()
+        hub.on_unreachable(link)  # what a link reports when a reconnect fails
+        await wait_for(lambda: _ended(listener))
+        assert listener.ended is EndReason.HUB_FAILED
+        assert not hub.connected
