@@ -159,9 +159,12 @@ async def test_redis_kills_every_pubsub_connection(lab: Lab, target: str) -> Non
 
 
 @pytest.mark.stack
+@TARGETS
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-async def test_worker_killed_mid_run_behind_nginx(lab: Lab, signum: signal.Signals) -> None:
-    deployment = await lab.single()
+async def test_worker_killed_mid_run_behind_nginx(
+    lab: Lab, signum: signal.Signals, target: str
+) -> None:
+    deployment = await deployment_for(lab, target)
     stack = await lab.stack(deployment, workers=3, embedded_producer=False, producers=1,
                             nginx_binary=require_nginx())
     work = Workload(stack, lab.http(), demo_urls=[stack.url])
@@ -182,8 +185,9 @@ async def _open_streams(work: Workload, worker: Worker) -> int:
     return round(await metric(work.http, worker, "sse_open_streams"))
 
 
-async def test_producer_sigkill_mid_run(lab: Lab) -> None:
-    deployment = await lab.single()
+@TARGETS
+async def test_producer_sigkill_mid_run(lab: Lab, target: str) -> None:
+    deployment = await deployment_for(lab, target)
     stack = await lab.stack(deployment, workers=2, embedded_producer=False, producers=1)
     work = Workload(stack, lab.http(), demo_urls=stack.client_urls())
     await work.start(demo=CLIENTS, api=0)
