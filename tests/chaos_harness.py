@@ -135,14 +135,30 @@ class Deployment:
 
         await wait_until(written, 10, "the append-only files")
 
-    async def stall(self, seconds: float) -> None:
-        """Keep every node busy in a script for `seconds`: alive, but answering nothing."""
-        await self.on_each_node("EVAL", BUSY_SCRIPT, 0, round(seconds * 1000),
-                                timeout_s=seconds + 10)
+    async def stall(self, seconds: float) -> float:
+        """Keep every node busy in a script for `seconds`: alive, but answering nothing.
 
-    async def pause(self, seconds: float) -> None:
-        """CLIENT PAUSE ALL on every node for `seconds`."""
+        Returns when the first node answered again (monotonic clock): no worker could reach
+        any node before it.
+        """
+        first_back: list[float] = []
+
+        async def busy(node: RedisProcess) -> None:
+            client = redis.Redis.from_url(node.url, socket_timeout=seconds + 10)
+            try:
+                await client.execute_command("EVAL", BUSY_SCRIPT, 0, round(seconds * 1000))
+                first_back.append(time.monotonic())
+            finally:
+                await client.aclose()
+
+        await asyncio.gather(*(busy(node) for node in self.nodes))
+        return min(first_back)
+
+    async def pause(self, seconds: float) -> float:
+        """CLIENT PAUSE ALL on every node for `seconds`; the earliest it can end (monotonic)."""
+        sent = time.monotonic()
         await self.on_each_node("CLIENT", "PAUSE", round(seconds * 1000), "ALL")
+        return sent + seconds
 
     async def kill_pubsub(self) -> int:
         """CLIENT KILL TYPE pubsub on every node; the number of connections cut."""
@@ -150,11 +166,12 @@ class Deployment:
 
     async def kill_and_restart(
         self, nodes: Sequence[RedisProcess], *, keep_data: bool, down_s: float
-    ) -> None:
+    ) -> float:
         """SIGKILL `nodes`, keep them down `down_s`, start them again on the same ports.
 
         Without `keep_data` their data files go (a cluster node keeps its nodes.conf: it comes
-        back as the same, empty, member).
+        back as the same, empty, member). Returns when the restart began (monotonic): the
+        nodes were surely down until then.
         """
         for node in nodes:
             node.kill()
@@ -162,10 +179,12 @@ class Deployment:
                 shutil.rmtree(node.workdir / "appendonlydir", ignore_errors=True)
                 (node.workdir / "dump.rdb").unlink(missing_ok=True)
         await asyncio.sleep(down_s)  # the outage the fault prescribes
+        restarting = time.monotonic()
         for node in nodes:
             await asyncio.to_thread(node.start)
         if self.cluster:
             await wait_until(self._cluster_ok, 20, "cluster_state:ok after the restart")
+        return restarting
 
     async def _cluster_ok(self) -> bool:
         try:
@@ -331,7 +350,8 @@ async def metric(http: aiohttp.ClientSession, worker: Worker, name: str) -> floa
     for line in text.splitlines():
         if line.startswith(f"{name} "):
             return float(line.split()[1])
-    raise LookupError(f"{name} not in /metrics")
+    raise AssertionError(f"{name} not in /metrics of {worker.name} "
+                         f"({response.status}): {text[:300]!r}")
 
 
 async def idle_state(http: aiohttp.ClientSession, worker: Worker) -> tuple[float, float]:

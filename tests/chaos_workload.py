@@ -197,11 +197,11 @@ class Workload:
     def fault_started(self) -> None:
         self.injected = time.monotonic()
 
-    def fault_ended(self, *, outage: bool) -> None:
-        """The fault is over; with `outage`, no worker could deliver while it lasted."""
+    def fault_ended(self, *, outage_until: float | None = None) -> None:
+        """The fault is over. With `outage_until`, no worker could reach Redis before then."""
         self.healed = time.monotonic()
-        if outage:
-            self.outage = (self.injected, self.healed)
+        if outage_until is not None:
+            self.outage = (self.injected, outage_until)
 
     async def settle(self, timeout_s: float) -> None:
         """Let clients and publishers finish; whatever is still running after `timeout_s` is not."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -98,9 +99,10 @@ async def test_redis_sigkill_and_restart_with_its_data(lab: Lab, target: str) ->
     await deployment.persist()
     work = await mixed_workload(lab, deployment)
     work.fault_started()
-    await deployment.kill_and_restart(deployment.nodes[:1], keep_data=True,
-                                      down_s=0.5 if deployment.cluster else 2.0)
-    work.fault_ended(outage=not deployment.cluster)
+    restarted = await deployment.kill_and_restart(deployment.nodes[:1], keep_data=True,
+                                                  down_s=0.5 if deployment.cluster else 2.5)
+    # One node of three down is a partial outage: readiness is only held to "ready" after.
+    work.fault_ended(outage_until=None if deployment.cluster else restarted)
     await conclude(lab, work, deployment, "redis SIGKILL, restart with data",
                    note="1 of 3 nodes" if deployment.cluster else "")
 
@@ -114,9 +116,9 @@ async def test_redis_sigkill_and_restart_empty(lab: Lab, target: str) -> None:
     on_victim = {c.session_id for c in work.clients
                  if await deployment.node_of(c.session_id) is victim}
     work.fault_started()
-    await deployment.kill_and_restart([victim], keep_data=False,
-                                      down_s=0.5 if deployment.cluster else 2.0)
-    work.fault_ended(outage=not deployment.cluster)
+    restarted = await deployment.kill_and_restart([victim], keep_data=False,
+                                                  down_s=0.5 if deployment.cluster else 2.5)
+    work.fault_ended(outage_until=None if deployment.cluster else restarted)
     where = "the node of the runs index; " if deployment.cluster else ""
     await conclude(lab, work, deployment, "redis SIGKILL, restart empty",
                    lost=on_victim.__contains__,
@@ -128,8 +130,8 @@ async def test_redis_stalled_longer_than_the_command_timeout(lab: Lab, target: s
     deployment = await deployment_for(lab, target)
     work = await mixed_workload(lab, deployment)
     work.fault_started()
-    await deployment.stall(2.5)  # the workers' redis_timeout_s is 1.0
-    work.fault_ended(outage=True)
+    back = await deployment.stall(2.5)  # the workers' redis_timeout_s is 1.0
+    work.fault_ended(outage_until=back)
     await conclude(lab, work, deployment, "redis busy script 2.5s (timeout 1s)")
 
 
@@ -138,9 +140,9 @@ async def test_redis_client_pause(lab: Lab, target: str) -> None:
     deployment = await deployment_for(lab, target)
     work = await mixed_workload(lab, deployment)
     work.fault_started()
-    await deployment.pause(2.5)
-    await asyncio.sleep(2.5)  # the pause the fault prescribes
-    work.fault_ended(outage=True)
+    unpaused = await deployment.pause(2.5)
+    await asyncio.sleep(max(0.0, unpaused - time.monotonic()))  # the pause runs its course
+    work.fault_ended(outage_until=unpaused)
     await conclude(lab, work, deployment, "CLIENT PAUSE 2.5s ALL")
 
 
@@ -150,7 +152,7 @@ async def test_redis_kills_every_pubsub_connection(lab: Lab, target: str) -> Non
     work = await mixed_workload(lab, deployment)
     work.fault_started()
     killed = await deployment.kill_pubsub()
-    work.fault_ended(outage=False)
+    work.fault_ended()
     await conclude(lab, work, deployment, "CLIENT KILL TYPE pubsub",
                    note=f"{killed} connections cut")
 
@@ -175,7 +177,7 @@ async def test_worker_killed_mid_run_behind_nginx(
     work.fault_started()
     victim.send(signum)
     await wait_until(lambda: not victim.running, 15, f"{victim.name} to exit")
-    work.fault_ended(outage=False)
+    work.fault_ended()
     extra = [] if streams else [f"{victim.name} held no stream when it was signalled"]
     await conclude(lab, work, deployment, f"worker {signum.name} mid-run (nginx)",
                    note=f"victim held {streams} streams", extra=extra)
@@ -197,7 +199,7 @@ async def test_producer_sigkill_mid_run(lab: Lab, target: str) -> None:
     await stack.wait_producer(standby)
     work.fault_started()
     stack.producer_processes[0].send(signal.SIGKILL)
-    work.fault_ended(outage=False)
+    work.fault_ended()
     await conclude(lab, work, deployment, "producer SIGKILL mid-run (standby takes over)")
 
 
@@ -215,7 +217,7 @@ async def test_burst_of_simultaneous_fresh_connects(lab: Lab, target: str) -> No
     work.fault_started()
     await work.start(demo=BURST, api=0)
     await work.midway(events=EVENTS_AFTER_BURST, timeout_s=SETTLE_S)
-    work.fault_ended(outage=False)  # the burst is over once every stream delivers
+    work.fault_ended()  # the burst is over once every stream delivers
     # Sessions that start after the burst must run as well.
     later = [EventSourceClient(stack.url, new_session_id()) for _ in range(CLIENTS)]
     await work.add_clients(later)
@@ -248,7 +250,7 @@ async def test_publish_flood_to_one_session(lab: Lab, target: str) -> None:
             await publisher.publish(session_id, str(k))
 
     await asyncio.gather(*(sender() for _ in range(32)))
-    work.fault_ended(outage=False)
+    work.fault_ended()
     await publisher.publish(session_id, "end", "finish")
     await conclude(lab, work, deployment, f"flood of {FLOOD} API publishes, 1 session",
                    note=f"{sum(publisher.retries.values())} publish retries")
