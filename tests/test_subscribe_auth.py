@@ -406,3 +406,18 @@ async def test_a_configured_key_wins_over_the_demo_key_of_the_same_id(
     token = token_for("s1", key=hs256_key(DEMO_KEY_ID, secret))
     async with connect(client, "s1", token) as response:
         assert response.status == 200
+
+
+async def test_audience_and_issuer_when_configured(
+    start_client: StartClient, token_settings: Any, fake_opener: RedisOpener
+) -> None:
+    settings = token_settings(token_audience="https://app.example", token_issuer="backend")
+    client = await start_client(settings, fake_opener)
+    good = {"aud": "https://app.example", "iss": "backend"}
+    async with connect(client, "s1", token_for("s1", **good)) as response:
+        assert response.status == 200
+    for wrong in ({**good, "aud": "https://other.example"}, {**good, "iss": "intruder"},
+                  {"iss": "backend"}, {"aud": "https://app.example"}):
+        response = await connect(client, "s1", token_for("s1", **wrong), headers=EVENT_SOURCE)
+        assert response.status == 401, wrong
+        assert (await response.json())["error"] == "invalid_token"
