@@ -16,6 +16,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from aiohttp import web
 
+from service.token_keys import SigningKey
+from service.tokens import mint_token
+
 from chromium_process import HAVE_PLAYWRIGHT, headless_chromium
 from conftest import MakeSettings
 from live_service import Service, serve
@@ -388,4 +391,77 @@ async def test_a_credentialed_event_source_from_another_origin(
         # What the browser did before credentials could be allowed: the stream is refused.
         assert outcome == {"received": [], "failed": True}
         assert any("Access-Control-Allow-Credentials" in e for e in page_errors), page_errors
+    await context.close()
+
+
+COOKIE_STREAM = """([url, withCredentials]) => new Promise(resolve => {
+    const seen = [];
+    const source = new EventSource(url, {withCredentials});
+    source.onmessage = event => seen.push(["message", event.data]);
+    for (const name of ["finish", "unauthorized"]) {
+        source.addEventListener(name, event => {
+            seen.push([name, event.data]);
+            if (name === "finish") { source.close(); resolve(seen); }
+        });
+    }
+    source.onerror = () => {
+        seen.push(["error", source.readyState]);
+        if (source.readyState === EventSource.CLOSED) resolve(seen);
+    };
+})"""
+
+
+async def test_a_token_cookie_authorizes_a_credentialed_event_source_from_another_origin(
+    browser: Browser, start_service: StartService, page_server: str, page_errors: list[str]
+) -> None:
+    """The cookie path end to end: set by the application (here: the test) for the service's
+    host, sent by EventSource only with `withCredentials`, allowed by credentialed CORS;
+    when the token runs out, the stream ends and the browser's own reconnect gets 204."""
+    page_origin = "/".join(page_server.split("/")[:3])
+    secret = "browser-cookie-secret-0123456789ab"
+    service = await start_service(
+        subscribe_auth="token", token_hs256_secrets=[f"web:{secret}"], token_leeway_s=0,
+        cors_origins=[page_origin], cors_credentials=True, token_cookie="app_sse",
+        producer_interval_ms=50,
+    )  # fmt: skip
+    key = SigningKey("web", "HS256", secret.encode())
+    context = await browser.new_context(viewport=PHONE)
+    # The page and the service share a host (a site) on two ports (two origins): a cookie
+    # for the host goes to both, like a cookie an application sets for its API's domain.
+    await context.add_cookies([
+        {"name": "app_sse", "value": mint_token(key, subscribe=["c-*"], ttl_s=60),
+         "url": service.url},
+    ])  # fmt: skip
+    page = await context.new_page()
+    watch(page, page_errors)
+    await page.goto(page_server)
+
+    def stream(base: str, session_id: str, credentials: bool = True) -> Any:
+        return page.evaluate(COOKIE_STREAM, [f"{base}sse/connect?sessionId={session_id}",
+                                             credentials])
+
+    seen = await stream(service.url, "c-1")
+    assert [name for name, _ in seen] == ["message"] * 9 + ["finish"]
+    # Without withCredentials the browser sends no cookie: no token, 401, the source closes.
+    assert await stream(service.url, "c-2", credentials=False) == [["error", 2]]
+    # A token for other sessions is 403.
+    assert await stream(service.url, "d-1") == [["error", 2]]
+    assert [s.status for s in service.connects()] == [200, 401, 403]
+
+    # A token that runs out mid-stream: `unauthorized`, then the reconnect (same cookie) is 204.
+    quiet = await start_service(
+        subscribe_auth="token", token_hs256_secrets=[f"web:{secret}"], token_leeway_s=0,
+        cors_origins=[page_origin], cors_credentials=True, token_cookie="app_sse",
+        demo_runs=False,
+    )  # fmt: skip
+    await context.add_cookies([
+        {"name": "app_sse", "value": mint_token(key, subscribe=["c-*"], ttl_s=1),
+         "url": quiet.url},
+    ])  # fmt: skip
+    ended = await stream(quiet.url, "c-3")
+    assert [name for name, _ in ended] == ["unauthorized", "error", "error"]
+    assert [state for name, state in ended if name == "error"] == [0, 2]
+    assert [s.status for s in quiet.connects()] == [200, 204]
+    # The browser reports the refusals of the second and third stream; nothing else went wrong.
+    assert [e for e in page_errors if "401" not in e and "403" not in e] == []
     await context.close()
