@@ -91,6 +91,7 @@ async def _serve_stream(
             ttl_ms=attachment.ttl_ms,
             retry_ms=settings.retry_ms,
             heartbeat_interval_s=settings.heartbeat_interval_s,
+            write_timeout_s=settings.write_timeout_s,
             access_ends_at=access.monotonic_deadline(),
         )
         stream = EventStream(

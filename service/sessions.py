@@ -17,7 +17,6 @@ BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 SESSION_ID_LENGTH = 22
 SESSION_ID_BITS = round(SESSION_ID_LENGTH * math.log2(len(BASE62)))
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-REPLAY_PAGE = 500
 
 
 def new_session_id() -> str:
@@ -162,32 +161,10 @@ class SessionStore:
         """Milliseconds the session has left; 0 or less when it is gone."""
         return int(await self._redis.pttl(self._keys.session(session_id)))
 
-    async def read_log(
-        self, session_id: str, after: str, *, detect_gap: bool
-    ) -> tuple[list[Delivery], bool]:
-        """Logged events newer than `after`, and whether some between them were already dropped.
-
-        With `detect_gap`, `after` must name an event still in the log; if it was trimmed away
-        (MAXLEN) or expired with the session, the flag is set so the client can be told.
-        """
-        page = await self._log_page(session_id, after)
-        gap = False
-        full_page = len(page) == REPLAY_PAGE
-        if page and page[0].id == after:
-            page = page[1:]
-        elif detect_gap:
-            gap = True
-        deliveries: list[Delivery] = []
-        while True:
-            deliveries.extend(page)
-            if not full_page or not page:
-                return deliveries, gap
-            page = await self._log_page(session_id, "(" + page[-1].id)
-            full_page = len(page) == REPLAY_PAGE
-
-    async def _log_page(self, session_id: str, start: str) -> list[Delivery]:
+    async def read_page(self, session_id: str, start: str, count: int) -> list[Delivery]:
+        """Up to `count` logged events from `start` on (an id, included, or `(id`, excluded)."""
         entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
-            self._keys.log(session_id), min=start, max="+", count=REPLAY_PAGE
+            self._keys.log(session_id), min=start, max="+", count=count
         )  # type: ignore[assignment]
         return [decode_log_entry(entry_id, fields) for entry_id, fields in entries]
 

@@ -63,6 +63,7 @@ class Settings:
     max_event_bytes: int = 256 * 1024
     max_body_bytes: int = 1024 * 1024
     idempotency_ttl_s: float = 600.0
+    write_timeout_s: float = 10.0
     # Signed access tokens (JWT): who may subscribe and publish. See service/tokens.py.
     subscribe_auth: str = "open"
     token_cookie: str = "sse_token"
@@ -96,6 +97,7 @@ class Settings:
             "heartbeat_interval_s",
             "redis_timeout_s",
             "idempotency_ttl_s",
+            "write_timeout_s",
         ):
             _require(name, getattr(self, name) > 0, "must be positive")
         _require("port", self.port >= 0, "must not be negative (0: any free port)")

@@ -3,6 +3,10 @@
 The connection's subscription is live before its session is attached and its log is read,
 so the seam between replay and live delivery has neither gap nor duplicate: live events
 are dropped when their id is not newer than the last one written.
+
+Every write the stream's task makes is bounded in time (`write_timeout_s`): a client that
+stops reading is dropped as slow, also in the middle of a replay, which goes out in pages
+of about `REPLAY_PAGE_BYTES` so that a long log never sits whole in the worker's memory.
 """
 
 from __future__ import annotations
@@ -36,6 +40,13 @@ SSE_HEADERS = {
 # A client whose socket holds more unsent bytes than this gets no more direct writes; its
 # events queue in its inbox, which is bounded, so a client that stays behind is dropped.
 DIRECT_WRITE_BUFFER_LIMIT = 64 * 1024
+# Replay reads the log in pages of about this many bytes (the first page, whose event sizes
+# are not known yet, holds REPLAY_FIRST_PAGE events), and writes them in pieces of at most
+# WRITE_PIECE_BYTES, each of which must drain within the write deadline.
+REPLAY_PAGE_BYTES = 256 * 1024
+REPLAY_FIRST_PAGE = 16
+REPLAY_PAGE_MAX = 500
+WRITE_PIECE_BYTES = 64 * 1024
 
 
 class StreamEnd(Enum):
@@ -68,8 +79,13 @@ class StreamPlan:
     ttl_ms: int
     retry_ms: int
     heartbeat_interval_s: float
+    write_timeout_s: float
     # When the subscriber's token runs out (a time.monotonic() value); None: never.
     access_ends_at: float | None = None
+
+
+class SlowClientError(Exception):
+    """A write did not drain within the deadline: the client has stopped reading."""
 
 
 # The stream's last frame when its subscriber's token expires (subscribe_auth.py).
@@ -86,7 +102,7 @@ class EventStream:
     plain event the socket can take goes out pre-framed, with no task switch, at the end of
     the batch it came in. Anything else (a finish, a resync marker, a slow or closing
     socket) goes through the inbox to the task, which writes through aiohttp and waits for
-    the socket to drain.
+    the socket to drain, never longer than the write deadline.
     """
 
     def __init__(
@@ -113,14 +129,25 @@ class EventStream:
         self._last_id = plan.replay_after
         self._last_position = parse_event_id(plan.replay_after)
         self._needs_resync = False
-        self._end: StreamEnd | None = None  # set by what the stream wrote: finish, or gap
+        self._end: StreamEnd | None = None  # why the stream ends, once it knows
+        self._expires_at = time.monotonic() + plan.ttl_ms / 1000
         self.events_sent = 0
         self.events_replayed = 0
 
     async def run(self) -> StreamEnd:
         """Replay what the client missed, then relay live events; return why it ended."""
         self._listener.on_end = self._on_listener_end
-        return await self._run()
+        try:
+            return await self._run()
+        except SlowClientError:
+            log.info(
+                "session %s: a write did not drain within %gs; dropping the client as slow",
+                self._plan.session_id,
+                self._plan.write_timeout_s,
+            )
+            if self._connection is not None:
+                self._connection.abort()
+            return StreamEnd.SLOW
 
     @property
     def dropped_as_slow(self) -> bool:
@@ -136,14 +163,13 @@ class EventStream:
 
     async def _run(self) -> StreamEnd:
         plan = self._plan
-        expires_at = time.monotonic() + plan.ttl_ms / 1000
-        await self._response.write(sse.retry(plan.retry_ms) + sse.comment("connected"))
+        await self._write(sse.retry(plan.retry_ms) + sse.comment("connected"))
         await self._replay(plan.replay_after, plan.detect_gap)
         listener, live = self._listener, self._live
         direct = self._write_live if live is not None else None
         access_ends_at = plan.access_ends_at if plan.access_ends_at is not None else math.inf
         while self._end is None:
-            wait_s = min(plan.heartbeat_interval_s, expires_at - time.monotonic(),
+            wait_s = min(plan.heartbeat_interval_s, self._expires_at - time.monotonic(),
                          access_ends_at - time.monotonic())
             listener.direct = direct
             try:
@@ -154,21 +180,19 @@ class EventStream:
                 live.flush()  # older than anything the task writes next
             if time.monotonic() >= access_ends_at:
                 # Checked before anything is relayed, so a busy stream ends on time too.
-                await self._response.write(UNAUTHORIZED_FRAME)
+                await self._write(UNAUTHORIZED_FRAME)
                 return StreamEnd.UNAUTHORIZED
             if items:
                 await self._relay(items)
             elif self._listener.ended is not None:
                 return _END_BY_HUB[self._listener.ended]
-            elif time.monotonic() >= expires_at:
-                ttl_ms = await self._remaining_ttl_ms()
-                if ttl_ms <= 0:
+            elif time.monotonic() >= self._expires_at:
+                if await self._expired():
                     return StreamEnd.EXPIRED
-                expires_at = time.monotonic() + ttl_ms / 1000
             elif self._needs_resync:
                 await self._resync()
             else:
-                await self._response.write(sse.PING)
+                await self._write(sse.PING)
         return self._end
 
     def _write_live(self, item: Incoming | Resync) -> bool:
@@ -235,17 +259,30 @@ class EventStream:
         self._needs_resync = False
         return True
 
-    async def _remaining_ttl_ms(self) -> int:
-        """The session's TTL, or one more heartbeat while Redis cannot be asked."""
+    async def _expired(self) -> bool:
+        """Whether the session's TTL ran out; if not, when to look again."""
         try:
-            return await self._sessions.ttl_ms(self._plan.session_id)
+            ttl_ms = await self._sessions.ttl_ms(self._plan.session_id)
         except RedisError as error:
             log.info(
                 "session %s: TTL check postponed, redis unavailable: %s",
                 self._plan.session_id,
                 error,
             )
-            return round(self._plan.heartbeat_interval_s * 1000)
+            ttl_ms = round(self._plan.heartbeat_interval_s * 1000)
+        if ttl_ms <= 0:
+            return True
+        self._expires_at = time.monotonic() + ttl_ms / 1000
+        return False
+
+    async def _must_stop(self) -> bool:
+        """Between replay pages: whether the hub ended the listener or the session expired."""
+        ended = self._listener.ended
+        if ended is not None:
+            self._end = _END_BY_HUB[ended]
+        elif time.monotonic() >= self._expires_at and await self._expired():
+            self._end = StreamEnd.EXPIRED
+        return self._end is not None
 
     async def _replay(self, after: str, detect_gap: bool) -> None:
         """Write logged events after `after`, stopping after `finish`.
@@ -256,21 +293,33 @@ class EventStream:
         is answered 204.
         """
         session_id = self._plan.session_id
-        deliveries, gap = await self._sessions.read_log(session_id, after, detect_gap=detect_gap)
+        count = REPLAY_FIRST_PAGE
+        # The first page starts at `after` itself: if it is not there, the history has a hole.
+        page = await self._sessions.read_page(session_id, after, count)
+        more = len(page) == count
         frames = []
-        if gap:
+        if page and page[0].id == after:
+            page = page[1:]
+        elif detect_gap:
             frames.append(sse.Event(data=after, event=GAP_EVENT).encode())
-            if not deliveries and not await self._sessions.exists(session_id):
+            if not page and not await self._sessions.exists(session_id):
                 log.info("session %s is gone: its stream ends after a gap", session_id)
                 self._end = StreamEnd.SESSION_GONE
-        for delivery in deliveries:
-            if self._accept(delivery):
-                self.events_replayed += 1
-                frames.append(delivery.frame)
-                if delivery.is_finish:
-                    self._end = StreamEnd.FINISHED
-                    break
-        await self._flush(frames)
+        while True:
+            for delivery in page:
+                if self._accept(delivery):
+                    self.events_replayed += 1
+                    frames.append(delivery.frame)
+                    if delivery.is_finish:
+                        self._end = StreamEnd.FINISHED
+                        break
+            await self._flush(frames)
+            if self._end is not None or not more or not page or await self._must_stop():
+                return
+            frames = []
+            count = _page_count(page)
+            page = await self._sessions.read_page(session_id, "(" + page[-1].id, count)
+            more = len(page) == count
 
     def _accept(self, delivery: Delivery) -> bool:
         if delivery.position <= self._last_position:
@@ -281,5 +330,28 @@ class EventStream:
         return True
 
     async def _flush(self, frames: list[bytes]) -> None:
-        if frames:
-            await self._response.write(b"".join(frames))
+        """Write `frames` in pieces of at most WRITE_PIECE_BYTES (a larger frame alone)."""
+        piece: list[bytes] = []
+        size = 0
+        for frame in frames:
+            if piece and size + len(frame) > WRITE_PIECE_BYTES:
+                await self._write(b"".join(piece))
+                piece, size = [], 0
+            piece.append(frame)
+            size += len(frame)
+        if piece:
+            await self._write(piece[0] if len(piece) == 1 else b"".join(piece))
+
+    async def _write(self, data: bytes) -> None:
+        """Write through aiohttp, waiting for the socket to drain no longer than the deadline."""
+        try:
+            async with asyncio.timeout(self._plan.write_timeout_s):
+                await self._response.write(data)
+        except TimeoutError:
+            raise SlowClientError from None
+
+
+def _page_count(page: list[Delivery]) -> int:
+    """How many events the next page may hold to stay near REPLAY_PAGE_BYTES."""
+    average = sum(len(delivery.frame) for delivery in page) / len(page)
+    return max(1, min(REPLAY_PAGE_MAX, int(REPLAY_PAGE_BYTES / average)))

@@ -15,7 +15,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from service.chunked import http_chunk
 from service.envelope import Delivery
 from service.hub import EndReason, Incoming, Listener, Resync
-from service.stream import DIRECT_WRITE_BUFFER_LIMIT, EventStream, StreamEnd, StreamPlan
+from service.stream import (
+    DIRECT_WRITE_BUFFER_LIMIT,
+    REPLAY_FIRST_PAGE,
+    REPLAY_PAGE_BYTES,
+    WRITE_PIECE_BYTES,
+    EventStream,
+    StreamEnd,
+    StreamPlan,
+)
 
 from conftest import wait_for
 from sse_reader import SSEParser
@@ -62,10 +70,25 @@ class FakeResponse:
         self._wire.writes.append(("task", data))
 
 
+class StalledResponse(FakeResponse):
+    """A client that reads the first write and then nothing more: the next never drains."""
+
+    def __init__(self, wire: Wire) -> None:
+        super().__init__(wire)
+        self.stalled = asyncio.Event()
+
+    async def write(self, data: bytes) -> None:
+        if self._wire.writes:
+            self.stalled.set()
+            await asyncio.Event().wait()
+        await super().write(data)
+
+
 class FakeTransport:
     def __init__(self, wire: Wire) -> None:
         self._wire = wire
         self.closing = False
+        self.aborted = False
         self.buffered = 0
 
     def write(self, data: bytes) -> None:
@@ -77,6 +100,10 @@ class FakeTransport:
     def get_write_buffer_size(self) -> int:
         return self.buffered
 
+    def abort(self) -> None:
+        self.aborted = True
+        self.closing = True
+
 
 class FakeSessions:
     """A session log that can be made unreadable, as during a Redis outage."""
@@ -85,20 +112,30 @@ class FakeSessions:
         self.log: list[Delivery] = []
         self.down = False
         self.failed_reads = 0
+        self.pages: list[int] = []  # the size of each page read, in events
+        self.ttl = 60_000
 
-    async def read_log(
-        self, session_id: str, after: str, *, detect_gap: bool
-    ) -> tuple[list[Delivery], bool]:
-        del session_id, detect_gap
+    async def read_page(self, session_id: str, start: str, count: int) -> list[Delivery]:
+        del session_id
         if self.down:
             self.failed_reads += 1
             raise RedisConnectionError("redis is down")
-        position = tuple(int(part) for part in after.split("-"))
-        return [d for d in self.log if d.position > position], False
+        excluded = start.startswith("(")
+        position = tuple(int(part) for part in start.lstrip("(").split("-"))
+        page = [
+            d for d in self.log
+            if d.position > position or (d.position == position and not excluded)
+        ][:count]
+        self.pages.append(len(page))
+        return page
+
+    async def exists(self, session_id: str) -> bool:
+        del session_id
+        return True
 
     async def ttl_ms(self, session_id: str) -> int:
         del session_id
-        return 60_000
+        return self.ttl
 
 
 def event(n: int, name: str = "") -> Delivery:
@@ -109,24 +146,28 @@ def incoming(delivery: Delivery) -> Incoming:
     return Incoming(f"{delivery.id}\n{delivery.event}\n{delivery.data}".encode())
 
 
-def plan(heartbeat_s: float = 5.0) -> StreamPlan:
+def plan(heartbeat_s: float = 5.0, ttl_ms: int = 60_000) -> StreamPlan:
     return StreamPlan(
-        session_id="s", replay_after="0-0", detect_gap=False, ttl_ms=60_000, retry_ms=500,
-        heartbeat_interval_s=heartbeat_s,
+        session_id="s", replay_after="0-0", detect_gap=False, ttl_ms=ttl_ms, retry_ms=500,
+        heartbeat_interval_s=heartbeat_s, write_timeout_s=0.2,
     )
 
 
 class Setup:
-    def __init__(self, direct: bool, heartbeat_s: float = 5.0) -> None:
+    def __init__(
+        self, direct: bool, heartbeat_s: float = 5.0, ttl_ms: int = 60_000,
+        stalled: bool = False,
+    ) -> None:
         self.wire = Wire()
         self.transport = FakeTransport(self.wire)
         self.listener = Listener(limit=100)
         self.sessions = FakeSessions()
+        self.response = StalledResponse(self.wire) if stalled else FakeResponse(self.wire)
         self.stream = EventStream(
-            FakeResponse(self.wire),  # type: ignore[arg-type]
+            self.response,  # type: ignore[arg-type]
             self.listener,
             self.sessions,  # type: ignore[arg-type]
-            plan(heartbeat_s),
+            plan(heartbeat_s, ttl_ms),
             self.transport if direct else None,  # type: ignore[arg-type]
         )
 
@@ -354,3 +395,55 @@ async def test_a_stream_that_ends_before_any_event_sends_no_blank_line() -> None
     async with asyncio.timeout(2):
         assert await running is StreamEnd.SHUTDOWN
     assert re.fullmatch(rb"retry: 500\n: connected\n(?:: ping\n)+", setup.wire.body())
+
+
+# Replay: paged reads, bounded writes, and every end rule applied between pages.
+
+
+def long_log(count: int, size: int) -> list[Delivery]:
+    return [Delivery(f"{n}-0", "", f"{n:06d}" + "x" * size) for n in range(1, count + 1)]
+
+
+async def test_a_long_log_is_read_in_pages_and_written_in_bounded_pieces() -> None:
+    setup = Setup(direct=True)
+    setup.sessions.log = [*long_log(1999, 1024), event(2000, "finish")]
+    async with asyncio.timeout(5):
+        assert await setup.stream.run() is StreamEnd.FINISHED
+    assert setup.wire.ids() == [f"{n}-0" for n in range(1, 2001)]
+    assert setup.stream.events_replayed == 2000
+    assert sum(setup.sessions.pages) == 2000
+    assert max(setup.sessions.pages) * 1100 <= REPLAY_PAGE_BYTES * 1.1
+    assert all(len(data) <= WRITE_PIECE_BYTES for _, data in setup.wire.writes)
+
+
+async def test_a_write_that_does_not_drain_in_time_ends_the_stream_as_slow() -> None:
+    setup = Setup(direct=True, stalled=True)
+    setup.sessions.log = long_log(500, 1024)
+    async with asyncio.timeout(5):
+        assert await setup.stream.run() is StreamEnd.SLOW
+    assert isinstance(setup.response, StalledResponse)
+    assert setup.response.stalled.is_set()
+    assert setup.transport.aborted
+
+
+async def test_a_session_that_expires_during_a_replay_ends_it_between_pages() -> None:
+    setup = Setup(direct=True, ttl_ms=0)
+    setup.sessions.log = long_log(2000, 1024)
+    setup.sessions.ttl = -2
+    async with asyncio.timeout(5):
+        assert await setup.stream.run() is StreamEnd.EXPIRED
+    assert setup.sessions.pages == [REPLAY_FIRST_PAGE]
+    assert len(setup.wire.ids()) == REPLAY_FIRST_PAGE
+
+
+@pytest.mark.parametrize("reason", list(EndReason))
+async def test_a_listener_ended_by_the_hub_stops_a_replay_between_pages(
+    reason: EndReason,
+) -> None:
+    setup = Setup(direct=False)
+    setup.sessions.log = long_log(2000, 1024)
+    setup.listener.end(reason)
+    async with asyncio.timeout(5):
+        ended = await setup.stream.run()
+    assert ended.value == reason.value
+    assert setup.sessions.pages == [REPLAY_FIRST_PAGE]
