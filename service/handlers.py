@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+import random
 import time
 
 from aiohttp import HttpVersion11, web
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import resources as r
+from . import sse
 from .assets import WEB_FILES_DIR, read_asset
 from .envelope import parse_event_id
 from .errors import (
     REQUEST_ID_HEADER,
     InvalidParameter,
+    ServiceError,
     SessionNotFound,
+    TooManyConnections,
     Unavailable,
     request_id_of,
 )
+from .hub import Listener
 from .metrics import CONTENT_TYPE, StreamMetrics, render
 from .producer import request_run
 from .sessions import Attachment, AttachStatus, is_valid_session_id
@@ -40,7 +48,12 @@ async def get_session_id(request: web.Request) -> web.Response:
 
 
 async def connect(request: web.Request) -> web.StreamResponse:
-    """Stream a session's events: replay what the client missed, then live until the end."""
+    """Stream a session's events: replay what the client missed, then live until the end.
+
+    A condition that passes (Redis away or slow, the worker full or draining) is answered,
+    to EventSource, with a stream that only says when to come back: any other status than
+    200 would make it give up for good. Other clients get 503 with Retry-After.
+    """
     app = request.app
     session_id = _session_id(request)
     last_event_id = _last_event_id(request)
@@ -48,32 +61,34 @@ async def connect(request: web.Request) -> web.StreamResponse:
     if access.stop:
         # An expired token's reconnect: EventSource stops.
         return web.Response(status=204, headers=NOTHING_MORE_HEADERS)
-    if app[r.lifecycle_key].draining:
-        raise Unavailable("this worker is shutting down", headers={"Retry-After": "1"})
-    if _may_start_run(request, last_event_id):
-        # Refused before any Redis work while this address may start no run (see _attach).
-        limits = app[r.rate_limits_key]
-        limits.runs.check(limits.address_of(request), "demo runs")
-    with app[r.admission_key].admit(session_id):
-        return await _serve_stream(request, session_id, last_event_id, access)
+    try:
+        if app[r.lifecycle_key].draining:
+            raise Unavailable("this worker is shutting down", headers={"Retry-After": "1"})
+        if _may_start_run(request, last_event_id):
+            # Refused before any Redis work while this address may start no run (see _register).
+            limits = app[r.rate_limits_key]
+            limits.runs.check(limits.address_of(request), "demo runs")
+        with app[r.admission_key].admit(session_id):
+            return await _serve_stream(request, session_id, last_event_id, access)
+    except (Unavailable, TooManyConnections, RedisError) as error:
+        # Only raised before the stream's response starts: a stream ends on its own terms.
+        if not _reads_event_streams(request):
+            raise
+        return _come_back_later(request, session_id, error)
 
 
 async def _serve_stream(
     request: web.Request, session_id: str, last_event_id: str | None, access: StreamAccess
 ) -> web.StreamResponse:
     app = request.app
-    settings, hub, keys = app[r.settings_key], app[r.hub_key], app[r.keys_key]
-    async with hub.listen(keys.channel(session_id)) as listener:
-        attachment = await _attach(request, session_id, last_event_id)
+    settings = app[r.settings_key]
+    async with contextlib.AsyncExitStack() as held:
+        listener, attachment = await _attach(request, held, session_id, last_event_id)
         if attachment.status is AttachStatus.UNKNOWN:
             raise SessionNotFound(f"session {session_id!r} was not issued or has expired")
-        if attachment.status is AttachStatus.GONE or _already_finished(
-            last_event_id, attachment
-        ):
+        if attachment.status is AttachStatus.GONE or _already_finished(last_event_id, attachment):
             # Nothing more will come: 204 is the one answer that stops EventSource.
             return web.Response(status=204, headers=NOTHING_MORE_HEADERS)
-        if attachment.run_needs_producer:
-            await request_run(app[r.redis_key], keys, session_id)
         response = web.StreamResponse(
             headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id_of(request)}
         )
@@ -102,7 +117,35 @@ async def _serve_stream(
         return response
 
 
-async def _attach(request: web.Request, session_id: str, last_event_id: str | None) -> Attachment:
+async def _attach(
+    request: web.Request,
+    held: contextlib.AsyncExitStack,
+    session_id: str,
+    last_event_id: str | None,
+) -> tuple[Listener, Attachment]:
+    """Subscribe, register, and request the demo run if one is due, within redis_timeout_s.
+
+    One deadline for the lot: an unresponsive Redis (not down, just silent) fails the
+    connect in bounded time, and the client comes back, maybe to another worker.
+    """
+    app = request.app
+    settings, keys = app[r.settings_key], app[r.keys_key]
+    try:
+        async with asyncio.timeout(settings.redis_timeout_s):
+            listener = await held.enter_async_context(
+                app[r.hub_key].listen(keys.channel(session_id))
+            )
+            attachment = await _register(request, session_id, last_event_id)
+            if attachment.run_needs_producer:
+                await request_run(app[r.redis_key], keys, session_id)
+    except TimeoutError:
+        raise RedisTimeoutError(
+            f"redis did not answer within {settings.redis_timeout_s:g}s"
+        ) from None
+    return listener, attachment
+
+
+async def _register(request: web.Request, session_id: str, last_event_id: str | None) -> Attachment:
     """Register the connection with its session; a fresh one may start a demo run.
 
     It holds a run token of its client address until the answer says whether a run started,
@@ -126,6 +169,37 @@ async def _attach(request: web.Request, session_id: str, last_event_id: str | No
         if holds_token and not started:
             limits.runs.refund(limits.address_of(request))
     return attachment
+
+
+def _reads_event_streams(request: web.Request) -> bool:
+    """The client asked for an event stream, as EventSource does (`Accept`)."""
+    return any("text/event-stream" in value for value in request.headers.getall("Accept", []))
+
+
+def _come_back_later(request: web.Request, session_id: str, why: Exception) -> web.Response:
+    """An event stream that only says when to reconnect, then ends.
+
+    EventSource treats any status but 200 as fatal; a 200 that ends at once makes it
+    reconnect after the `retry:` delay, keeping its Last-Event-ID. The delay is jittered
+    around `retry_ms`, so a crowd turned away together does not come back together.
+    """
+    app = request.app
+    delay_ms = round(app[r.settings_key].retry_ms * random.uniform(0.5, 1.5))
+    detail = why.detail if isinstance(why, ServiceError) else str(why)
+    log.info(
+        "stream of session %s deferred (%s); the client reconnects in %d ms [request %s]",
+        session_id,
+        detail,
+        delay_ms,
+        request_id_of(request),
+    )
+    app[r.stream_metrics_key].deferred()
+    response = web.Response(
+        body=sse.retry(delay_ms) + sse.comment("unavailable, reconnect later"),
+        headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id_of(request)},
+    )
+    response.force_close()
+    return response
 
 
 async def _run_stream(stream: EventStream, session_id: str, metrics: StreamMetrics) -> None:

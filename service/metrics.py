@@ -30,6 +30,7 @@ class StreamMetrics:
     def __init__(self) -> None:
         self._open: set[EventStream] = set()
         self._ended: Counter[StreamEnd] = Counter()
+        self._deferred = 0
         self._delivered_by_ended = 0
         self._replayed_by_ended = 0
 
@@ -43,6 +44,15 @@ class StreamMetrics:
         self._ended[reason] += 1
         self._delivered_by_ended += stream.events_sent
         self._replayed_by_ended += stream.events_replayed
+
+    def deferred(self) -> None:
+        """A stream request was told to come back later (busy, draining, Redis away)."""
+        self._deferred += 1
+
+    @property
+    def deferred_count(self) -> int:
+        """Stream requests told to come back later."""
+        return self._deferred
 
     @property
     def open_count(self) -> int:
@@ -83,6 +93,11 @@ class ServiceCollector:
             "events_replayed",
             "Events written from a session's log (resume or catch-up), part of delivered",
             streams.events_replayed,
+        )
+        yield _counter(
+            "streams_deferred",
+            "Stream requests told to reconnect later (Redis away, worker full or draining)",
+            streams.deferred_count,
         )
         yield _counter(
             "events_published",

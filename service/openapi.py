@@ -196,7 +196,12 @@ def _connect(settings: Settings) -> Spec:
                 "optional `event:` name and `data:` lines. Named events of the service itself: "
                 "`finish` (last event of the session), `gap` (data: the resume point, whose "
                 f"successors are no longer all in the log) and `{UNAUTHORIZED_EVENT}` (no id; "
-                "the subscriber's token expired and the stream ends).",
+                "the subscriber's token expired and the stream ends).\n\n"
+                "A request that asks for `text/event-stream` (as EventSource does) while the "
+                "worker cannot serve it right now (Redis away or not answering within "
+                f"{settings.redis_timeout_s:g} s, the worker full or draining) also gets 200: a "
+                f"body of only a `retry:` delay (jittered around {settings.retry_ms} ms) that "
+                "ends at once, so the client reconnects instead of giving up.",
                 "headers": {
                     "X-Request-Id": _ref("headers", "RequestId"),
                     "Cache-Control": _ref("headers", "NoStore"),
@@ -235,6 +240,7 @@ def _connect(settings: Settings) -> Spec:
                 },
             },
             "503": _error(
+                "Only to clients that do not ask for `text/event-stream`: "
                 "`too_many_connections`: this worker holds "
                 f"{settings.max_connections} streams; `unavailable`: Redis is unreachable or "
                 "the worker is shutting down.",

@@ -56,7 +56,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     keys = app[keys_key]
     client = await app[redis_opener_key](settings)
     app[redis_key] = client
-    app[sessions_key] = SessionStore(client, keys, settings.session_ttl_s)
+    app[sessions_key] = SessionStore(
+        client, keys, settings.session_ttl_s, replay_reads=settings.replay_reads
+    )
     app[publisher_key] = Publisher(client, keys, settings.session_ttl_s, settings.log_maxlen)
     yield
     await client.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import secrets
@@ -105,10 +106,11 @@ return 1
 class SessionStore:
     """Session records, kept under `Keys`, each expiring after its TTL."""
 
-    def __init__(self, redis: RedisClient, keys: Keys, ttl_s: float) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, ttl_s: float, replay_reads: int = 1) -> None:
         self._redis = redis
         self._keys = keys
         self._ttl_ms = max(1, round(ttl_s * 1000))
+        self._replay_slots = asyncio.Semaphore(replay_reads)
         self._attach = redis.register_script(_ATTACH)
         self._issue = redis.register_script(_ISSUE)
 
@@ -162,10 +164,17 @@ class SessionStore:
         return int(await self._redis.pttl(self._keys.session(session_id)))
 
     async def read_page(self, session_id: str, start: str, count: int) -> list[Delivery]:
-        """Up to `count` logged events from `start` on (an id, included, or `(id`, excluded)."""
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
-            self._keys.log(session_id), min=start, max="+", count=count
-        )  # type: ignore[assignment]
+        """Up to `count` logged events from `start` on (an id, included, or `(id`, excluded).
+
+        Reads of all replays of this worker queue for `replay_reads` slots, so a storm of
+        resumes of a long log never holds more than that many Redis connections: attaches,
+        publishes and TTL checks always find one. A slot is held for one read, never across
+        the writes to a client.
+        """
+        async with self._replay_slots:
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(
+                self._keys.log(session_id), min=start, max="+", count=count
+            )  # type: ignore[assignment]
         return [decode_log_entry(entry_id, fields) for entry_id, fields in entries]
 
 

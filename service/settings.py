@@ -64,6 +64,7 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     idempotency_ttl_s: float = 600.0
     write_timeout_s: float = 10.0
+    replay_reads: int = 1
     # Signed access tokens (JWT): who may subscribe and publish. See service/tokens.py.
     subscribe_auth: str = "open"
     token_cookie: str = "sse_token"
@@ -90,6 +91,7 @@ class Settings:
             "session_burst",
             "run_burst",
             "rate_limit_addresses",
+            "replay_reads",
         ):
             _require(name, getattr(self, name) >= 1, "must be at least 1")
         for name in (
@@ -111,6 +113,12 @@ class Settings:
             "redis_max_connections",
             self.redis_max_connections >= 2,
             "must be at least 2 (one is held by the shared subscription)",
+        )
+        _require(
+            "replay_reads",
+            self.replay_reads == 1 or self.replay_reads <= self.redis_max_connections - 2,
+            "must leave a Redis connection for attaches: 1, or at most "
+            "redis_max_connections - 2",
         )
         _require("retry_ms", self.retry_ms >= 0, "must not be negative")
         _require("producer_interval_ms", self.producer_interval_ms >= 0, "must not be negative")

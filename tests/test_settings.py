@@ -38,6 +38,10 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         ({"SSE_PRODUCER": "sometimes"}, "'producer' must be"),
         ({"SSE_REDIS_URL": "http://x"}, "'redis_url' must be"),
         ({"SSE_NO_SUCH_KEY": "1"}, "unknown setting 'no_such_key'"),
+        ({"SSE_REPLAY_READS": "2"}, "'replay_reads' must leave a Redis connection"),
+        ({"SSE_REPLAY_READS": "0"}, "'replay_reads' must be at least 1"),
+        ({"SSE_WRITE_TIMEOUT_S": "0"}, "'write_timeout_s' must be positive"),
+        ({"SSE_IDEMPOTENCY_TTL_S": "-1"}, "'idempotency_ttl_s' must be positive"),
     ],
 )
 def test_bad_values_name_the_key(environ: dict[str, str], named: str) -> None:
