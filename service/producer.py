@@ -23,7 +23,7 @@ from .connections import RedisClient, pipelines_queue
 from .envelope import FINISH_EVENT
 from .hub import Hub, Listener
 from .keys import Keys
-from .publisher import Fence, Publisher, PublishOutcome
+from .publisher import Fence, Published, Publisher, PublishOutcome
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .topology import publish_command
@@ -50,6 +50,15 @@ return {-1, redis.call('PTTL', KEYS[2])}
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# KEYS: run, lease. ARGV: token.
+# Parks a run nobody listens to: it stays where it stopped, for a resume to wake it.
+_PARK = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'parked')
+redis.call('DEL', KEYS[2])
+return 1
 """
 
 # KEYS: lease. ARGV: token, lease_ms.
@@ -106,6 +115,8 @@ class Producer:
         self._claim = redis.register_script(_CLAIM)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._park = redis.register_script(_PARK)
+        self._idle_s = settings.run_idle_timeout_s
         self._runs: dict[str, asyncio.Task[None]] = {}
         self._tokens: dict[str, str] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -269,17 +280,24 @@ class Producer:
         )
 
     async def _execute(self, session_id: str, token: str, first: int, count: int) -> None:
+        unheard_since: float | None = None  # the first of the latest publishes nobody heard
         try:
             for seq in range(first, count):
                 event, data = demo_event(session_id, seq, count, self._clock())
                 fence = Fence(token=token, seq=seq, lease_ms=self._lease_ms)
-                outcome = await self._publish_until_redis_answers(session_id, event, data, fence)
-                if outcome in (PublishOutcome.LEASE_LOST, PublishOutcome.SESSION_DELETED):
+                published = await self._publish_until_redis_answers(session_id, event, data, fence)
+                if published.outcome in (PublishOutcome.LEASE_LOST, PublishOutcome.SESSION_DELETED):
                     log.warning("run of session %s lost its lease at event %d", session_id, seq)
                     return
                 self.events_published += 1
-                if seq < count - 1:
-                    await self._wait_holding_lease(session_id, token)
+                if seq == count - 1:
+                    break
+                if published.outcome is PublishOutcome.PUBLISHED:
+                    unheard_since = None if published.heard else unheard_since or time.monotonic()
+                if self._idle(unheard_since):
+                    await self._park_run(session_id, token, seq + 1, count)
+                    return
+                await self._wait_holding_lease(session_id, token)
             await self._redis.zrem(self._keys.runs, session_id)
             log.info("run of session %s finished", session_id)
         except RedisError as error:
@@ -292,9 +310,37 @@ class Producer:
             self._runs.pop(session_id, None)
             self._tokens.pop(session_id, None)
 
+    def _idle(self, unheard_since: float | None) -> bool:
+        """Nobody has heard the run's publishes for `run_idle_timeout_s` (0: never idle).
+
+        Counted over publishes that went out, so a Redis outage is not taken for silence.
+        """
+        return (
+            unheard_since is not None
+            and self._idle_s > 0
+            and time.monotonic() - unheard_since >= self._idle_s
+        )
+
+    async def _park_run(self, session_id: str, token: str, next_seq: int, count: int) -> None:
+        """Stop a run nobody listens to; a resume of the session makes it go on from here."""
+        k = self._keys
+        try:
+            if await self._park(keys=[k.run(session_id), k.lease(session_id)], args=[token]):
+                await self._redis.zrem(k.runs, session_id)
+                log.info(
+                    "run of session %s parked at event %d/%d: no listener for %gs",
+                    session_id,
+                    next_seq + 1,
+                    count,
+                    self._idle_s,
+                )
+        except RedisError as error:
+            # Its lease lapses and the run is taken over, to be parked there if still idle.
+            log.warning("could not park the run of session %s: %s", session_id, error)
+
     async def _publish_until_redis_answers(
         self, session_id: str, event: str, data: str, fence: Fence
-    ) -> PublishOutcome:
+    ) -> Published:
         """Publish one event, pausing while Redis is away; the fence makes retries safe."""
         delay_s = RETRY_BASE_S
         while True:
@@ -311,7 +357,7 @@ class Producer:
                 await asyncio.sleep(delay_s)
                 delay_s = min(RETRY_CAP_S, delay_s * 2)
                 continue
-            return published.outcome
+            return published
 
     async def _wait_holding_lease(self, session_id: str, token: str) -> None:
         """Sleep one interval, renewing the lease if the interval is long compared to it."""

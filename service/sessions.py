@@ -54,8 +54,9 @@ class Attachment:
 # A resume (a last id) of a session that no longer exists (expired, deleted, lost with Redis'
 # data) is 'gone': it is never re-created, so the client can be told to stop. A fresh connect
 # registers the session as the original demo does (a deleted one too), refreshes its TTL, and
-# on a session without an active run (new or finished) starts one: the epoch moves to the
-# log's newest id so the new run replays from there.
+# on a session without an active run (new, finished or parked) starts one: the epoch moves
+# to the log's newest id so the new run replays from there. A resume of a run the producer
+# parked for want of listeners makes it active again, to go on where it stopped.
 _ATTACH = """
 local session, log, run = KEYS[1], KEYS[2], KEYS[3]
 local ttl = tonumber(ARGV[1])
@@ -88,6 +89,9 @@ if fresh then
       needs_producer = 1
     end
   end
+elseif ARGV[4] == '1' and redis.call('HGET', run, 'state') == 'parked' then
+  redis.call('HSET', run, 'state', 'active')
+  needs_producer = 1
 end
 local fields = redis.call('HMGET', session, 'epoch', 'finished')
 local after = ARGV[3]

@@ -55,6 +55,7 @@ class Settings:
     producer_interval_ms: int = 1000
     producer_lease_ms: int = 5000
     producer_poll_ms: int = 1000
+    run_idle_timeout_s: float = 5.0
     drain_timeout_s: float = 10.0
     log_level: str = "INFO"
     log_format: str = "plain"
@@ -123,6 +124,7 @@ class Settings:
         _require("retry_ms", self.retry_ms >= 0, "must not be negative")
         _require("producer_interval_ms", self.producer_interval_ms >= 0, "must not be negative")
         _require("drain_timeout_s", self.drain_timeout_s >= 0, "must not be negative")
+        _require("run_idle_timeout_s", self.run_idle_timeout_s >= 0, "must not be negative")
         _require("producer", self.producer in ("embedded", "off"), "must be 'embedded' or 'off'")
         _require("log_format", self.log_format in ("plain", "json"), "must be 'plain' or 'json'")
         _require(

@@ -20,7 +20,7 @@ from service.keys import Keys
 from service.producer import demo_event
 from service.resources import hub_key, producer_key
 
-from conftest import MakeSettings, RedisTarget, StartClient, logged_ids
+from conftest import MakeSettings, RedisTarget, StartClient, logged_ids, wait_for
 from sse_reader import STREAM_OPENED, collect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,3 +179,33 @@ async def test_the_producer_keeps_claiming_after_its_wake_up_listener_was_ended(
     events = await collect(response, timeout_s=10)
     assert [e.event for e in events] == ["message"] * 9 + ["finish"]
     assert (await client.get("/readyz")).status == 200
+
+
+@pytest.mark.redis
+async def test_a_run_nobody_listens_to_is_parked_and_a_resume_takes_it_on(
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    target_client: RedisClient,
+) -> None:
+    settings = make_settings(**redis_target.settings, producer_interval_ms=50,
+                             producer_event_count=60, run_idle_timeout_s=0.3)
+    client = await start_client(settings)
+    response = await client.get("/sse/connect", params={"sessionId": "left"})
+    head = await collect(response, until=2)
+    response.close()  # the only listener goes away mid-run
+
+    async def parked() -> bool:
+        return await target_client.hget(Keys().run("left"), "state") == b"parked"
+
+    await wait_for(parked, timeout_s=10, interval_s=0.05)
+    assert client.server.app[producer_key].active_runs == 0
+    assert await target_client.exists(Keys().lease("left")) == 0
+    assert await target_client.zscore(Keys().runs, "left") is None
+    assert len(await logged_ids(target_client, "left")) < 60
+
+    # The listener comes back: the run goes on where it stopped, nothing lost or repeated.
+    resumed = await client.get("/sse/connect", params={"sessionId": "left"},
+                               headers={"Last-Event-ID": head[-1].id})
+    tail = await collect(resumed, timeout_s=20)
+    received = head + tail
+    assert [e.id for e in received] == await logged_ids(target_client, "left")
+    assert [e.event for e in received] == ["message"] * 59 + ["finish"]

@@ -77,3 +77,24 @@ async def test_a_run_starts_once_until_it_finishes(
     await client.hset(Keys("t").run("s"), "state", "finished")
     third = await sessions.attach("s", None, require_issued=False, start_run_with=3)
     assert third.run_needs_producer
+
+
+async def test_a_resume_wakes_a_parked_run_and_a_fresh_connect_starts_a_new_one(
+    store: tuple[SessionStore, fakeredis.FakeAsyncRedis],
+) -> None:
+    sessions, client = store
+    run = Keys("t").run("p")
+    await sessions.attach("p", None, require_issued=False, start_run_with=5)
+    await client.hset(run, mapping={"state": "parked", "next": 3})
+    resumed = await sessions.attach("p", "1-0", require_issued=False, start_run_with=5)
+    assert resumed.run_needs_producer
+    assert await client.hget(run, "state") == b"active"
+    assert await client.hget(run, "next") == b"3"  # it goes on where it stopped
+    await client.hset(run, "state", "parked")
+    fresh = await sessions.attach("p", None, require_issued=False, start_run_with=5)
+    assert fresh.run_needs_producer
+    assert await client.hget(run, "next") == b"0"  # a new run
+    # A resume of a session that no longer exists is gone, and not re-created.
+    gone = await sessions.attach("never", "1-0", require_issued=False, start_run_with=5)
+    assert gone.status is AttachStatus.GONE
+    assert await client.exists(Keys("t").session("never")) == 0
