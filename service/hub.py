@@ -207,6 +207,7 @@ class Hub:
         self._channels: dict[bytes, _Channel] = {}
         self._reroutes: dict[bytes, asyncio.Task[None]] = {}
         self._rehomes: dict[str, asyncio.Task[None]] = {}
+        self._unsubscribes: dict[bytes, asyncio.Task[None]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._closing = False
         self._failed = False
@@ -225,7 +226,14 @@ class Hub:
         """End every listener, stop reading and give the connections back."""
         self._closing = True
         self._end_all(EndReason.SHUTDOWN)
-        await cancel_and_wait([self._watcher, *self._reroutes.values(), *self._rehomes.values()])
+        await cancel_and_wait(
+            [
+                self._watcher,
+                *self._reroutes.values(),
+                *self._rehomes.values(),
+                *self._unsubscribes.values(),
+            ]
+        )
         for link in self._links.values():
             await link.close()
             await self._topology.release(link.connection)
@@ -330,7 +338,24 @@ class Hub:
         if self._closing:
             return
         try:
-            await state.link.unsubscribe(name)
+            await self._unsubscribe(name, state.link)
+        except asyncio.CancelledError:
+            # The last listener's task was cancelled on its way out (its client went away
+            # while it was leaving): the hub finishes the job, or the channel would stay
+            # subscribed for as long as the connection lives.
+            if not _running(self._unsubscribes.get(name)):
+                _own_task(self._unsubscribes, name, self._unsubscribe_unused(name, state.link),
+                          "hub-unsubscribe")
+            raise
+
+    async def _unsubscribe_unused(self, name: bytes, link: PubSubLink) -> None:
+        if name not in self._channels:  # nobody listens to it again meanwhile
+            await self._unsubscribe(name, link)
+
+    @staticmethod
+    async def _unsubscribe(name: bytes, link: PubSubLink) -> None:
+        try:
+            await link.unsubscribe(name)
         except (RedisError, OSError) as error:
             # A reconnect subscribes only channels still in use, so nothing is left behind.
             log.debug("unsubscribe %r failed: %s", name, error)

@@ -168,7 +168,14 @@ class EventStream:
         listener, live = self._listener, self._live
         direct = self._write_live if live is not None else None
         access_ends_at = plan.access_ends_at if plan.access_ends_at is not None else math.inf
+        connection = self._connection
         while self._end is None:
+            if connection is not None and connection.is_closing():
+                # The client is gone. Its handler's cancellation should have said so, but
+                # TODO(PY312): on 3.11 asyncio.wait_for, which redis-py sends commands
+                # under, can swallow a cancellation (CPython gh-86296); without this check
+                # such a stream would wait for its next heartbeat to notice.
+                return StreamEnd.CLIENT_GONE
             wait_s = min(plan.heartbeat_interval_s, self._expires_at - time.monotonic(),
                          access_ends_at - time.monotonic())
             listener.direct = direct

@@ -62,6 +62,44 @@ async def test_quick_leave_and_rejoin_keeps_the_channel_live(
     assert [item.delivery.data for item in items if isinstance(item, Incoming)] == ["hello"]
 
 
+async def test_a_last_listener_cancelled_while_leaving_still_unsubscribes(
+    hub: Hub, redis_client: redis.Redis
+) -> None:
+    # A stream whose client goes away as it ends: its handler is cancelled while the hub
+    # waits to send UNSUBSCRIBE (here: behind a link lock the test holds).
+    entered, done = asyncio.Event(), asyncio.Event()
+
+    async def listen_until_done() -> None:
+        async with hub.listen("left-behind"):
+            entered.set()
+            await done.wait()
+
+    leaving = asyncio.create_task(listen_until_done())
+    async with asyncio.timeout(5):
+        await entered.wait()
+    assert await numsub(redis_client, "left-behind") == 1
+    link = next(iter(hub._links.values()))
+    await link._lock.acquire()
+    try:
+        done.set()
+
+        async def waiting_to_unsubscribe() -> bool:
+            return bool(link._lock._waiters)
+
+        await wait_for(waiting_to_unsubscribe)
+        leaving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leaving
+    finally:
+        link._lock.release()
+    assert hub.channel_count == 0
+
+    async def unsubscribed() -> bool:
+        return await numsub(redis_client, "left-behind") == 0
+
+    await wait_for(unsubscribed)
+
+
 async def test_a_full_inbox_ends_only_that_listener(hub: Hub, redis_client: redis.Redis) -> None:
     async with hub.listen("busy") as slow, hub.listen("busy") as fast:
         received: list[str] = []

@@ -447,3 +447,13 @@ async def test_a_listener_ended_by_the_hub_stops_a_replay_between_pages(
         ended = await setup.stream.run()
     assert ended.value == reason.value
     assert setup.sessions.pages == [REPLAY_FIRST_PAGE]
+
+
+async def test_a_stream_whose_socket_is_closing_ends_instead_of_waiting(setup: Setup) -> None:
+    # Its handler's cancellation can be lost (see EventStream._run); the stream still notices.
+    running = asyncio.create_task(setup.stream.run())
+    await wait_for(setup.parked)
+    setup.transport.closing = True
+    setup.listener.offer(incoming(event(1)))  # wakes the task (no direct write to a closing socket)
+    async with asyncio.timeout(2):
+        assert await running is StreamEnd.CLIENT_GONE

@@ -43,11 +43,9 @@ class NeverEmpty:
 
 
 class Sessions:
-    async def read_log(
-        self, session_id: str, after: str, *, detect_gap: bool
-    ) -> tuple[list[Delivery], bool]:
-        del session_id, after, detect_gap
-        return [], False
+    async def read_page(self, session_id: str, start: str, count: int) -> list[Delivery]:
+        del session_id, start, count
+        return []
 
     async def ttl_ms(self, session_id: str) -> int:
         del session_id
@@ -57,7 +55,7 @@ class Sessions:
 def plan(access_ends_at: float | None) -> StreamPlan:
     return StreamPlan(
         session_id="s", replay_after="0-0", detect_gap=False, ttl_ms=60_000, retry_ms=500,
-        heartbeat_interval_s=5.0, access_ends_at=access_ends_at,
+        heartbeat_interval_s=5.0, write_timeout_s=5.0, access_ends_at=access_ends_at,
     )
 
 
