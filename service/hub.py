@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
@@ -219,7 +219,7 @@ class Hub:
         await asyncio.wait_for(asyncio.shield(state.ready), SUBSCRIBE_TIMEOUT_S)
         if self._topology.watches_primary:
             self._watcher = asyncio.create_task(
-                self._guarded(self._watch_primary()), name="hub-watch"
+                self._guarded(self._watch_primary), name="hub-watch"
             )
 
     async def close(self) -> None:
@@ -416,7 +416,7 @@ class Hub:
         """A node does not answer: see whether its slots have a new owner (a failover)."""
         if self._closing or _running(self._rehomes.get(link.name)):
             return
-        _own_task(self._rehomes, link.name, self._guarded(self._rehome(link)), "hub-rehome")
+        _own_task(self._rehomes, link.name, self._guarded(lambda: self._rehome(link)), "hub-rehome")
 
     def on_failed(self) -> None:
         """A link's reader died of a bug: end every stream rather than hang silently."""
@@ -425,10 +425,14 @@ class Hub:
 
     # Following the topology: moved slots, failed-over shards, a new Sentinel primary.
 
-    async def _guarded(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run a topology task; if it dies of a bug, fail the hub rather than stop following."""
+    async def _guarded(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run a topology task; if it dies of a bug, fail the hub rather than stop following.
+
+        `work` is started here, not by the caller, so a task cancelled before it ran (the
+        hub closing) leaves no coroutine behind that was never awaited.
+        """
         try:
-            await work
+            await work()
         except Exception:
             log.exception("the hub stopped following the redis topology")
             self.on_failed()
@@ -436,7 +440,9 @@ class Hub:
     def _start_reroute(self, name: bytes, state: _Channel) -> None:
         if self._closing or _running(self._reroutes.get(name)):
             return  # the reroute under way retries on its own
-        _own_task(self._reroutes, name, self._guarded(self._reroute(name, state)), "hub-reroute")
+        _own_task(
+            self._reroutes, name, self._guarded(lambda: self._reroute(name, state)), "hub-reroute"
+        )
 
     async def _reroute(self, name: bytes, state: _Channel) -> None:
         """Subscribe `name` on the node that owns its slot now; its streams then resync.

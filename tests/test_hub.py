@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -260,3 +261,12 @@ async def test_a_topology_task_that_dies_of_a_bug_fails_the_hub_rather_than_goin
         await wait_for(lambda: _ended(listener))
         assert listener.ended is EndReason.HUB_FAILED
         assert not hub.connected
+
+
+async def test_closing_right_after_a_topology_task_was_started_leaves_nothing_unawaited(
+    hub: Hub,
+) -> None:
+    (link,) = hub._links.values()
+    hub.on_unreachable(link)  # its task has not run yet when the hub closes
+    await hub.close()
+    gc.collect()  # a coroutine never awaited would be reported (as an error) here
