@@ -163,6 +163,8 @@ class _Channel:
     link: PubSubLink
     ready: asyncio.Future[None]
     listeners: set[Listener] = field(default_factory=set)
+    # Being subscribed on another node: its streams replay once that is confirmed.
+    moving: bool = False
 
 
 @dataclass(slots=True)
@@ -378,16 +380,25 @@ class Hub:
         """Channels in use routed to `link`, the control channel included."""
         return [name for name, state in self._channels.items() if state.link is link]
 
+    def on_subscribed(self, link: PubSubLink, channel: bytes, resubscribed: bool) -> None:
+        """A channel is live again after a reconnect or a move: its streams replay now.
+
+        Now, not when whoever waits for the confirmation resumes: a message that Redis sent
+        right after the confirmation is handed out before then, and a stream that wrote it
+        first would replay only from there, skipping what it missed before.
+        """
+        state = self._channels.get(channel)
+        if state is None or state.link is not link or not (resubscribed or state.moving):
+            return
+        state.moving = False
+        _resync(state)
+
     def on_resubscribed(self, link: PubSubLink, channels: Sequence[bytes]) -> None:
-        """After a reconnect, every stream of a re-subscribed channel replays what it missed."""
+        """The re-subscribe after a reconnect is answered (each channel replayed as confirmed)."""
         self.stats.reconnects += 1
-        states = [
-            state for name in channels
-            if (state := self._channels.get(name)) is not None and state.link is link
-        ]  # fmt: skip
-        log.info("pub/sub link %s re-established; %d channels resubscribed", link.name, len(states))
-        for state in states:
-            _resync(state)
+        log.info(
+            "pub/sub link %s re-established; %d channels resubscribed", link.name, len(channels)
+        )
 
     def on_refused(self, link: PubSubLink, channels: Sequence[bytes], error: str) -> None:
         """Redis refused to subscribe `channels` here: follow a moved slot, else end streams.
@@ -464,6 +475,7 @@ class Hub:
                 if not link.up:
                     raise HubClosedError(f"pub/sub link {link.name} is reconnecting to redis")
                 state.link = link
+                state.moving = True  # its streams replay when `link` confirms it
                 confirmed: asyncio.Future[None] = loop.create_future()
                 await link.subscribe(name, confirmed)
                 await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
@@ -477,7 +489,6 @@ class Hub:
                 log.info("channel %r not moved yet (attempt %d): %s", name, attempt, error)
                 await asyncio.sleep(_backoff_s(attempt))
         log.info("channel %r now on %s (was %s)", name, state.link.name, previous.name)
-        _resync(state)
         if previous is not state.link:
             await self._retire_if_unused(previous)
 

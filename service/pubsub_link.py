@@ -95,8 +95,15 @@ class LinkOwner(Protocol):
     def channels_of(self, link: PubSubLink) -> Sequence[bytes]:
         """Channels in use that this link must carry (re-subscribed after a reconnect)."""
 
+    def on_subscribed(self, link: PubSubLink, channel: bytes, resubscribed: bool) -> None:
+        """Redis confirmed `channel` (`resubscribed`: again, after a reconnect).
+
+        Told before any reply that follows the confirmation is handled, so whatever must
+        happen before the channel's next message (a replay of what was missed) happens first.
+        """
+
     def on_resubscribed(self, link: PubSubLink, channels: Sequence[bytes]) -> None:
-        """`channels` are subscribed again after a reconnect; messages may have been missed."""
+        """The re-subscribe after a reconnect is answered; `channels` are subscribed again."""
 
     def on_refused(self, link: PubSubLink, channels: Sequence[bytes], error: str) -> None:
         """Redis answered the subscribe of `channels` with `error`: they are not subscribed."""
@@ -366,9 +373,11 @@ class PubSubLink:
                     f"pub/sub link {self.name}: confirmation of {channel!r} out of order"
                 )
             head.channels.popleft()
+            resubscribed = head.resubscribe and self._resubscribes_due > 0
+            self._owner.on_subscribed(self, channel, resubscribed)
             for future in head.waiters.pop(channel, ()):
                 _resolve(future)
-            if head.resubscribe:
+            if resubscribed:
                 self._resubscribed.append(channel)
             if not head.channels:
                 self._due.popleft()

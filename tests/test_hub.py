@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import fakeredis
 import pytest
 import redis.asyncio as redis
 
 from service.hub import EndReason, Hub, HubClosedError, Incoming, Resync
 from service.keys import Keys
 from service.publisher import Publisher
+from service.pubsub_link import PLAIN, SHARDED, Dialect
 from service.resources import hub_key
 
 from conftest import MakeSettings, StartClient, wait_for
@@ -270,3 +272,141 @@ async def test_closing_right_after_a_topology_task_was_started_leaves_nothing_un
     hub.on_unreachable(link)  # its task has not run yet when the hub closes
     await hub.close()
     gc.collect()  # a coroutine never awaited would be reported (as an error) here
+
+
+def resp(*parts: bytes | int) -> bytes:
+    """A RESP2 array reply, as Redis writes pub/sub confirmations and messages."""
+    encoded = [b":%d\r\n" % p if isinstance(p, int) else b"$%d\r\n%b\r\n" % (len(p), p)
+               for p in parts]
+    return b"*%d\r\n" % len(parts) + b"".join(encoded)
+
+
+class FedConnection:
+    """A pub/sub connection whose replies the test writes, so it decides what one read holds."""
+
+    def __init__(self) -> None:
+        self._reader = asyncio.StreamReader()  # what PubSubLink reads from a real connection
+        self.sent: list[tuple[Any, ...]] = []
+        self.connects = 0
+
+    async def connect(self) -> None:
+        self.connects += 1
+        if self._reader.at_eof():
+            self._reader = asyncio.StreamReader()
+
+    def pack_commands(self, commands: list[list[Any]]) -> list[tuple[Any, ...]]:
+        return [tuple(command) for command in commands]
+
+    async def send_packed_command(
+        self, commands: list[tuple[Any, ...]], check_health: bool = True
+    ) -> None:
+        del check_health
+        self.sent.extend(commands)
+
+    async def disconnect(self) -> None:
+        pass
+
+    async def send_command(self, *args: Any, check_health: bool = True) -> None:
+        del check_health
+        self.sent.append(args)
+
+    def subscribes(self, channel: bytes) -> int:
+        return sum(1 for args in self.sent if args[0].endswith("SUBSCRIBE") and channel in args
+                   and not args[0].endswith("UNSUBSCRIBE"))
+
+
+class FedTopology:
+    """One node, reached through a FedConnection."""
+
+    watches_primary = False
+
+    def __init__(self, connection: FedConnection, dialect: Dialect = PLAIN) -> None:
+        self.connection = connection
+        self.dialect = dialect
+
+    def node_for(self, channel: bytes) -> str:
+        return "fed"
+
+    async def open_connection(self, node: str) -> Any:
+        return self.connection
+
+    async def release(self, connection: Any) -> None:
+        pass
+
+    async def refresh(self) -> None:
+        pass
+
+    async def misplaced(self, connection: Any) -> str | None:
+        return None
+
+
+async def test_a_moved_channel_replays_before_the_message_that_follows_its_confirmation() -> None:
+    connection = FedConnection()
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    hub = Hub(client, "ctl", inbox_limit=10)
+    hub._topology = FedTopology(connection)
+
+    async def confirmed(task: asyncio.Task[Any], channel: bytes, nth: int) -> Any:
+        await wait_for(lambda: _true(connection.subscribes(channel) >= nth))
+        connection._reader.feed_data(resp(b"subscribe", channel, 1))
+        return await task
+
+    await confirmed(asyncio.create_task(hub.start()), b"ctl", 1)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            entering = asyncio.create_task(stack.enter_async_context(hub.listen("ch")))
+            listener = await confirmed(entering, b"ch", 1)
+            (link,) = hub._links.values()
+            hub.on_dropped(link, b"ch")  # as when the cluster moved the channel's slot
+            await wait_for(lambda: _true(connection.subscribes(b"ch") == 2))
+            # Redis may send a message published right after the subscribe in the same write
+            # as the confirmation: the stream must replay what it missed before it writes it.
+            connection._reader.feed_data(
+                resp(b"subscribe", b"ch", 2) + resp(b"message", b"ch", b"9-0\n\nafter")
+            )
+            items = await listener.take(2)
+            assert items[:1] == [Resync.AFTER_RECONNECT]
+            assert [i.delivery.data for i in items if isinstance(i, Incoming)] == ["after"]
+    finally:
+        await hub.close()
+        await client.aclose()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_after_a_reconnect_each_slot_replays_before_its_next_message() -> None:
+    """Sharded pub/sub re-subscribes one slot per command: a message on a slot already
+    confirmed may come before the later slots' confirmations."""
+    connection = FedConnection()
+    client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    hub = Hub(client, "ctl", inbox_limit=10)
+    hub._topology = FedTopology(connection, SHARDED)
+
+    async def confirmed(task: asyncio.Task[Any], channel: bytes) -> Any:
+        await wait_for(lambda: _true(connection.subscribes(channel) >= 1))
+        connection._reader.feed_data(resp(b"ssubscribe", channel, 1))
+        return await task
+
+    await confirmed(asyncio.create_task(hub.start()), b"ctl")
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            first = await confirmed(
+                asyncio.create_task(stack.enter_async_context(hub.listen("{a}"))), b"{a}"
+            )
+            await confirmed(
+                asyncio.create_task(stack.enter_async_context(hub.listen("{b}"))), b"{b}"
+            )
+            connection._reader.feed_eof()  # the connection is lost; the link reconnects
+            await wait_for(lambda: _true(connection.subscribes(b"{b}") == 2))
+            connection._reader.feed_data(
+                resp(b"ssubscribe", b"ctl", 1) + resp(b"ssubscribe", b"{a}", 2)
+                + resp(b"smessage", b"{a}", b"9-0\n\nafter") + resp(b"ssubscribe", b"{b}", 3)
+            )
+            items = await first.take(2)
+            assert items[:1] == [Resync.AFTER_RECONNECT]
+            assert [i.delivery.data for i in items if isinstance(i, Incoming)] == ["after"]
+    finally:
+        await hub.close()
+        await client.aclose()
