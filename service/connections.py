@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import traceback
 from typing import Any, Protocol, TypeGuard
 
 import redis.asyncio as redis
@@ -263,18 +265,60 @@ class QueueingRedisCluster(RedisCluster):
                 return await super().execute_command(*args, **kwargs)
             except (AttributeError, RuntimeError) as error:
                 # TODO(redis>8.1): when a node answers CLUSTERDOWN, redis-py (8.1.0) resets
-                # the whole client, closing the connections of commands in flight too. One
+                # the whole client, closing the connections of commands in flight too; after
+                # a connection error or a slot-table refresh (a failover) it also closes a
+                # node's idle connections while a command may just have taken one. A command
                 # caught in its handshake fails on its vanished writer (AttributeError) or,
                 # on uvloop, its closed transport (RuntimeError): a lost connection, which
                 # callers answer as one (503, retry), not a bug to report as a 500.
-                if self._resets == resets:
+                if self._resets == resets and not closed_under_us(error):
                     raise
                 raise RedisConnectionError(f"connection closed by a reset: {error}") from error
+
+    # redis-py sends these through a cluster pipeline (one command per slot, even for one
+    # key), past the queue and the guard above; one command per slot here keeps both.
+
+    async def exists(self, *keys: Any) -> int:
+        return await self._per_slot("EXISTS", keys)
+
+    async def delete(self, *keys: Any) -> int:
+        return await self._per_slot("DEL", keys)
+
+    async def unlink(self, *keys: Any) -> int:
+        return await self._per_slot("UNLINK", keys)
+
+    async def touch(self, *keys: Any) -> int:
+        return await self._per_slot("TOUCH", keys)
+
+    async def _per_slot(self, command: str, keys: tuple[Any, ...]) -> int:
+        by_slot: dict[int, list[Any]] = {}
+        for key in keys:
+            by_slot.setdefault(self.keyslot(key), []).append(key)
+        total = 0
+        for slot_keys in by_slot.values():
+            total += int(await self.execute_command(command, *slot_keys))
+        return total
 
     async def aclose(self) -> None:
         """Close every connection (redis-py also calls this itself on CLUSTERDOWN)."""
         self._resets += 1
         await super().aclose()
+
+
+def closed_under_us(error: BaseException) -> bool:
+    """Whether `error` is redis-py's connection code failing on a socket closed meanwhile.
+
+    Its reader and writer become None when another task disconnects the connection; the
+    failing line is then in redis-py's connection module, on None. Anywhere else, or on
+    anything but None, the same exception is a bug and stays one.
+    """
+    if isinstance(error, AttributeError) and error.obj is not None:
+        return False
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and frames[-1].filename.endswith(_REDIS_CONNECTION_MODULE)
+
+
+_REDIS_CONNECTION_MODULE = os.path.join("redis", "asyncio", "connection.py")
 
 
 def _cluster_client(settings: Settings) -> RedisCluster:

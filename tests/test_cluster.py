@@ -8,9 +8,10 @@ from collections import Counter
 import aiohttp
 import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
-from service.connections import open_redis
+from service.connections import closed_under_us, open_redis
 from service.keys import Keys
 from service.publisher import Publisher
 from service.resources import hub_key
@@ -179,3 +180,53 @@ async def test_commands_cut_off_by_a_client_reset_fail_as_redis_errors(
         await client.aclose()
     assert [repr(error) for error in ended if error is not None] == []
     assert outcomes["ok"] > 0
+
+
+async def test_commands_whose_idle_connection_is_closed_under_them_fail_as_redis_errors(
+    make_settings: MakeSettings, redis_cluster: RedisClusterProcesses,
+) -> None:
+    # After a connection error or a slot-table refresh (a failover), redis-py closes each
+    # node's idle connections while a command may just have taken one; that command must
+    # fail as a Redis error (503), never as an AttributeError or RuntimeError (a 500).
+    client = await open_redis(make_settings(redis_url=redis_cluster.url, redis_cluster=True))
+    assert isinstance(client, RedisCluster)
+    outcomes: Counter[str] = Counter()
+    closing = True
+
+    async def commands(worker: int) -> None:
+        n = 0
+        while closing:
+            n += 1
+            try:
+                await client.set(f"idle:{worker}:{n}", "v")
+                assert await client.exists(f"idle:{worker}:{n}", f"idle:{worker}:none") == 1
+                outcomes["ok"] += 1
+            except RedisError:
+                outcomes["redis error"] += 1
+
+    tasks = [asyncio.create_task(commands(worker)) for worker in range(20)]
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.003)  # the pace of the closes, not a synchronisation
+            for node in client.get_nodes():
+                await node.disconnect_free_connections()
+    finally:
+        closing = False
+        ended = await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+    assert [repr(error) for error in ended if error is not None] == []
+    assert outcomes["ok"] > 0
+
+
+async def test_only_a_failure_in_redis_connection_code_on_a_closed_socket_is_a_lost_one() -> None:
+    connection = Connection(host="127.0.0.1", port=1)  # never connected: no writer
+    with pytest.raises(AttributeError) as closed:
+        await connection._send_packed_command([b"PING\r\n"])
+    assert closed_under_us(closed.value)
+    writer = None
+    with pytest.raises(AttributeError) as ours:
+        writer.writelines([])  # type: ignore[attr-defined]  # the same failure, in our code
+    assert not closed_under_us(ours.value)
+    with pytest.raises(AttributeError) as other:
+        object().missing  # type: ignore[attr-defined]  # noqa: B018
+    assert not closed_under_us(other.value)
