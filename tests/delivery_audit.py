@@ -37,6 +37,7 @@ class StreamLog:
     events: list[tuple[float, ReceivedEvent]] = field(default_factory=list)
     reconnects: int = 0
     refused: int = 0
+    broken: int = 0
     finished: bool = False
 
     def messages(self) -> list[tuple[float, int]]:
@@ -74,9 +75,12 @@ class AuditReport:
     missing_without_gap: int
     unacknowledged_received: int
     reconnects: int
+    broken: int
     unfinished: int
     resumed_after_s: float
     publishing_resumed_after_s: float
+    # What went wrong on the first few streams that broke the contract, to debug from.
+    problems: tuple[str, ...] = ()
 
     def line(self) -> str:
         return (
@@ -85,18 +89,21 @@ class AuditReport:
             f"duplicated={self.duplicated} out-of-order={self.out_of_order} "
             f"missing={self.missing} (without gap: {self.missing_without_gap}) "
             f"unacknowledged-but-delivered={self.unacknowledged_received} "
-            f"reconnects={self.reconnects}; delivery resumed {self.resumed_after_s:.2f}s "
+            f"reconnects={self.reconnects} broken={self.broken}; "
+            f"delivery resumed {self.resumed_after_s:.2f}s "
             f"and publishing {self.publishing_resumed_after_s:.2f}s after the fault"
         )
 
     def assert_no_silence(self) -> None:
         """The contract: nothing twice or out of order, nothing lost untold, every stream ends."""
-        assert self.duplicated == 0, self.line()
-        assert self.out_of_order == 0, self.line()
-        assert self.missing_without_gap == 0, self.line()
-        assert self.unfinished == 0, self.line()
-        assert self.expected > 0, self.line()
-        assert self.received > 0, self.line()
+        why = "\n".join([self.line(), *self.problems])
+        assert self.duplicated == 0, why
+        assert self.out_of_order == 0, why
+        assert self.missing_without_gap == 0, why
+        assert self.unfinished == 0, why
+        assert self.broken == 0, why  # a stream cut off without an end: the worker failed
+        assert self.expected > 0, why
+        assert self.received > 0, why
 
 
 class DeliveryAudit:
@@ -134,12 +141,15 @@ class DeliveryAudit:
                     log.finished = True  # told: the session's run is over
                     return
                 if response.status == 200:
-                    async for event in read_events(response):
-                        log.events.append((time.monotonic(), event))
-                        last_id = event.id or last_id
-                        if event.event == "finish":
-                            log.finished = True
-                            return
+                    try:
+                        async for event in read_events(response):
+                            log.events.append((time.monotonic(), event))
+                            last_id = event.id or last_id
+                            if event.event == "finish":
+                                log.finished = True
+                                return
+                    except aiohttp.ClientError:
+                        log.broken += 1  # cut off mid-stream (a worker error): reconnect
                     log.reconnects += 1
                 else:
                     log.refused += 1
@@ -220,9 +230,11 @@ class DeliveryAudit:
         acked = {(a.session_id, a.seq) for a in self.attempts if a.acked and not a.event}
         counts = dict.fromkeys(
             ("expected", "received", "duplicated", "out_of_order", "gap_signalled", "missing",
-             "missing_without_gap", "unacknowledged_received", "reconnects", "unfinished"), 0,
+             "missing_without_gap", "unacknowledged_received", "reconnects", "broken",
+             "unfinished"), 0,
         )  # fmt: skip
         resumed_s = 0.0
+        problems: list[str] = []
         for log in self.logs.values():
             messages = log.messages()
             seqs = [seq for _, seq in messages]
@@ -235,8 +247,14 @@ class DeliveryAudit:
             counts["gap_signalled"] += log.told_of_gap
             counts["missing"] += len(missing)
             counts["missing_without_gap"] += 0 if log.told_of_gap else len(missing)
+            if (
+                (missing and not log.told_of_gap) or not log.finished or log.broken
+                or len(seqs) != len(set(seqs))
+            ):
+                problems.append(self._problem(log, sorted(missing), started, fault_at))
             counts["unacknowledged_received"] += len(set(seqs) - expected)
             counts["reconnects"] += log.reconnects
+            counts["broken"] += log.broken
             counts["unfinished"] += not log.finished
             after = [at for at, seq in messages if started.get((log.session_id, seq), 0) > fault_at]
             end = log.events[-1][0] if log.events else fault_at
@@ -249,10 +267,26 @@ class DeliveryAudit:
             for sid in self.logs
         }  # fmt: skip
         return AuditReport(
-            scenario=scenario, streams=len(self.logs), **counts,
+            scenario=scenario, streams=len(self.logs), **counts, problems=tuple(problems[:5]),
             resumed_after_s=resumed_s,
             publishing_resumed_after_s=max(first_acked.values()) - fault_at,
         )  # fmt: skip
+
+    def _problem(
+        self, log: StreamLog, missing: list[int], started: dict[tuple[str, int], float],
+        fault_at: float,
+    ) -> str:
+        """One stream's story around the fault: what it got, missed, and when."""
+        def at(seq: int) -> str:
+            return f"{seq}@{started.get((log.session_id, seq), fault_at) - fault_at:+.2f}s"
+
+        got = [f"{e.event}:{e.data}@{t - fault_at:+.2f}s" for t, e in log.events]
+        return (
+            f"{log.session_id}: missing {[at(seq) for seq in missing][:12]} "
+            f"finished={log.finished} reconnects={log.reconnects} refused={log.refused} "
+            f"broken={log.broken}; "
+            f"received around the fault {[g for g in got if '@-0.' in g or '@+' in g][:40]}"
+        )
 
     async def play(
         self,
