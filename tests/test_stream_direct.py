@@ -457,3 +457,26 @@ async def test_a_stream_whose_socket_is_closing_ends_instead_of_waiting(setup: S
     setup.listener.offer(incoming(event(1)))  # wakes the task (no direct write to a closing socket)
     async with asyncio.timeout(2):
         assert await running is StreamEnd.CLIENT_GONE
+
+
+class DeletedAfterFirstPage(FakeSessions):
+    """A session deleted during a replay: its log is gone from the second page on."""
+
+    async def read_page(self, session_id: str, start: str, count: int) -> list[Delivery]:
+        page = await super().read_page(session_id, start, count)
+        self.log = []
+        return page
+
+
+async def test_a_session_deleted_during_a_replay_ends_the_stream_with_its_finish() -> None:
+    setup = Setup(direct=False)
+    setup.sessions = DeletedAfterFirstPage()
+    setup.stream._sessions = setup.sessions  # type: ignore[assignment]
+    setup.sessions.log = long_log(2000, 1024)
+    setup.listener.offer(incoming(event(5000, "finish")))  # DELETE's last event, live
+    async with asyncio.timeout(5):
+        assert await setup.stream.run() is StreamEnd.FINISHED
+    assert setup.sessions.pages[0] == REPLAY_FIRST_PAGE
+    ids = setup.wire.ids()
+    assert ids[-1] == "5000-0"
+    assert len(ids) < 100  # the rest of the deleted log was never replayed
