@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from chaos_harness import (
@@ -25,11 +27,12 @@ from chaos_harness import (
     Deployment,
     Lab,
     metric,
+    rss_bytes,
     wait_until,
 )
 from chaos_report import FaultRow, recovery_s, report, verdict
 from chaos_workload import Workload, new_session_id
-from event_source import ApiPublisher, EventSourceClient
+from event_source import AUTH, ApiPublisher, EventSourceClient, NonReader
 from redis_process import require_redis_server
 from stack_processes import Worker, require_nginx
 
@@ -223,6 +226,96 @@ async def test_burst_of_simultaneous_fresh_connects(lab: Lab, target: str) -> No
     await work.add_clients(later)
     await conclude(lab, work, deployment, f"burst of {BURST} fresh connects",
                    note=f"then {CLIENTS} more sessions")
+
+
+STORM = 100
+WRITE_TIMEOUT_S = 2.0
+LOG_EVENTS = 1000
+LOG_EVENT_BYTES = 2048
+
+
+@TARGETS
+async def test_storm_of_resumes_of_a_full_log(lab: Lab, target: str) -> None:
+    deployment = await deployment_for(lab, target)
+    stack = await lab.stack(deployment, workers=1, roles=[API_ROLE],
+                            settings={"log_maxlen": 2 * LOG_EVENTS,
+                                      "max_connections_per_session": 10 * STORM})
+    http = lab.http()
+    # A first storm raises the allocator's high-water mark once; the counted one after it
+    # must leave the worker's memory where the first did (more would be held per storm).
+    warm_up = Workload(stack, http, api_url=stack.url)
+    await _storm(warm_up, stack.url)
+    await warm_up.settle(SETTLE_S)
+    extra = [f"first storm: {n} clients ended as {how}"
+             for how, n in Counter(c.ended or "silenced" for c in warm_up.api).items()
+             if how != "finish"]
+    work = Workload(stack, http, api_url=stack.url)
+    await work.watch(stack.worker_processes)
+    await _storm(work, stack.url)
+    await conclude(lab, work, deployment, f"{STORM} resumes of a {LOG_EVENTS}x2KB log",
+                   note="after a first storm", extra=extra)
+
+
+async def _storm(work: Workload, url: str) -> None:
+    """STORM clients resume a full log at once; `finish` follows once they replayed it."""
+    session_id = new_session_id()
+    first_id = await _fill_log(work.http, url, session_id, LOG_EVENTS, LOG_EVENT_BYTES)
+    publisher = work.publisher = ApiPublisher(work.http, url)
+    publisher.accepted[session_id] = [_padded(k, LOG_EVENT_BYTES) for k in range(LOG_EVENTS)]
+    work.api = [EventSourceClient(url, session_id, last_event_id=first_id) for _ in range(STORM)]
+    work.fault_started()
+    await work.add_api_clients()
+    await work.wait_for(lambda c: len(c.content()) >= LOG_EVENTS - 1, SETTLE_S,
+                        "every resume to replay the log")
+    work.fault_ended()
+    await publisher.publish(session_id, "end", "finish")
+
+
+def _padded(k: int, size: int) -> str:
+    return f"{k}:".ljust(size, "x")
+
+
+async def _fill_log(http: aiohttp.ClientSession, url: str, session_id: str, count: int,
+                    size: int) -> str:
+    """Publish `count` events of `size` bytes in batches; the first event's id."""
+    ids: list[str] = []
+    for start in range(0, count, 100):
+        batch = [{"data": _padded(k, size)} for k in range(start, min(count, start + 100))]
+        async with http.post(f"{url}/sse/sessions/{session_id}/events",
+                             json=batch, headers=AUTH) as response:
+            assert response.status == 202, await response.text()
+            ids += (await response.json())["ids"]
+    return ids[0]
+
+
+async def test_clients_that_never_read(lab: Lab) -> None:
+    deployment = await lab.single()
+    stack = await lab.stack(deployment, workers=2, roles=[DEMO_ROLE, API_ROLE],
+                            settings={"write_timeout_s": WRITE_TIMEOUT_S})
+    demo, api = stack.worker_processes
+    http = lab.http()
+    replayed, live = new_session_id(), new_session_id()
+    first_id = await _fill_log(http, api.url, replayed, 1000, 8192)  # an 8 MiB log
+    work = Workload(stack, http, demo_urls=[demo.url], api_url=api.url)
+    await work.start(demo=CLIENTS // 2, api=CLIENTS // 2)
+    stalled = [NonReader() for _ in range(20)]
+    try:
+        for n, reader in enumerate(stalled):
+            await reader.open(api.url, *((replayed, first_id) if n % 2 else (live,)))
+        work.fault_started()
+        await _fill_log(http, api.url, live, 600, 4096)  # more than a stream's inbox holds
+        work.fault_ended()
+        peak = rss_bytes(api)
+        # Both sessions end. The stalled clients keep their sockets open: the worker must let
+        # go of them on its own, at the latest when a write has waited WRITE_TIMEOUT_S.
+        assert work.publisher is not None
+        for session_id in (replayed, live):
+            await work.publisher.publish(session_id, "end", "finish")
+        await conclude(lab, work, deployment, "20 clients that never read",
+                       note=f"api worker peak {peak / 2**20:.0f} MiB")
+    finally:
+        for reader in stalled:
+            reader.close()
 
 
 FLOOD = 1000
