@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from redis.exceptions import RedisError
 from .app import create_app
 from .logs import configure_logging
 from .loops import new_event_loop
+from .open_files import ConnectionBudget, connection_budget, raise_open_file_limit
 from .producer_main import require_shared_redis, run_producer
 from .serving import run_worker
 from .settings import Settings, SettingsError, load_settings
@@ -85,6 +87,8 @@ def _produce(settings: Settings) -> None:
 
 
 def _serve(settings: Settings) -> None:
+    budget = connection_budget(raise_open_file_limit(), settings)
+    settings = budget.applied(settings)
     sockets = bind_sockets(settings.host, settings.port, LISTEN_BACKLOG)
     try:
         loop = new_event_loop(settings.event_loop)
@@ -99,10 +103,23 @@ def _serve(settings: Settings) -> None:
         # aiohttp's default of 128 pending connections overflows when thousands of clients
         # reconnect at once after another worker drains; the kernel caps it at somaxconn.
         backlog=LISTEN_BACKLOG,
+        max_client_connections=budget.connections,
         shutdown_timeout_s=settings.drain_timeout_s,
         # Called once every socket accepts connections: our one start-up line.
-        on_serving=lambda: log.info(serving_line(settings, sockets, loop)),
+        on_serving=lambda: _say_serving(settings, sockets, loop, budget),
     )
+
+
+def _say_serving(
+    settings: Settings,
+    sockets: list[socket.socket],
+    loop: asyncio.AbstractEventLoop,
+    budget: ConnectionBudget,
+) -> None:
+    """The start-up line; then, if the open files cannot hold max_connections, a warning."""
+    log.info(serving_line(settings, sockets, loop))
+    if (note := budget.lowered_note()) is not None:
+        log.warning(note)
 
 
 if __name__ == "__main__":

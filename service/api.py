@@ -16,7 +16,7 @@ from aiohttp import web
 
 from . import resources as r
 from .auth import authorize
-from .bodies import decode_body
+from .bodies import decode_body, read_body
 from .envelope import FINISH_EVENT
 from .errors import (
     IdempotencyKeyReused,
@@ -56,9 +56,8 @@ async def publish_events(request: web.Request) -> web.Response:
     key = _idempotency_key(request)
     if request.content_type != JSON_TYPE:
         raise UnsupportedMediaType(f"the body must be {JSON_TYPE}")
-    decoded = decode_body(
-        await request.read(), request.headers.get("Content-Encoding", ""), settings.max_body_bytes
-    )
+    raw = await read_body(request, settings.body_timeout_s, request.app[r.connection_stats_key])
+    decoded = decode_body(raw, request.headers.get("Content-Encoding", ""), settings.max_body_bytes)
     submissions, batch = parse_body(decoded, settings.max_event_bytes)
     if any(s.event == FINISH_EVENT for s in submissions[:-1]):
         raise InvalidEvent(

@@ -9,6 +9,7 @@ from . import api, demo_token, docs_page, handlers, openapi
 from . import resources as r
 from .access_log import access_log_middleware
 from .admission import Admission
+from .connection_stats import ConnectionStats
 from .connections import RedisOpener, open_redis
 from .errors import error_middleware
 from .http_version import http_version_middleware
@@ -35,6 +36,7 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
     app[r.lifecycle_key] = r.Lifecycle()
     app[r.admission_key] = Admission(settings.max_connections, settings.max_connections_per_session)
     app[r.rate_limits_key] = RateLimits.from_settings(settings)
+    app[r.connection_stats_key] = ConnectionStats()
     app.cleanup_ctx.append(r.tokens_ctx)
     app.cleanup_ctx.append(r.redis_ctx)
     app.cleanup_ctx.append(r.hub_ctx)

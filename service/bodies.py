@@ -1,4 +1,5 @@
-"""Request bodies with a `Content-Encoding`: decoded here, strictly and within a size limit.
+"""Request bodies: read within a deadline; with a `Content-Encoding`, decoded here, strictly
+and within a size limit.
 
 aiohttp's own decoding is switched off (`auto_decompress=False`, see protocol.py). Its
 decoder reports a truncated deflate stream only when the body ends, from inside the parser,
@@ -11,9 +12,13 @@ past `max_body_bytes`.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
-from .errors import MalformedBody, ServiceError
+from aiohttp import web
+
+from .connection_stats import ConnectionStats
+from .errors import MalformedBody, RequestTimeout, ServiceError
 
 # What this worker decodes; the 415 answer lists them (RFC 7694).
 ACCEPTED_ENCODINGS = "gzip, deflate"
@@ -34,6 +39,20 @@ class DecodedBodyTooLarge(ServiceError):
 
     status = 413
     code = "payload_too_large"
+
+
+async def read_body(request: web.Request, timeout_s: float, stats: ConnectionStats) -> bytes:
+    """The whole raw body, or RequestTimeout (408, the connection closes) after `timeout_s`.
+
+    A client trickling its body a byte at a time would otherwise hold the request and its
+    connection for as long as it likes.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        stats.body_timeouts += 1
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
 
 
 def decode_body(body: bytes, content_encoding: str, max_bytes: int) -> bytes:

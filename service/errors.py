@@ -25,6 +25,8 @@ class ServiceError(Exception):
 
     status = 400
     code = "bad_request"
+    # True: the connection closes after the answer, without reading the rest of the request.
+    close_connection = False
 
     def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
@@ -64,6 +66,14 @@ class RateLimited(ServiceError):
 
     status = 429
     code = "rate_limited"
+
+
+class RequestTimeout(ServiceError):
+    """The request did not arrive within its deadline (`header_timeout_s`, `body_timeout_s`)."""
+
+    status = 408
+    code = "request_timeout"
+    close_connection = True
 
 
 class MalformedJson(ServiceError):
@@ -181,9 +191,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = _http_error_response(request, error, request_id)
     except Exception as error:
         response = _error_response(request, error, request_id)
+        if isinstance(error, ServiceError) and error.close_connection:
+            response.headers[REQUEST_ID_HEADER] = request_id
+            await _send_and_close(request, response)
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = request_id
     return response
+
+
+async def _send_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send `response` now, then close the connection without reading on.
+
+    Left to aiohttp, a connection whose body was not read to its end is read on for up to
+    its lingering time (10 s) before it closes: a client trickling its body would hold it.
+    """
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
 
 
 def _error_response(request: web.Request, error: Exception, request_id: str) -> web.Response:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from .connection_stats import ConnectionStats
 from .hub import Hub
 from .publisher import Publisher
 from .stream import EventStream, StreamEnd
@@ -77,10 +78,17 @@ class StreamMetrics:
 class ServiceCollector:
     """Reads the worker's counters into metric families at scrape time."""
 
-    def __init__(self, streams: StreamMetrics, hub: Hub, publisher: Publisher) -> None:
+    def __init__(
+        self,
+        streams: StreamMetrics,
+        hub: Hub,
+        publisher: Publisher,
+        connections: ConnectionStats,
+    ) -> None:
         self._streams = streams
         self._hub = hub
         self._publisher = publisher
+        self._connections = connections
 
     def collect(self) -> Iterator[Metric]:
         """Every family, freshly read; called by the registry on each scrape."""
@@ -131,6 +139,37 @@ class ServiceCollector:
         for reason in StreamEnd:
             ended.add_metric([reason.value], streams.ended(reason))
         yield ended
+        yield from self._connection_families()
+
+    def _connection_families(self) -> Iterator[Metric]:
+        connections = self._connections
+        yield _gauge(
+            "client_connections", "Client connections open, streams included", connections.open
+        )
+        if connections.cap is not None:
+            yield _gauge(
+                "client_connection_cap",
+                "Client connections this worker holds at most (open-file limit - fd_reserve)",
+                connections.cap,
+            )
+        yield _counter(
+            "client_connections_refused",
+            "Connections closed unserved because the worker was at its connection cap",
+            connections.refused,
+        )
+        yield _counter(
+            "accept_failures",
+            "Times accept() failed for want of files or memory, pausing accepts briefly",
+            connections.accept_failures,
+        )
+        timeouts = CounterMetricFamily(
+            f"{PREFIX}_request_timeouts",
+            "Connections closed because a request head or body did not arrive in time",
+            labels=["phase"],
+        )
+        timeouts.add_metric(["headers"], connections.header_timeouts)
+        timeouts.add_metric(["body"], connections.body_timeouts)
+        yield timeouts
 
 
 def build_registry(collector: ServiceCollector) -> CollectorRegistry:

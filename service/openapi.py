@@ -105,7 +105,14 @@ session itself is gone the stream ends there and a resume is answered 204.
 Each worker limits, per client address, how many session ids it issues and how many demo runs
 fresh connects start (429 `rate_limited` with `Retry-After`). Responses carry
 `Cache-Control: no-store` unless they say otherwise, and `Vary: Origin`, since CORS answers
-echo the origin."""
+echo the origin.
+
+Connections have deadlines: a request's line and headers must arrive within `header_timeout_s`
+of the connection's start (or of a kept-alive connection's next request's first byte), a body
+within `body_timeout_s`, else the answer is 408 `request_timeout` and the connection closes; an
+idle kept-alive connection closes after `keepalive_timeout_s`. A worker holds as many client
+connections as its open-file limit minus `fd_reserve`; beyond, a new connection is closed at
+once, unanswered (a proxy then tries another worker)."""
 
 
 def _get_session_id(settings: Settings) -> Spec:
@@ -376,6 +383,10 @@ def _publish(settings: Settings) -> Spec:
                           "now could reach a stream."),
             "422": _error("`idempotency_key_reused`: the `Idempotency-Key` was used for a "
                           "different request to this session."),
+            "408": _error(
+                f"`request_timeout`: the body did not arrive within {settings.body_timeout_s:g} "
+                "s; the connection is closed."
+            ),
             "413": _error(
                 f"`payload_too_large`: the body exceeds {settings.max_body_bytes} bytes (also "
                 "once decoded); "

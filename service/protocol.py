@@ -16,15 +16,31 @@ the bearer token in the log. aiohttp offers no hook for either (aio-libs/aiohttp
   `web.Server.__call__` with no way to choose the class, so `EdgeServer` overrides that and
   `EdgeAppRunner._make_server` builds one; `serving.run_worker` runs the app on that runner.
 
+Connections also get deadlines aiohttp lacks (it closes only idle connections, after its
+keep-alive timeout, and nothing bounds a request head that trickles in):
+
+- `JsonErrorRequestHandler` gives a request's line and headers `header_timeout_s` to arrive,
+  from the connection's start or from the first byte of a request on a kept-alive
+  connection. Late, it answers 408 in the JSON shape and closes; a connection that sent
+  nothing at all is closed without a word. Idle kept-alive connections close after
+  `keepalive_timeout_s` (aiohttp's own timer, set by `EdgeAppRunner`). The body's deadline
+  is the handler's (bodies.py).
+- It calls back when it closes, so the acceptor (acceptor.py) knows how many are open.
+
 The second part relies on aiohttp internals (`web.Server._kwargs`, `AppRunner._make_server`,
-the `handle_error` signature, parser exceptions chained as `__cause__`), checked against
-aiohttp 3.14.x; `pyproject.toml` caps aiohttp below 3.15 until it is checked again.
+the `handle_error` signature, parser exceptions chained as `__cause__`, and for the head
+deadline `RequestHandler._waiter` (set while it awaits the next request), `_messages` and
+`_request_in_progress`), checked against aiohttp 3.14.x; `pyproject.toml` caps aiohttp below
+3.15 until it is checked again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -40,7 +56,9 @@ from aiohttp.http_exceptions import (
 )
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import MalformedBody, body_fault, error_response
+from .connection_stats import ConnectionStats
+from .errors import MalformedBody, RequestTimeout, body_fault, error_response
+from .resources import connection_stats_key, settings_key
 from .response_headers import NO_STORE
 
 log = logging.getLogger(__name__)
@@ -127,8 +145,90 @@ def handler_args() -> dict[str, Any]:
     return {"logger": ProtocolLog(logging.getLogger("aiohttp.server")), "auto_decompress": False}
 
 
+def _request_timeout_answer(timeout_s: float) -> bytes:
+    """A whole 408 response in the JSON error shape, written without a request to answer."""
+    detail = f"the request line and headers did not arrive within {timeout_s:g} s"
+    body = json.dumps({"error": RequestTimeout.code, "detail": detail}).encode()
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\n"
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Cache-Control: {NO_STORE}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 class JsonErrorRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering what it cannot parse in the JSON error shape."""
+    """aiohttp's connection handler, answering what it cannot parse in the JSON error shape,
+    with a deadline on request heads."""
+
+    __slots__ = ("_head_started", "_head_timer", "_header_timeout_s", "_on_closed", "_stats")
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        header_timeout_s: float | None = None,
+        stats: ConnectionStats | None = None,
+        on_closed: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._stats = stats
+        self._on_closed = on_closed
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start the clock: the first request's head is due within the header timeout."""
+        super().connection_made(transport)
+        self._await_head(started=False)
+
+    def data_received(self, data: bytes) -> None:
+        """Parse as aiohttp does; a kept-alive connection's next request starts the clock."""
+        if data:
+            if self._head_timer is not None:
+                self._head_started = True
+            elif self._waiter is not None and not self._waiter.done():
+                self._await_head(started=True)
+        super().data_received(data)
+        if self._head_timer is not None and self._messages:
+            self._stop_head_clock()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Clean up as aiohttp does, then tell whoever counts open connections."""
+        self._stop_head_clock()
+        try:
+            super().connection_lost(exc)
+        finally:
+            on_closed, self._on_closed = self._on_closed, None
+            if on_closed is not None:
+                on_closed()
+
+    def _await_head(self, *, started: bool) -> None:
+        if self._header_timeout_s is None:
+            return
+        self._head_started = started
+        self._head_timer = self._loop.call_later(self._header_timeout_s, self._head_late)
+
+    def _stop_head_clock(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        """The header timeout passed without a whole request head."""
+        self._head_timer = None
+        if self._messages or self._request_in_progress or self.transport is None:
+            return
+        if self._stats is not None:
+            self._stats.header_timeouts += 1
+        if self._head_started and self._header_timeout_s is not None:
+            log.debug("closed a connection whose request head was not complete in time")
+            self.transport.write(_request_timeout_answer(self._header_timeout_s))
+        self.force_close()
 
     def handle_error(
         self,
@@ -156,12 +256,39 @@ class JsonErrorRequestHandler(RequestHandler):
 class EdgeServer(web.Server):
     """aiohttp's low-level server, with `JsonErrorRequestHandler` connections."""
 
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        header_timeout_s: float | None = None,
+        stats: ConnectionStats | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._stats = stats
+
     def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        return self.connection()
+
+    def connection(self, on_closed: Callable[[], None] | None = None) -> JsonErrorRequestHandler:
+        """A handler for one new connection; `on_closed` is called once it is closed."""
+        return JsonErrorRequestHandler(
+            self,
+            loop=self._loop,
+            header_timeout_s=self._header_timeout_s,
+            stats=self._stats,
+            on_closed=on_closed,
+            **self._kwargs,
+        )
 
 
 class EdgeAppRunner(web.AppRunner):
-    """An `AppRunner` whose server is an `EdgeServer`."""
+    """An `AppRunner` whose server is an `EdgeServer`, with the app's connection deadlines."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        kwargs.setdefault("keepalive_timeout", app[settings_key].keepalive_timeout_s)
+        super().__init__(app, **kwargs)
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -169,5 +296,7 @@ class EdgeAppRunner(web.AppRunner):
             server.request_handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
+            header_timeout_s=self.app[settings_key].header_timeout_s,
+            stats=self.app[connection_stats_key],
             **server._kwargs,
         )

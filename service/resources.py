@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .admission import Admission
+from .connection_stats import ConnectionStats
 from .connections import RedisClient, RedisOpener
 from .hub import EndReason, Hub
 from .keys import Keys
@@ -36,6 +37,7 @@ metrics_registry_key = web.AppKey("metrics_registry_key", CollectorRegistry)
 token_verifier_key = web.AppKey("token_verifier_key", TokenVerifier)
 demo_signer_key = web.AppKey("demo_signer_key", SigningKey)
 rate_limits_key = web.AppKey("rate_limits_key", RateLimits)
+connection_stats_key = web.AppKey("connection_stats_key", ConnectionStats)
 
 
 @dataclass(slots=True)
@@ -99,7 +101,7 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     streams = StreamMetrics()
     app[stream_metrics_key] = streams
     app[metrics_registry_key] = build_registry(
-        ServiceCollector(streams, app[hub_key], app[publisher_key])
+        ServiceCollector(streams, app[hub_key], app[publisher_key], app[connection_stats_key])
     )
     yield
 

@@ -1,10 +1,12 @@
 """Run the worker's app until SIGINT or SIGTERM: `web.run_app`, on the edge's own runner.
 
 `web.run_app` always builds a plain `web.AppRunner`, whose connections answer unparsable
-requests in aiohttp's text (see protocol.py). This is the same life cycle on `EdgeAppRunner`:
-the signal raises `GracefulExit` out of the loop, the main task is cancelled and runs the
-runner's cleanup (the app's `on_shutdown` drain, then its cleanup contexts), and remaining
-tasks are cancelled before the loop closes. It follows aiohttp 3.14's `run_app`.
+requests in aiohttp's text (see protocol.py), and lets the event loop accept connections
+without a cap (see acceptor.py). This is the same life cycle on `EdgeAppRunner`, with the
+worker's own `Acceptor` in place of aiohttp's sites: the signal raises `GracefulExit` out of
+the loop, the main task is cancelled, stops accepting and runs the runner's cleanup (the
+app's `on_shutdown` drain, then its cleanup contexts), and remaining tasks are cancelled
+before the loop closes. It follows aiohttp 3.14's `run_app`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .protocol import EdgeAppRunner
-
-# run_app's default: idle keep-alive connections close after this long.
-KEEPALIVE_TIMEOUT_S = 75.0
+from .acceptor import Acceptor
+from .protocol import EdgeAppRunner, EdgeServer
+from .resources import connection_stats_key
 
 
 def run_worker(
@@ -28,15 +29,26 @@ def run_worker(
     loop: asyncio.AbstractEventLoop,
     sockets: list[socket.socket],
     backlog: int,
+    max_client_connections: int,
     shutdown_timeout_s: float,
     on_serving: Callable[[], None],
 ) -> None:
     """Serve `app` on listening `sockets` until the process is told to stop, then shut down.
 
-    `on_serving` is called once every socket accepts connections.
+    At most `max_client_connections` are open at once; `on_serving` is called once every
+    socket accepts connections.
     """
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_serve(app, sockets, backlog, shutdown_timeout_s, on_serving))
+    main = loop.create_task(
+        _serve(
+            app,
+            sockets,
+            backlog=backlog,
+            max_client_connections=max_client_connections,
+            shutdown_timeout_s=shutdown_timeout_s,
+            on_serving=on_serving,
+        )
+    )
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
@@ -57,7 +69,9 @@ def run_worker(
 async def _serve(
     app: web.Application,
     sockets: list[socket.socket],
+    *,
     backlog: int,
+    max_client_connections: int,
     shutdown_timeout_s: float,
     on_serving: Callable[[], None],
 ) -> None:
@@ -66,17 +80,23 @@ async def _serve(
         handle_signals=True,
         handler_cancellation=True,
         shutdown_timeout=shutdown_timeout_s,
-        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
         access_log=None,
     )
     await runner.setup()
+    server = runner.server
+    if not isinstance(server, EdgeServer):
+        raise TypeError(f"EdgeAppRunner made a {type(server).__name__}, not an EdgeServer")
+    for sock in sockets:
+        sock.listen(backlog)
+    stats = app[connection_stats_key]
+    acceptor = Acceptor(sockets, server.connection, max_client_connections, stats)
     try:
-        for sock in sockets:
-            # asyncio listens on each socket again, with this backlog.
-            await web.SockSite(runner, sock, backlog=backlog).start()
+        acceptor.start()
         on_serving()
         await asyncio.Future()  # until cancelled on a signal
     finally:
+        # Refuse new connections first, as aiohttp's sites would stop, then drain.
+        await acceptor.close()
         await runner.cleanup()
 
 

@@ -16,6 +16,9 @@ from .sentinel_url import SCHEME as SENTINEL_SCHEME
 from .sentinel_url import is_sentinel_url, parse_sentinel_url
 
 ENV_PREFIX = "SSE_"
+# Open files a worker needs besides client connections, at the very least: the listening
+# sockets, the event loop's own, standard streams, a few Redis connections.
+MIN_FD_RESERVE = 32
 
 
 class SettingsError(ValueError):
@@ -41,6 +44,11 @@ class Settings:
     log_maxlen: int = 1000
     max_connections: int = 20000
     max_connections_per_session: int = 100
+    # Client connections: deadlines, and open files kept for other uses (see open_files.py).
+    header_timeout_s: float = 5.0
+    keepalive_timeout_s: float = 15.0
+    body_timeout_s: float = 30.0
+    fd_reserve: int = 256
     cors_origins: tuple[str, ...] = ("*",)
     cors_credentials: bool = False
     trusted_proxies: tuple[str, ...] = ()
@@ -101,8 +109,16 @@ class Settings:
             "redis_timeout_s",
             "idempotency_ttl_s",
             "write_timeout_s",
+            "header_timeout_s",
+            "keepalive_timeout_s",
+            "body_timeout_s",
         ):
             _require(name, getattr(self, name) > 0, "must be positive")
+        _require(
+            "fd_reserve",
+            self.fd_reserve >= MIN_FD_RESERVE,
+            f"must be at least {MIN_FD_RESERVE} (Redis connections, logs and key files)",
+        )
         _require("port", self.port >= 0, "must not be negative (0: any free port)")
         _require("port", self.port <= 65535, "must be at most 65535")
         _require(
