@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+from pathlib import Path
 
-from .connections import open_redis
+from redis.exceptions import RedisError
+
+from .connections import RedisClient, open_redis
+from .health_file import keep_fresh
 from .hub import Hub
 from .keys import Keys
 from .producer import Producer
 from .publisher import Publisher
 from .settings import Settings
 from .startup import StartupError, producer_line
+from .tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,25 @@ async def run_producer(settings: Settings) -> None:
         producer = Producer(client, hub, publisher=publisher, keys=keys, settings=settings)
         await producer.start()
         stack.push_async_callback(producer.close)
+        if settings.producer_health_file:
+            beat = asyncio.create_task(keep_fresh(
+                Path(settings.producer_health_file),
+                settings.producer_poll_ms / 1000,
+                functools.partial(_can_deliver, client, hub, settings.redis_timeout_s),
+            ), name="producer-health-file")  # fmt: skip
+            stack.push_async_callback(cancel_and_wait, [beat])
         log.info(producer_line(settings, loop))
         await stop.wait()
         log.info("producer stopping")
+
+
+async def _can_deliver(client: RedisClient, hub: Hub, timeout_s: float) -> bool:
+    """Redis answers and the shared subscription (the producer's wake-ups) is up."""
+    if not hub.connected:
+        return False
+    try:
+        async with asyncio.timeout(timeout_s):
+            await client.ping()
+    except (RedisError, TimeoutError):
+        return False
+    return True

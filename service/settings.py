@@ -64,6 +64,7 @@ class Settings:
     producer_lease_ms: int = 5000
     producer_poll_ms: int = 1000
     run_idle_timeout_s: float = 5.0
+    producer_health_file: str = ""
     drain_timeout_s: float = 10.0
     log_level: str = "INFO"
     log_format: str = "plain"
