@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from .auth import AccessPolicy, access_policy
 from .logs import redacted_url
 from .sentinel_url import is_sentinel_url
 from .settings import Settings
@@ -63,7 +64,19 @@ def serving_line(
         if settings.producer == "embedded"
         else "demo runs left to a separate producer"
     )
-    return f"serving on {addresses}; {redis_description(settings)}; {producer}; {_loop_name(loop)}"
+    return (
+        f"serving on {addresses}; {redis_description(settings)}; {producer}; "
+        f"{_session_api(settings)}; {_loop_name(loop)}"
+    )
+
+
+def _session_api(settings: Settings) -> str:
+    policy = access_policy(settings)
+    if policy is AccessPolicy.TOKEN:
+        return f"session API: {len(settings.publish_tokens)} bearer token(s)"
+    if policy is AccessPolicy.OPEN:
+        return "session API: open (embedded mode, no token)"
+    return "session API: off (no publish_tokens; set SSE_PUBLISH_TOKENS)"
 
 
 def producer_line(settings: Settings, loop: asyncio.AbstractEventLoop) -> str:

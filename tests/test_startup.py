@@ -14,6 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from service.settings import build_settings
+from service.startup import bind_sockets, serving_line
+
 from redis_process import RedisProcess, free_port, require_redis_server
 from stack_processes import service_env
 
@@ -162,7 +165,9 @@ async def test_worker_says_once_where_it_listens_and_which_redis(
     match = re.search(r" INFO service: serving on http://127\.0\.0\.1:(\d+); (.*)$", line)
     assert match, line
     assert match[2] == (f"redis: redis://***@127.0.0.1:{guarded_redis.port}/0; "
-                        "demo runs left to a separate producer; asyncio event loop")
+                        "demo runs left to a separate producer; "
+                        "session API: off (no publish_tokens; set SSE_PUBLISH_TOKENS); "
+                        "asyncio event loop")
     assert PASSWORD not in line
     # Port 0 asked the kernel for one: the line names the port that really answers.
     async with aiohttp.ClientSession() as http, http.get(
@@ -178,7 +183,7 @@ async def test_embedded_worker_names_the_stand_in(
     assert re.search(
         r"serving on http://127\.0\.0\.1:\d+; redis: embedded in-process stand-in "
         r"\(this process only, nothing kept\); demo runs executed in this worker; "
-        r"(asyncio|uvloop) event loop$",
+        r"session API: open \(embedded mode, no token\); (asyncio|uvloop) event loop$",
         line.rstrip("\n"),
     ), line
 
@@ -196,3 +201,21 @@ async def test_producer_says_once_which_redis_and_runs(
         line.rstrip("\n"),
     ), line
     assert PASSWORD not in line
+
+
+def test_start_line_counts_tokens_without_showing_them() -> None:
+    token = "a-publish-token-never-logged"
+    settings = build_settings({"redis_url": "redis://u:pw@redis:6379/0",
+                               "publish_tokens": [token, token + "2"]})
+    sockets = bind_sockets("127.0.0.1", 0, 8)
+    loop = asyncio.new_event_loop()
+    try:
+        line = serving_line(settings, sockets, loop)
+    finally:
+        loop.close()
+        for sock in sockets:
+            sock.close()
+    assert "session API: 2 bearer token(s)" in line
+    assert "redis: redis://u:***@redis:6379/0" in line
+    assert token not in line
+    assert ":pw@" not in line
