@@ -60,14 +60,99 @@ def test_compose_has_the_documented_services() -> None:
     assert SERVICES["redis"]["image"].startswith("redis:7")
     assert SERVICES["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert SERVICES["nginx"]["image"].startswith("nginx:")
-    assert SERVICES["worker"]["deploy"]["replicas"] >= 2
     for name in APP_SERVICES:
         assert SERVICES[name]["build"] == "."
         assert SERVICES[name]["image"] == SERVICES["worker"]["image"]
         assert SERVICES[name]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert SERVICES["nginx"]["depends_on"]["worker"]["condition"] == "service_healthy"
-    # The image's /healthz check means nothing for a process without an HTTP server.
-    assert SERVICES["producer"]["healthcheck"] == {"disable": True}
+
+
+@pytest.mark.parametrize("name", ["worker", "worker-cluster"])
+def test_compose_replicas_are_spelled_out_for_every_implementation(name: str) -> None:
+    # podman-compose ignores `replicas` unless `mode: replicated` is written out.
+    assert SERVICES[name]["deploy"] == {"mode": "replicated", "replicas": 3}
+
+
+def test_every_long_running_service_has_a_health_check() -> None:
+    long_running = [name for name, service in SERVICES.items()
+                    if service.get("restart") == "unless-stopped" or name.startswith("producer")]
+    assert {"redis", "worker", "producer", "nginx"} <= set(long_running)
+    for name in long_running:
+        check = SERVICES[name].get("healthcheck")
+        if check is None:  # the image's own HEALTHCHECK applies
+            assert SERVICES[name].get("image") == SERVICES["worker"]["image"], name
+            assert re.search(r"^HEALTHCHECK .*\n\s+CMD ", DOCKERFILE, re.M), name
+            continue
+        assert not check.get("disable"), name
+        assert check["test"][0] == "CMD", name
+
+
+@pytest.mark.parametrize("name", ["producer", "producer-cluster"])
+def test_producer_health_check_reads_the_file_the_producer_keeps(name: str) -> None:
+    service = SERVICES[name]
+    settings = load_settings(None, service["environment"])
+    _cmd, python, flag, module, path, max_age_s = service["healthcheck"]["test"]
+    assert (python, flag, module) == ("python", "-m", "service.health_file")
+    assert path == settings.producer_health_file
+    # Fresh means touched within max_age_s: a few polls, and a Redis timeout, must fit in it.
+    assert float(max_age_s) > 3 * settings.producer_poll_ms / 1000 + settings.redis_timeout_s
+    grace_s = float(service["stop_grace_period"].removesuffix("s"))
+    assert grace_s > settings.redis_timeout_s
+
+
+def test_nginx_health_check_asks_a_location_nginx_answers_itself() -> None:
+    conf = NGINX_CONF.read_text()
+    for name in ("nginx", "nginx-cluster"):
+        test = SERVICES[name]["healthcheck"]["test"]
+        assert test[:4] == ["CMD", "wget", "-q", "-O"]
+        path = urlsplit(test[-1]).path
+        assert re.search(rf"location = {path} \{{\s+access_log off;\s+return 200 ", conf)
+
+
+def test_compose_file_limits_fit_the_streams_a_worker_admits() -> None:
+    worker = load_settings(None, SERVICES["worker"]["environment"])
+    nginx_conf = NGINX_CONF.read_text()
+    [nginx_files] = re.findall(r"^worker_rlimit_nofile (\d+);", nginx_conf, re.M)
+    for name in ("worker", "worker-cluster", "nginx", "nginx-cluster"):
+        nofile = SERVICES[name]["ulimits"]["nofile"]
+        assert nofile["soft"] == nofile["hard"]
+        # A worker holds one descriptor per stream, plus Redis, its listener and the log.
+        assert nofile["soft"] >= worker.max_connections + 1000, name
+        assert nofile["hard"] >= int(nginx_files), name
+
+
+def test_redis_keeps_its_data_in_a_volume_with_append_only_persistence() -> None:
+    redis = SERVICES["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    [volume] = redis["volumes"]
+    name, mount = volume.split(":")
+    assert mount == "/data"
+    assert name in COMPOSE["volumes"]
+
+
+def test_publish_tokens_come_from_the_environment_or_the_env_file() -> None:
+    example = (ROOT / ".env.example").read_text()
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    [assignment] = [line for line in example.splitlines() if line.startswith("SSE_")]
+    assert assignment == "SSE_PUBLISH_TOKENS=", "the example holds no token anyone could use"
+    for name in ("worker", "worker-cluster"):
+        assert SERVICES[name]["environment"]["SSE_PUBLISH_TOKENS"] == "${SSE_PUBLISH_TOKENS:-}"
+        # As compose passes it: empty when unset (the session API is off), else the tokens.
+        unset = {**SERVICES[name]["environment"], "SSE_PUBLISH_TOKENS": ""}
+        assert load_settings(None, unset).publish_tokens == ()
+        given = {**unset, "SSE_PUBLISH_TOKENS": "t" * 16 + ",u" + "u" * 16}
+        assert len(load_settings(None, given).publish_tokens) == 2
+    assert "SSE_PUBLISH_TOKENS" not in SERVICES["producer"]["environment"]
+
+
+def test_cluster_init_creates_the_cluster_only_once() -> None:
+    script = " ".join(SERVICES["redis-cluster-init"]["command"])
+    guard, _, create = script.partition("redis-cli --cluster create")
+    assert create, "the init no longer creates the cluster"
+    assert "cluster info" in guard
+    assert "cluster_known_nodes:3" in guard
+    assert "exit 0" in guard
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -205,8 +290,9 @@ def test_compose_ports_line_up_with_nginx_and_the_workers() -> None:
     assert re.search(rf"^\s*listen {container_port};$", conf, re.M)
     assert SERVICES["nginx"]["volumes"] == ["./config/nginx.conf:/etc/nginx/nginx.conf:ro"]
     # docker stop waits stop_grace_period before SIGKILL: longer than the drain.
-    grace_s = float(SERVICES["worker"]["stop_grace_period"].removesuffix("s"))
-    assert grace_s > worker.drain_timeout_s
+    for name in ("worker", "worker-cluster"):
+        grace_s = float(SERVICES[name]["stop_grace_period"].removesuffix("s"))
+        assert grace_s > worker.drain_timeout_s
 
 
 def test_dockerfile_is_slim_multi_stage_and_not_root() -> None:
@@ -220,10 +306,22 @@ def test_dockerfile_is_slim_multi_stage_and_not_root() -> None:
     [cmd] = re.findall(r"^CMD (.+)$", final, re.M)
     assert json.loads(cmd) == SERVICES["worker"]["command"]
     assert "SSE_HOST=0.0.0.0" in final
-    # The code finds its config file and web page next to the package: all three are copied.
-    for path in ("service", "config", "web"):
-        assert re.search(rf"^COPY {path} \./{path}$", final, re.M), path
-        assert f"!{path}/" in (ROOT / ".dockerignore").read_text()
+    # The runtime stage gets the virtualenv and nothing else: the package is installed, with
+    # its defaults and page as package data, so no source tree is copied there.
+    assert re.findall(r"^COPY .*$", final, re.M) == ["COPY --from=build /opt/venv /opt/venv"]
+
+
+def test_dockerfile_installs_the_pinned_versions_and_the_package() -> None:
+    build = DOCKERFILE.split("\nFROM ")[1]
+    assert "--constraint constraints.txt --requirement requirements.txt" in build
+    assert "PIP_CONSTRAINT=/src/constraints.txt /opt/venv/bin/pip install --no-deps ." in build
+    copied = re.findall(r"^COPY (.+) \S+$", build, re.M)
+    sources = {name for line in copied for name in line.split()}
+    assert sources == {"pyproject.toml", "constraints.txt", "README.md", "LICENSE",
+                       "service", "config", "web"}
+    allowed = (ROOT / ".dockerignore").read_text().split()
+    for name in sources:
+        assert f"!{name}" in allowed or f"!{name}/" in allowed, name
 
 
 async def test_dockerfile_healthcheck_passes_only_when_the_worker_answers(
@@ -258,6 +356,19 @@ def test_nginx_config_keeps_streams_unbuffered() -> None:
     defaults = Settings()
     assert int(read_timeout) > defaults.session_ttl_s + defaults.heartbeat_interval_s
     assert "proxy_next_upstream error timeout http_503;" in conf
+
+
+def test_nginx_asks_for_a_stream_once_more_when_its_peer_set_changed() -> None:
+    # A 502 ends an EventSource for good; the stream location retries once, afresh, with the
+    # same stream settings (tests/test_containers.py stops a worker and sees it happen).
+    conf = NGINX_CONF.read_text()
+    [connect] = re.findall(r"location = /sse/connect \{(.*?)\}", conf, re.S)
+    [again] = re.findall(r"location @connect_again \{(.*?)\}", conf, re.S)
+    assert "error_page 502 504 = @connect_again;" in connect
+    directives = {line.strip() for line in connect.splitlines() if line.strip().endswith(";")}
+    assert {line.strip() for line in again.splitlines() if line.strip()} == directives - {
+        "error_page 502 504 = @connect_again;"
+    }
 
 
 def test_nginx_accepts_the_config(tmp_path: Path) -> None:
