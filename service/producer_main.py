@@ -59,7 +59,7 @@ async def run_producer(settings: Settings) -> None:
             beat = asyncio.create_task(keep_fresh(
                 Path(settings.producer_health_file),
                 settings.producer_poll_ms / 1000,
-                functools.partial(_can_deliver, client, hub, settings.redis_timeout_s),
+                functools.partial(_can_deliver, client, hub, producer, settings.redis_timeout_s),
             ), name="producer-health-file")  # fmt: skip
             stack.push_async_callback(cancel_and_wait, [beat])
         log.info(producer_line(settings, loop))
@@ -67,9 +67,11 @@ async def run_producer(settings: Settings) -> None:
         log.info("producer stopping")
 
 
-async def _can_deliver(client: RedisClient, hub: Hub, timeout_s: float) -> bool:
-    """Redis answers and the shared subscription (the producer's wake-ups) is up."""
-    if not hub.connected:
+async def _can_deliver(
+    client: RedisClient, hub: Hub, producer: Producer, timeout_s: float
+) -> bool:
+    """The claim loop runs, the shared subscription (its wake-ups) is up and Redis answers."""
+    if producer.problem is not None or not hub.connected:
         return False
     try:
         async with asyncio.timeout(timeout_s):
