@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from sse_reader import collect
 from stack_processes import ROOT, service_env
@@ -85,6 +89,24 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--quiet",
         "--no-index", "--find-links", wheelhouse_for(wheel, workdir), wheel, cwd=workdir)
     return Installed(venv, sdist, wheel)
+
+
+def test_constraints_pin_every_dependency_within_its_range() -> None:
+    """The image, CI and the README's commands install with -c constraints.txt: a dependency
+    left out of it would float, one pinned outside pyproject's range would not install."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {
+        canonicalize_name(name): Version(version)
+        for name, version in (
+            line.split("==") for line in CONSTRAINTS.read_text().splitlines()
+            if line and not line.startswith("#")
+        )
+    }
+    for text in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in constraints.txt (tools/refresh-constraints.sh)"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (text, pins[name])
 
 
 def test_sdist_and_wheel_carry_the_defaults_the_page_and_the_license(
