@@ -159,13 +159,24 @@ class Server:
             *self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        assert self.process.stderr is not None
-        async with asyncio.timeout(30):
-            line = (await self.process.stderr.readline()).decode()
-        match = re.search(r"serving on (http://127\.0\.0\.1:\d+);", line)
-        assert match, line
-        self.url = match[1]
+        try:
+            self.url = await self._serving_url()
+        except BaseException:
+            await self.__aexit__()  # a failed start must not leave the server running
+            raise
         return self
+
+    async def _serving_url(self) -> str:
+        """The address in the start-up line (other lines before it are allowed here)."""
+        assert self.process is not None
+        assert self.process.stderr is not None
+        seen = []
+        async with asyncio.timeout(30):
+            while line := (await self.process.stderr.readline()).decode():
+                seen.append(line)
+                if match := re.search(r"serving on (http://127\.0\.0\.1:\d+)[;,]", line):
+                    return match[1]
+        raise AssertionError(f"the installed server exited: {''.join(seen)}")
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self.process is not None
