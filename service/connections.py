@@ -22,8 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .logs import redacted_url
 from .sentinel_url import is_sentinel_url, parse_sentinel_url
-from .settings import Settings
-from .startup import StartupError
+from .settings import Settings, StartupError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import asyncio
 import importlib.util
 import logging
 
-from .startup import StartupError
+from .settings import StartupError
 
 log = logging.getLogger(__name__)
 

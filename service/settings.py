@@ -25,6 +25,12 @@ class SettingsError(ValueError):
     """A setting is unknown, has the wrong type or is out of range; the message names it."""
 
 
+class StartupError(Exception):
+    """The process cannot start (Redis unreachable, port busy, ...); the message is the whole
+    story, printed as one line. Defined here, with SettingsError, so that the modules raising it
+    need import nothing that imports them."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a worker or producer needs to know; see config/service.toml for each key."""

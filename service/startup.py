@@ -9,11 +9,9 @@ import socket
 from .auth import AccessPolicy, access_policy
 from .logs import redacted_url
 from .sentinel_url import is_sentinel_url
-from .settings import Settings
+from .settings import Settings, StartupError
 
-
-class StartupError(Exception):
-    """The process cannot start; the message is the whole story, printed as one line."""
+__all__ = ["StartupError", "bind_sockets", "producer_line", "serving_line"]
 
 
 def bind_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
