@@ -75,6 +75,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "plain"
     event_loop: str = "auto"
+    # Worker processes sharing the port; 0: one per usable core (see service/supervisor.py).
+    workers: int = 0
     publish_tokens: tuple[str, ...] = field(default=(), repr=False)
     max_event_bytes: int = 256 * 1024
     max_body_bytes: int = 1024 * 1024
@@ -145,6 +147,13 @@ class Settings:
             "redis_max_connections - 2",
         )
         _require("retry_ms", self.retry_ms >= 0, "must not be negative")
+        _require("workers", self.workers >= 0, "must not be negative (0: one per usable core)")
+        _require(
+            "workers",
+            self.workers <= 1 or not self.embedded_redis,
+            "above 1 needs a redis_url: the embedded stand-in lives inside one process, "
+            "so its workers would not share sessions or events",
+        )
         _require("producer_interval_ms", self.producer_interval_ms >= 0, "must not be negative")
         _require("drain_timeout_s", self.drain_timeout_s >= 0, "must not be negative")
         _require("run_idle_timeout_s", self.run_idle_timeout_s >= 0, "must not be negative")

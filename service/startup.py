@@ -11,7 +11,13 @@ from .logs import redacted_url
 from .sentinel_url import is_sentinel_url
 from .settings import Settings, StartupError
 
-__all__ = ["StartupError", "bind_sockets", "producer_line", "serving_line"]
+__all__ = [
+    "StartupError",
+    "bind_pool_sockets",
+    "bind_sockets",
+    "producer_line",
+    "serving_line",
+]
 
 
 def bind_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
@@ -50,6 +56,46 @@ def bind_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def bind_pool_sockets(
+    host: str, port: int, backlog: int, workers: int
+) -> list[list[socket.socket]]:
+    """For each of `workers` processes, its own listening sockets on the same addresses.
+
+    Every socket has SO_REUSEPORT, so the kernel spreads new connections evenly over the
+    workers. Other processes could join such a group unnoticed, so the addresses are first
+    bound without it: a port someone already uses stops the start here, as with one worker.
+    """
+    probe = bind_sockets(host, port, 1)
+    addresses = [(sock.family, sock.type, sock.proto, sock.getsockname()) for sock in probe]
+    for sock in probe:
+        sock.close()
+    pool: list[list[socket.socket]] = []
+    try:
+        for _ in range(workers):
+            pool.append([])
+            for family, kind, proto, address in addresses:
+                sock = socket.socket(family, kind, proto)
+                pool[-1].append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(address)
+                except OSError as error:
+                    raise StartupError(
+                        f"cannot listen on {_http_url(address)}: {error.strerror}"
+                    ) from None
+                sock.listen(backlog)
+                sock.setblocking(False)
+    except BaseException:
+        for sockets in pool:
+            for sock in sockets:
+                sock.close()
+        raise
+    return pool
 
 
 def serving_line(

@@ -62,9 +62,15 @@ def nginx_argv(binary: str, prefix: Path, *options: str, directives: str = "") -
 
 
 def service_env(**settings: object) -> dict[str, str]:
-    """This environment without any SSE_* variable, plus `settings` as SSE_<KEY>."""
+    """This environment without any SSE_* variable, plus `settings` as SSE_<KEY>.
+
+    One worker process unless `workers` is given: these processes are watched (signalled,
+    killed, their logs read) as the single worker each stands for; test_supervisor.py runs
+    pools.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_")}
-    env.update({f"SSE_{key.upper()}": str(value) for key, value in settings.items()})
+    env.update({f"SSE_{key.upper()}": str(value) for key, value in
+                {"workers": 1, **settings}.items()})
     return env
 
 

@@ -54,6 +54,7 @@ def run(*argv: str | Path, cwd: Path) -> str:
 def _clean_env() -> dict[str, str]:
     """No SSE_* setting and no PYTHONPATH: nothing may point back at the checkout."""
     env = service_env()
+    env.pop("SSE_WORKERS")
     env.pop("PYTHONPATH", None)
     return env
 
