@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import re
-from typing import Any
 
 from aiohttp import web
 
@@ -29,6 +28,7 @@ from .errors import (
 )
 from .once import OutcomeUnknown as OutcomeUnknownError
 from .publisher import BatchOutcome, IdempotencyRecord, PublishedBatch, SessionEnd
+from .responses import Published, PublishedIds, SessionStatus
 from .sessions import is_valid_session_id
 from .submission import parse_body
 from .topology import subscriber_count
@@ -89,8 +89,14 @@ async def publish_events(request: web.Request) -> web.Response:
         log.info("answered a repeated publish to session %s with its first ids", session_id)
     else:
         log.info("published %d event(s) to session %s via the API", len(events), session_id)
-    body: dict[str, Any] = {"ids": result.ids} if batch else {"id": result.ids[0]}
-    return web.json_response(body, status=202, headers=headers)
+    return web.json_response(_answer(result.ids, batch), status=202, headers=headers)
+
+
+def _answer(ids: list[str], batch: bool) -> Published | PublishedIds:
+    """A batch answers its ids in order; a single event, its one id."""
+    if batch:
+        return {"ids": ids}
+    return {"id": ids[0]}
 
 
 def _check_outcome(result: PublishedBatch, session_id: str) -> None:
@@ -169,16 +175,15 @@ async def session_status(request: web.Request) -> web.Response:
     subscribers = await subscriber_count(redis, channel)
     if ttl_ms == -2:
         raise SessionNotFound(f"session {session_id!r} does not exist or has expired")
-    return web.json_response(
-        {
-            "sessionId": session_id,
-            "ttlMs": ttl_ms if ttl_ms >= 0 else None,
-            "subscribers": subscribers,
-            "localStreams": request.app[r.hub_key].listeners_of(channel),
-            "finished": finished is not None,
-            "lastEventId": _text(newest[0][0]) if newest else None,
-        }
-    )
+    status: SessionStatus = {
+        "sessionId": session_id,
+        "ttlMs": ttl_ms if ttl_ms >= 0 else None,
+        "subscribers": subscribers,
+        "localStreams": request.app[r.hub_key].listeners_of(channel),
+        "finished": finished is not None,
+        "lastEventId": _text(newest[0][0]) if newest else None,
+    }
+    return web.json_response(status)
 
 
 def _session_id(request: web.Request) -> str:

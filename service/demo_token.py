@@ -15,6 +15,7 @@ from aiohttp import web
 
 from . import resources as r
 from .errors import InvalidParameter
+from .responses import DemoToken
 from .sessions import is_valid_session_id
 from .tokens import expiry, mint_token
 
@@ -38,15 +39,13 @@ async def mint_demo_token(request: web.Request) -> web.Response:
         issuer=settings.token_issuer,
         now=now,
     )
-    return web.json_response(
-        {
-            "token": token,
-            "expiresAt": expiry(now, ttl_s),
-            "leewayS": settings.token_leeway_s,
-            "subscribeAuth": settings.subscribe_auth,
-        },
-        headers={"Cache-Control": "no-store"},
-    )
+    body: DemoToken = {
+        "token": token,
+        "expiresAt": expiry(now, ttl_s),
+        "leewayS": settings.token_leeway_s,
+        "subscribeAuth": "token" if settings.subscribe_auth == "token" else "open",
+    }
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
 
 
 def _ttl_s(text: str | None) -> int:

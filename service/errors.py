@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 from aiohttp import web
 from aiohttp.http_exceptions import (
@@ -12,7 +13,9 @@ from aiohttp.http_exceptions import (
     PayloadEncodingError,
     TransferEncodingError,
 )
+from pydantic import ConfigDict, Field, with_config
 from redis.exceptions import RedisError
+from typing_extensions import TypedDict
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +153,20 @@ class Unavailable(ServiceError):
     code = "unavailable"
 
 
+@with_config(ConfigDict(extra="forbid"))
+class ErrorBody(TypedDict):
+    """Every error answer: a stable code for programs, a text for people."""
+
+    error: Annotated[str, Field(description="Stable machine-readable code.")]
+    detail: Annotated[str, Field(description="Explanation for people.")]
+
+
 def error_response(
     status: int, code: str, detail: str, headers: dict[str, str] | None = None
 ) -> web.Response:
     """The single JSON error shape: `{"error": code, "detail": text}`."""
-    return web.json_response({"error": code, "detail": detail}, status=status, headers=headers)
+    body: ErrorBody = {"error": code, "detail": detail}
+    return web.json_response(body, status=status, headers=headers)
 
 
 _HTTP_CODES = {

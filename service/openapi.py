@@ -1,36 +1,101 @@
-"""The OpenAPI 3.1 description of every HTTP endpoint, written by hand, served at /openapi.json.
+"""The OpenAPI 3.1 description of every HTTP endpoint, served at /openapi.json.
 
-It is built from the settings so the limits and the auth rule it states are this deployment's.
-`tests/test_openapi.py` checks that it names every route the app serves and fuzzes the API
-against it, so the two cannot drift apart silently.
+What the code knows, the document reads from it: body schemas are generated from the types
+that validate requests (submission.py) and type the answers (responses.py); each error answer
+is listed by its exception class, so its status and code are the ones the code raises; limits,
+rates and id entropy come from the settings and the modules' constants. What is written here
+is only prose: when and why each answer happens. `tests/test_openapi.py` checks the rest:
+every route is documented and every documented error can be produced.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
+from pydantic import TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema
 
 from . import __version__
 from . import resources as r
 from .api import IDEMPOTENCY_KEY
 from .auth import AccessPolicy, access_policy
+from .bodies import ACCEPTED_ENCODINGS, DecodedBodyTooLarge, UnsupportedEncoding
 from .demo_token import DEFAULT_DEMO_TTL_S, MAX_DEMO_TTL_S
-from .envelope import EVENT_ID_PATTERN as EVENT_ID_PATTERN_TEXT
-from .envelope import GAP_EVENT, UNAUTHORIZED_EVENT
-from .sessions import SESSION_ID_BITS, SESSION_ID_LENGTH, SESSION_ID_PATTERN
+from .envelope import EVENT_ID_PATTERN, FINISH_EVENT
+from .errors import (
+    ErrorBody,
+    EventTooLarge,
+    IdempotencyKeyReused,
+    InvalidEvent,
+    InvalidParameter,
+    MalformedBody,
+    MalformedJson,
+    OutcomeUnknown,
+    PublishingDisabled,
+    RateLimited,
+    RequestTimeout,
+    ServiceError,
+    SessionFinished,
+    SessionNotFound,
+    TooManyConnections,
+    TooManyForSession,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from .openapi_text import (
+    DELETE_TEXT,
+    INFO_TEXT,
+    SUBSCRIBER_TOKEN_TEXT,
+    connect_text,
+    finished_text,
+    publish_text,
+    stream_text,
+)
+from .responses import (
+    Alive,
+    DemoToken,
+    NotReady,
+    Published,
+    PublishedIds,
+    Ready,
+    SessionStatus,
+    StreamEvent,
+)
+from .sessions import BASE62, SESSION_ID_BITS, SESSION_ID_LENGTH, SESSION_ID_PATTERN
 from .settings import Settings
-from .submission import EVENT_NAME_PATTERN, MAX_BATCH_EVENTS
+from .submission import MAX_BATCH_EVENTS, PublishBody
 from .subscribe_auth import ACCESS_TOKEN_PARAM
+from .tokens import InsufficientScope, InvalidToken, TokenExpired
 
-EVENT_ID_PATTERN = f"^{EVENT_ID_PATTERN_TEXT}$"
 # An empty resume point counts as none, as EventSource sends no header before the first id.
-RESUME_POINT_PATTERN = f"^({EVENT_ID_PATTERN_TEXT})?$"
+RESUME_POINT_PATTERN = f"^({EVENT_ID_PATTERN})?$"
 EVENT_ID_EXAMPLE = "1718000000000-0"
 JSON = "application/json"
 
 Spec = dict[str, Any]
+# One documented error answer: the exception that makes it, and when that happens.
+Reason = tuple[type[ServiceError], str]
+
+# Exceptions raised with a header the answer documents, and that header's component.
+_ERROR_HEADERS: dict[type[ServiceError], str] = {
+    RateLimited: "RetryAfter",
+    Unavailable: "RetryAfter",
+    OutcomeUnknown: "RetryAfter",
+    TooManyConnections: "RetryAfter",
+    Unauthorized: "WwwAuthenticate",
+    InvalidToken: "WwwAuthenticate",
+    TokenExpired: "WwwAuthenticate",
+    UnsupportedEncoding: "AcceptEncoding",
+}
+# The types whose schemas are components, by their own names.
+_BODY_TYPES: tuple[Any, ...] = (
+    ErrorBody, Published, PublishedIds, SessionStatus, StreamEvent, Alive, Ready, NotReady,
+    DemoToken,
+)  # fmt: skip
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -41,13 +106,24 @@ async def openapi_json(request: web.Request) -> web.Response:
 @functools.lru_cache(maxsize=4)
 def build_document(settings: Settings) -> Spec:
     """The complete OpenAPI document for a worker running with `settings`."""
+    schemas: Spec = {}
+    publish_body = _schema(PublishBody, schemas)
+    for body_type in _BODY_TYPES:
+        schemas[body_type.__name__] = _schema(body_type, schemas)
+    static = {
+        "/metrics": ("This worker's counters, Prometheus text format.", "text/plain"),
+        "/docs": ("This document, rendered as a page.", "text/html"),
+        "/": ("The browser demo page.", "text/html"),
+        "/app.js": ("The demo page's script.", "text/javascript"),
+        "/style.css": ("The demo page's style sheet.", "text/css"),
+    }
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "sse-fanout",
             "version": __version__,
             "summary": "Server-Sent Events push gateway fanned out over Redis pub/sub.",
-            "description": _INFO_TEXT,
+            "description": INFO_TEXT,
         },
         "tags": [
             {"name": "stream", "description": "What browsers use: get an id, open the stream."},
@@ -67,52 +143,80 @@ def build_document(settings: Settings) -> Spec:
             },
             "/sse/sessions/{sessionId}/events": {
                 "parameters": [_ref("parameters", "SessionIdPath")],
-                "post": _publish(settings),
+                "post": _publish(settings, publish_body),
             },
-            "/healthz": {"get": _healthz()},
-            "/readyz": {"get": _readyz()},
-            "/metrics": {
-                "get": _static_op("This worker's counters, Prometheus text format.", "text/plain")
+            "/healthz": {"get": _probe("healthz", "Liveness: the process answers", Alive)},
+            "/readyz": {
+                "get": _probe(
+                    "readyz",
+                    "Readiness: Redis answers and the shared subscription is connected",
+                    Ready,
+                    NotReady,
+                )
             },
             "/openapi.json": {"get": _static_op("This document.", JSON, {"type": "object"})},
-            "/docs": {"get": _static_op("This document, rendered as a page.", "text/html")},
-            "/": {"get": _static_op("The browser demo page.", "text/html")},
-            "/app.js": {"get": _static_op("The demo page's script.", "text/javascript")},
-            "/style.css": {"get": _static_op("The demo page's style sheet.", "text/css")},
+            **{path: {"get": _static_op(*about)} for path, about in static.items()},
             **({"/dev/token": {"post": _demo_token()}} if settings.embedded_redis else {}),
         },
-        "components": _components(settings),
+        "components": _components(settings, schemas),
     }
 
 
-_INFO_TEXT = """\
-A browser gets a session id, opens an EventSource on `/sse/connect`, and receives every event
-published to that session by any backend through any worker. Subscribing needs the
-unguessable session id and, with `subscribe_auth = "token"`, a signed token (JWT) whose
-`sse.subscribe` claim names the session. The session API (`/sse/sessions/...`) needs a bearer
-token: a static publish token, or a signed token whose `sse.publish` claim names the session.
+class _SchemaGenerator(GenerateJsonSchema):
+    """pydantic's JSON Schema, without the titles it makes up from field names."""
 
-Every error is JSON: `{"error": "<stable code>", "detail": "<text for people>"}`. Each response
-carries an `X-Request-Id` header (a request may send its own, up to 64 printable characters)
-that the worker's log line for the error also names; SSE streams carry it too, in the headers
-sent before the first event.
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        del schema
+        return False
 
-Event ids are positions in the session's log, `<milliseconds>-<sequence>`, strictly increasing.
-A client resumes with `Last-Event-ID` and is replayed what it missed, as long as the log (capped,
-and expiring with the session) still holds it; otherwise it gets a `gap` event first, and if the
-session itself is gone the stream ends there and a resume is answered 204.
 
-Each worker limits, per client address, how many session ids it issues and how many demo runs
-fresh connects start (429 `rate_limited` with `Retry-After`). Responses carry
-`Cache-Control: no-store` unless they say otherwise, and `Vary: Origin`, since CORS answers
-echo the origin.
+def _schema(body_type: Any, components: Spec) -> Spec:
+    """`body_type`'s JSON Schema; the named types it uses are added to `components`."""
+    schema: Spec = TypeAdapter(body_type).json_schema(
+        ref_template="#/components/schemas/{model}", schema_generator=_SchemaGenerator
+    )
+    components.update(schema.pop("$defs", {}))
+    return schema
 
-Connections have deadlines: a request's line and headers must arrive within `header_timeout_s`
-of the connection's start (or of a kept-alive connection's next request's first byte), a body
-within `body_timeout_s`, else the answer is 408 `request_timeout` and the connection closes; an
-idle kept-alive connection closes after `keepalive_timeout_s`. A worker holds as many client
-connections as its open-file limit minus `fd_reserve`; beyond, a new connection is closed at
-once, unanswered (a proxy then tries another worker)."""
+
+def _errors(*reasons: Reason) -> Spec:
+    """Error answers by status: each names its codes and when they happen."""
+    by_status: dict[int, list[Reason]] = {}
+    for reason in reasons:
+        by_status.setdefault(reason[0].status, []).append(reason)
+    return {str(status): _error_answer(group) for status, group in sorted(by_status.items())}
+
+
+def _error_answer(group: Iterable[Reason]) -> Spec:
+    group = list(group)
+    answer: Spec = {
+        "description": "; ".join(f"`{error.code}`: {why}" for error, why in group),
+        "content": {JSON: {"schema": _ref("schemas", ErrorBody.__name__)}},
+    }
+    headers = {_ERROR_HEADERS.get(error) for error, _ in group} - {None}
+    for header in sorted(h for h in headers if h is not None):
+        # Required only when every code of the answer sends it.
+        always = all(_ERROR_HEADERS.get(error) == header for error, _ in group)
+        node = _ref("headers", header) if always else _ref("headers", f"{header}Sometimes")
+        answer.setdefault("headers", {})[_HEADER_NAMES[header]] = node
+    return answer
+
+
+_HEADER_NAMES = {
+    "RetryAfter": "Retry-After",
+    "WwwAuthenticate": "WWW-Authenticate",
+    "AcceptEncoding": "Accept-Encoding",
+}
+
+_UNAVAILABLE: Reason = (Unavailable, "Redis is unreachable; retry shortly.")
+
+
+def _rate(settings: Settings, limit: str) -> str:
+    rate_per_s: float = getattr(settings, f"{limit}_rate_per_s")
+    burst: int = getattr(settings, f"{limit}_burst")
+    if rate_per_s == 0:
+        return "any rate (this limit is off)"
+    return f"{rate_per_s:g} a second after a burst of {burst}"
 
 
 def _get_session_id(settings: Settings) -> Spec:
@@ -120,9 +224,9 @@ def _get_session_id(settings: Settings) -> Spec:
         "tags": ["stream"],
         "operationId": "getSessionId",
         "summary": "Issue a new session id",
-        "description": f"A fresh, unguessable id ({SESSION_ID_LENGTH} base-62 characters, "
-        f"{SESSION_ID_BITS} random bits), as plain text. It lives for the session TTL; a fresh "
-        "connect renews it.",
+        "description": f"A fresh, unguessable id ({SESSION_ID_LENGTH} base-{len(BASE62)} "
+        f"characters, {SESSION_ID_BITS} random bits), as plain text. It lives for the session "
+        "TTL; a fresh connect renews it.",
         "responses": {
             "200": {
                 "description": "The new session id.",
@@ -131,17 +235,16 @@ def _get_session_id(settings: Settings) -> Spec:
                     "text/plain": {
                         "schema": {
                             "type": "string",
-                            "pattern": f"^[0-9A-Za-z]{{{SESSION_ID_LENGTH}}}$",
+                            "pattern": f"^[{BASE62}]{{{SESSION_ID_LENGTH}}}$",
                         }
                     }
                 },
             },
-            "429": _error(
-                "`rate_limited`: this client address asked this worker for session ids faster "
-                f"than {_rate(settings, 'session')}.",
-                retry_after=True,
+            **_errors(
+                (RateLimited, "this client address asked this worker for session ids faster "
+                 f"than {_rate(settings, 'session')}."),
+                _UNAVAILABLE,
             ),
-            "503": _ref("responses", "Unavailable"),
         },
     }
 
@@ -153,23 +256,7 @@ def _connect(settings: Settings) -> Spec:
         "tags": ["stream"],
         "operationId": "connect",
         "summary": "Open the session's event stream",
-        "description": (
-            "A `text/event-stream` that starts with a `retry:` field and a `: connected` "
-            "comment, replays logged events the client has not seen, then relays live ones. "
-            f"Idle streams get a `: ping` comment every {settings.heartbeat_interval_s:g} s. "
-            "Only events end with a blank line: `retry:` and comments have none of their own, "
-            "so clients that hand every block over never see an empty message. "
-            "The stream ends after the `finish` event, right after a `gap` event when the "
-            "session itself is gone, when the session expires "
-            f"(TTL {settings.session_ttl_s:g} s from the last fresh connect), when the client is "
-            "too slow to keep up, or when the worker shuts down"
-            + (", and when the subscriber's token expires (after an `unauthorized` event).\n\n"
-               if token_mode else ".\n\n")
-            + "A fresh connect (no resume point) renews the session's TTL"
-            + (" and starts a demo run of "
-               f"{settings.producer_event_count} events when none is active."
-               if settings.demo_runs else ".")
-        ),
+        "description": connect_text(settings, token_mode),
         "parameters": [
             {
                 "name": "sessionId",
@@ -199,70 +286,37 @@ def _connect(settings: Settings) -> Spec:
         ],
         "responses": {
             "200": {
-                "description": "The event stream. Events carry `id:` (their log position), an "
-                "optional `event:` name and `data:` lines. Named events of the service itself: "
-                "`finish` (last event of the session), `gap` (data: the resume point, whose "
-                f"successors are no longer all in the log) and `{UNAUTHORIZED_EVENT}` (no id; "
-                "the subscriber's token expired and the stream ends).\n\n"
-                "A request that asks for `text/event-stream` (as EventSource does) while the "
-                "worker cannot serve it right now (Redis away or not answering within "
-                f"{settings.redis_timeout_s:g} s, the worker full or draining) also gets 200: a "
-                f"body of only a `retry:` delay (jittered around {settings.retry_ms} ms) that "
-                "ends at once, so the client reconnects instead of giving up.",
+                "description": stream_text(settings),
                 "headers": {
                     "X-Request-Id": _ref("headers", "RequestId"),
                     "Cache-Control": _ref("headers", "NoStore"),
                 },
-                "content": {"text/event-stream": {"schema": _ref("schemas", "StreamEvent")}},
-            },
-            "204": {
-                "description": "A resume (a resume point was given) of a session that has "
-                "nothing more to send: the resume point is at or after its `finish`, or the "
-                "session no longer exists (expired, deleted, lost with Redis' data). "
-                "EventSource stops reconnecting."
-                + (" Also the answer to an EventSource (`Accept: text/event-stream`) whose "
-                   "token is genuine and names the session but has expired: the reconnect "
-                   "after an `unauthorized` event. Open a new EventSource with a fresh token."
-                   if token_mode else ""),
-                "headers": {"Cache-Control": _ref("headers", "NoStore")},
-            },
-            "400": _error("`invalid_parameter`: `sessionId` missing, repeated or malformed, "
-                          "or a malformed resume point."),
-            **(_subscriber_errors() if token_mode else {}),
-            "404": _error("`session_not_found`: a fresh connect to an id that was not issued "
-                          "or has expired (only with `require_issued_session`)."),
-            "429": {
-                **_error(
-                    "`too_many_session_connections`: this session already has "
-                    f"{settings.max_connections_per_session} streams on this worker; "
-                    "`rate_limited` (with `Retry-After`): a fresh connect from a client address "
-                    f"that started demo runs on this worker faster than {_rate(settings, 'run')} "
-                    "(resumes are never limited)."
-                ),
-                "headers": {
-                    "Retry-After": {
-                        "description": "Seconds to wait; sent with `rate_limited`.",
-                        "schema": {"type": "string", "pattern": "^[0-9]+$"},
-                    }
+                "content": {
+                    "text/event-stream": {"schema": _ref("schemas", StreamEvent.__name__)}
                 },
             },
-            "503": _error(
-                "Only to clients that do not ask for `text/event-stream`: "
-                "`too_many_connections`: this worker holds "
-                f"{settings.max_connections} streams; `unavailable`: Redis is unreachable or "
-                "the worker is shutting down.",
-                retry_after=True,
+            "204": {
+                "description": finished_text(token_mode),
+                "headers": {"Cache-Control": _ref("headers", "NoStore")},
+            },
+            **_errors(
+                (InvalidParameter, "`sessionId` missing, repeated or malformed, or a "
+                 "malformed resume point."),
+                *(_SUBSCRIBER_ERRORS if token_mode else ()),
+                (SessionNotFound, "a fresh connect to an id that was not issued or has "
+                 "expired (only with `require_issued_session`)."),
+                (TooManyForSession, "this session already has "
+                 f"{settings.max_connections_per_session} streams on this worker."),
+                (RateLimited, "a fresh connect from a client address that started demo runs "
+                 f"on this worker faster than {_rate(settings, 'run')} (resumes are never "
+                 "limited)."),
+                (TooManyConnections, f"this worker holds {settings.max_connections} streams "
+                 "(only to clients that do not ask for `text/event-stream`)."),
+                (Unavailable, "Redis is unreachable or the worker is shutting down (only to "
+                 "clients that do not ask for `text/event-stream`)."),
             ),
         },
     }
-
-
-def _rate(settings: Settings, limit: str) -> str:
-    rate_per_s: float = getattr(settings, f"{limit}_rate_per_s")
-    burst: int = getattr(settings, f"{limit}_burst")
-    if rate_per_s == 0:
-        return "any rate (this limit is off)"
-    return f"{rate_per_s:g} a second after a burst of {burst}"
 
 
 def _head_refused(operation: str) -> Spec:
@@ -287,31 +341,12 @@ def _head_refused(operation: str) -> Spec:
     }
 
 
-def _publish(settings: Settings) -> Spec:
+def _publish(settings: Settings, body: Spec) -> Spec:
     return {
         "tags": ["sessions"],
         "operationId": "publishEvents",
         "summary": "Publish events to a session",
-        "description": (
-            "Publishes one event (a JSON object) or a batch (a JSON array of 1 to "
-            f"{MAX_BATCH_EVENTS} objects, published in order) to every stream of the session, "
-            "on every worker, through the same path as the demo producer: each event is "
-            "appended to the session's log and relayed live, so reconnecting clients get it "
-            "replayed. A batch is checked as a whole and published whole or not at all, in "
-            "one atomic step.\n\n"
-            "An event named `finish` ends every stream of the session after it is delivered; "
-            "it may only be the last event of a batch. A finished session takes no more "
-            "events (409): nothing published after `finish` could reach a stream.\n\n"
-            "A request is never published twice by the service. If Redis does not confirm it "
-            "in time, the answer is 503 `outcome_unknown`: it may or may not have been "
-            "published. Send an `Idempotency-Key` to make repeating it safe: for "
-            f"{settings.idempotency_ttl_s:g} s, the same key and body to the same session "
-            "answer the ids of the first publish (with `Idempotent-Replayed: true`) instead "
-            "of publishing again.\n\n"
-            "Publishing to a session nobody has connected to yet creates it, unless "
-            "`require_issued_session` is on (then an unknown session is 404); a deleted "
-            "session is not re-created (404)."
-        ),
+        "description": publish_text(MAX_BATCH_EVENTS, settings.idempotency_ttl_s),
         "security": _security(settings),
         "parameters": [
             {
@@ -327,21 +362,11 @@ def _publish(settings: Settings) -> Spec:
             "required": True,
             "content": {
                 JSON: {
-                    "schema": {
-                        "oneOf": [
-                            _ref("schemas", "EventIn"),
-                            {
-                                "type": "array",
-                                "items": _ref("schemas", "EventIn"),
-                                "minItems": 1,
-                                "maxItems": MAX_BATCH_EVENTS,
-                            },
-                        ]
-                    },
+                    "schema": body,
                     "examples": {
                         "single": {"value": {"event": "payment", "data": {"status": "paid"}}},
                         "batch": {
-                            "value": [{"data": "step 1"}, {"event": "finish", "data": "done"}]
+                            "value": [{"data": "step 1"}, {"event": FINISH_EVENT, "data": "done"}]
                         },
                     },
                 }
@@ -362,55 +387,40 @@ def _publish(settings: Settings) -> Spec:
                     JSON: {
                         "schema": {
                             "oneOf": [
-                                _ref("schemas", "Published"),
-                                _ref("schemas", "PublishedBatch"),
+                                _ref("schemas", Published.__name__),
+                                _ref("schemas", PublishedIds.__name__),
                             ]
                         }
                     }
                 },
             },
-            "400": _error("`invalid_parameter`: malformed `sessionId` or `Idempotency-Key`; "
-                          "`malformed_body`: the body cannot be read or decoded with its "
-                          "`Content-Encoding`; `malformed_json`: the body is not UTF-8 JSON, or "
-                          "holds a number out of range; `invalid_event`: wrong shape, an unknown "
-                          "field, a client-chosen `id`, a bad event name, a batch size outside "
-                          f"1-{MAX_BATCH_EVENTS}, or a `finish` that is not last. A bad batch "
-                          "publishes nothing."),
-            **_auth_errors(),
-            "404": _error("`session_not_found`: the session was deleted, or (only with "
-                          "`require_issued_session`) never issued or expired."),
-            "409": _error("`session_finished`: the session has finished; nothing published "
-                          "now could reach a stream."),
-            "422": _error("`idempotency_key_reused`: the `Idempotency-Key` was used for a "
-                          "different request to this session."),
-            "408": _error(
-                f"`request_timeout`: the body did not arrive within {settings.body_timeout_s:g} "
-                "s; the connection is closed."
-            ),
-            "413": _error(
-                f"`payload_too_large`: the body exceeds {settings.max_body_bytes} bytes (also "
-                "once decoded); "
-                f"`event_too_large`: an event's data exceeds {settings.max_event_bytes} bytes "
-                "(UTF-8, after serializing non-string data)."
-            ),
-            "415": {
-                **_error(
-                    "`unsupported_media_type`: the body is not `application/json`, or its "
-                    "`Content-Encoding` is not `gzip` or `deflate` (then `Accept-Encoding` "
-                    "lists those)."
-                ),
-                "headers": {
-                    "Accept-Encoding": {
-                        "description": "Sent when the `Content-Encoding` was the problem.",
-                        "schema": {"type": "string"},
-                    }
-                },
-            },
-            "503": _error(
-                "`unavailable`: Redis is unreachable, nothing was published; "
-                "`outcome_unknown`: Redis did not confirm in time, the events may or may not "
-                "have been published (repeat with the same `Idempotency-Key` to find out).",
-                retry_after=True,
+            **_errors(
+                (InvalidParameter, "malformed `sessionId` or `Idempotency-Key`."),
+                (MalformedBody, "the body cannot be read or decoded with its "
+                 "`Content-Encoding`."),
+                (MalformedJson, "the body is not UTF-8 JSON, or holds a number out of range."),
+                (InvalidEvent, "wrong shape, an unknown field, a client-chosen `id`, a bad or "
+                 f"reserved event name, a batch size outside 1-{MAX_BATCH_EVENTS}, or a "
+                 f"`{FINISH_EVENT}` that is not last. A bad batch publishes nothing."),
+                *_SESSION_API_ERRORS,
+                (SessionNotFound, "the session was deleted, or (only with "
+                 "`require_issued_session`) never issued or expired."),
+                (RequestTimeout, f"the body did not arrive within {settings.body_timeout_s:g} "
+                 "s; the connection is closed."),
+                (SessionFinished, "the session has finished; nothing published now could "
+                 "reach a stream."),
+                (DecodedBodyTooLarge, f"the body exceeds {settings.max_body_bytes} bytes (also "
+                 "once decoded)."),
+                (EventTooLarge, f"an event's data exceeds {settings.max_event_bytes} bytes "
+                 "(UTF-8, after serializing non-string data)."),
+                (UnsupportedMediaType, "the body is not `application/json`."),
+                (UnsupportedEncoding, "its `Content-Encoding` is not one of "
+                 f"{ACCEPTED_ENCODINGS} (`Accept-Encoding` lists those)."),
+                (IdempotencyKeyReused, "the `Idempotency-Key` was used for a different "
+                 "request to this session."),
+                (Unavailable, "Redis is unreachable, nothing was published."),
+                (OutcomeUnknown, "Redis did not confirm in time, the events may or may not "
+                 "have been published (repeat with the same `Idempotency-Key` to find out)."),
             ),
         },
     }
@@ -421,24 +431,18 @@ def _delete_session(settings: Settings) -> Spec:
         "tags": ["sessions"],
         "operationId": "deleteSession",
         "summary": "End a session",
-        "description": "Publishes a final `finish` event (data `session deleted`) so every "
-        "stream of the session, on every worker, receives it and closes, and removes the "
-        "session's record, log and demo-run state, in one step. For a session TTL a "
-        "tombstone remains: a resume is answered 204, a publish 404, a repeated DELETE 204. "
-        "A later fresh connect with the same id starts a new, empty session (unless "
-        "`require_issued_session` is on: then 404).",
+        "description": DELETE_TEXT,
         "security": _security(settings),
         "responses": {
             "204": {"description": "The session ended and its data is gone (or it was "
                     "deleted a moment ago)."},
-            "400": _error("`invalid_parameter`: malformed `sessionId`."),
-            **_auth_errors(),
-            "404": _error("`session_not_found`: no such session (never existed or expired)."),
-            "503": _error(
-                "`unavailable`: Redis is unreachable, nothing was done; `outcome_unknown`: "
-                "Redis did not confirm in time (repeat the request: it answers 204 once the "
-                "session is gone).",
-                retry_after=True,
+            **_errors(
+                (InvalidParameter, "malformed `sessionId`."),
+                *_SESSION_API_ERRORS,
+                (SessionNotFound, "no such session (never existed or expired)."),
+                (Unavailable, "Redis is unreachable, nothing was done."),
+                (OutcomeUnknown, "Redis did not confirm in time (repeat the request: it "
+                 "answers 204 once the session is gone)."),
             ),
         },
     }
@@ -452,77 +456,33 @@ def _session_status(settings: Settings) -> Spec:
         "description": "Guarded by the same token as publishing, since it reveals activity.",
         "security": _security(settings),
         "responses": {
-            "200": {
-                "description": "The session's state now.",
-                "content": {JSON: {"schema": _ref("schemas", "SessionStatus")}},
-            },
-            "400": _error("`invalid_parameter`: malformed `sessionId`."),
-            **_auth_errors(),
-            "404": _error("`session_not_found`: no such session (never existed or expired)."),
-            "503": _ref("responses", "Unavailable"),
+            "200": _json_answer("The session's state now.", SessionStatus),
+            **_errors(
+                (InvalidParameter, "malformed `sessionId`."),
+                *_SESSION_API_ERRORS,
+                (SessionNotFound, "no such session (never existed or expired)."),
+                _UNAVAILABLE,
+            ),
         },
     }
 
 
-def _healthz() -> Spec:
+def _probe(operation: str, summary: str, ok: Any, not_ok: Any = None) -> Spec:
+    responses = {"200": _json_answer(ok.__doc__, ok)}
+    if not_ok is not None:
+        responses["503"] = _json_answer(not_ok.__doc__, not_ok)
     return {
         "tags": ["operations"],
-        "operationId": "healthz",
-        "summary": "Liveness: the process answers",
-        "responses": {
-            "200": {
-                "description": "Alive.",
-                "content": {
-                    JSON: {
-                        "schema": {
-                            "type": "object",
-                            "required": ["status"],
-                            "properties": {"status": {"const": "ok"}},
-                        }
-                    }
-                },
-            }
-        },
+        "operationId": operation,
+        "summary": summary,
+        "responses": responses,
     }
 
 
-def _readyz() -> Spec:
+def _json_answer(description: str, body_type: Any) -> Spec:
     return {
-        "tags": ["operations"],
-        "operationId": "readyz",
-        "summary": "Readiness: Redis answers and the shared subscription is connected",
-        "responses": {
-            "200": {
-                "description": "Ready; `listeners` is the number of streams open on this worker.",
-                "content": {
-                    JSON: {
-                        "schema": {
-                            "type": "object",
-                            "required": ["status", "listeners"],
-                            "properties": {
-                                "status": {"const": "ready"},
-                                "listeners": {"type": "integer", "minimum": 0},
-                            },
-                        }
-                    }
-                },
-            },
-            "503": {
-                "description": "Not ready; `problems` says why.",
-                "content": {
-                    JSON: {
-                        "schema": {
-                            "type": "object",
-                            "required": ["status", "problems"],
-                            "properties": {
-                                "status": {"const": "unavailable"},
-                                "problems": {"type": "array", "items": {"type": "string"}},
-                            },
-                        }
-                    }
-                },
-            },
-        },
+        "description": description,
+        "content": {JSON: {"schema": _ref("schemas", body_type.__name__)}},
     }
 
 
@@ -546,28 +506,29 @@ def _security(settings: Settings) -> list[Spec]:
     return [{"bearerAuth": []}]
 
 
-def _auth_errors() -> Spec:
-    return {
-        "401": _ref("responses", "Unauthorized"),
-        "403": _error("`publishing_disabled`: no publish token or token key is configured and "
-                      "Redis is external, so the session API is off; `insufficient_scope`: a "
-                      "genuine signed token whose `sse.publish` does not name the session."),
-    }
-
-
+_TOKEN_REFUSED: tuple[Reason, ...] = (
+    (Unauthorized, "no token, or not a valid static one."),
+    (InvalidToken, "a signed token that is malformed, forged, not yet valid, for another "
+     "audience or issuer, or signed with an unknown key or algorithm. `WWW-Authenticate` "
+     'says the same in RFC 6750 terms (`error="invalid_token"`, `error_description`).'),
+    (TokenExpired, "a genuine token whose `exp` (plus the leeway) has passed."),
+)
+_SESSION_API_ERRORS: tuple[Reason, ...] = (
+    *_TOKEN_REFUSED,
+    (PublishingDisabled, "no publish token or token key is configured and Redis is external, "
+     "so the session API is off."),
+    (InsufficientScope, "a genuine signed token whose `sse.publish` does not name the session."),
+)
+_SUBSCRIBER_ERRORS: tuple[Reason, ...] = (
+    *_TOKEN_REFUSED,
+    (InsufficientScope, "a genuine, current token whose `sse.subscribe` does not name the "
+     "session."),
+)
 _SUBSCRIBER_SECURITY: list[Spec] = [
     {"subscriberBearer": []},
     {"subscriberQuery": []},
     {"subscriberCookie": []},
 ]
-
-
-def _subscriber_errors() -> Spec:
-    return {
-        "401": _ref("responses", "Unauthorized"),
-        "403": _error("`insufficient_scope`: a genuine, current token whose `sse.subscribe` "
-                      "does not name the session."),
-    }
 
 
 def _demo_token() -> Spec:
@@ -595,54 +556,27 @@ def _demo_token() -> Spec:
             },
         ],
         "responses": {
-            "200": {
-                "description": "The token, when it expires, the leeway the worker allows, and "
-                "whether this worker checks subscriber tokens at all.",
-                "content": {
-                    JSON: {
-                        "schema": {
-                            "type": "object",
-                            "required": ["token", "expiresAt", "leewayS", "subscribeAuth"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "token": {"type": "string"},
-                                "expiresAt": {"type": "integer"},
-                                "leewayS": {"type": "number", "minimum": 0},
-                                "subscribeAuth": {"enum": ["open", "token"]},
-                            },
-                        }
-                    }
-                },
-            },
-            "400": _error("`invalid_parameter`: a malformed `sessionId`, or `ttlS` outside "
-                          f"1-{MAX_DEMO_TTL_S}."),
+            "200": _json_answer(DemoToken.__doc__ or "", DemoToken),
+            **_errors(
+                (InvalidParameter, "a malformed `sessionId`, or `ttlS` outside "
+                 f"1-{MAX_DEMO_TTL_S}."),
+            ),
         },
     }
-
-
-def _error(description: str, *, retry_after: bool = False) -> Spec:
-    response: Spec = {
-        "description": description,
-        "content": {JSON: {"schema": _ref("schemas", "Error")}},
-    }
-    if retry_after:
-        response["headers"] = {"Retry-After": _ref("headers", "RetryAfter")}
-    return response
 
 
 def _ref(kind: str, name: str) -> Spec:
     return {"$ref": f"#/components/{kind}/{name}"}
 
 
-_SUBSCRIBER_TOKEN_TEXT = (
-    "A signed token (JWT: HS256, RS256, ES256 or EdDSA) whose `sse.subscribe` claim lists the "
-    "session id or a prefix of it ending in `*`; `exp` required. Checked only with "
-    '`subscribe_auth = "token"`; the header wins over the query parameter, which wins over the '
-    "cookie."
-)
+def _header(description: str, schema: Spec, *, required: bool = True) -> Spec:
+    return {"description": description, "required": required, "schema": schema}
 
 
-def _components(settings: Settings) -> Spec:
+def _components(settings: Settings, schemas: Spec) -> Spec:
+    retry_after = ("Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"})
+    challenge = ("The refusal in RFC 6750 terms.", {"type": "string", "pattern": "^Bearer "})
+    encodings = ("The encodings this worker decodes.", {"type": "string"})
     return {
         "securitySchemes": {
             "bearerAuth": {
@@ -657,13 +591,13 @@ def _components(settings: Settings) -> Spec:
                 "type": "http",
                 "scheme": "bearer",
                 "bearerFormat": "JWT",
-                "description": _SUBSCRIBER_TOKEN_TEXT + " For fetch-based clients.",
+                "description": SUBSCRIBER_TOKEN_TEXT + " For fetch-based clients.",
             },
             "subscriberQuery": {
                 "type": "apiKey",
                 "in": "query",
                 "name": ACCESS_TOKEN_PARAM,
-                "description": _SUBSCRIBER_TOKEN_TEXT + " For clients that can set neither a "
+                "description": SUBSCRIBER_TOKEN_TEXT + " For clients that can set neither a "
                 "header nor a cookie. URLs get logged by proxies; this service's own logs "
                 "redact the parameter.",
             },
@@ -671,7 +605,7 @@ def _components(settings: Settings) -> Spec:
                 "type": "apiKey",
                 "in": "cookie",
                 "name": settings.token_cookie,
-                "description": _SUBSCRIBER_TOKEN_TEXT + " For a native EventSource with "
+                "description": SUBSCRIBER_TOKEN_TEXT + " For a native EventSource with "
                 "`withCredentials` (credentialed CORS from another origin).",
             },
         },
@@ -684,137 +618,22 @@ def _components(settings: Settings) -> Spec:
             }
         },
         "headers": {
-            "NoStore": {
-                "description": "`no-store`: the answer belongs to this client; no cache may keep "
-                "it. Every response without a policy of its own carries it.",
-                "required": True,
-                "schema": {"const": "no-store"},
-            },
-            "RequestId": {
-                "description": "The request's id, taken from the request or generated; the "
-                "worker's log lines for the request name it.",
-                "required": True,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 64},
-            },
-            "RetryAfter": {
-                "description": "Seconds to wait before retrying.",
-                "required": True,
-                "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            }
-        },
-        "responses": {
-            "Unauthorized": {
-                "description": "`unauthorized`: no token, or not a valid static one; "
-                "`invalid_token`: a signed token that is malformed, forged, not yet valid, for "
-                "another audience or issuer, or signed with an unknown key or algorithm; "
-                "`token_expired`. `WWW-Authenticate` says the same in RFC 6750 terms "
-                '(`error="invalid_token"`, `error_description`).',
-                "headers": {
-                    "WWW-Authenticate": {
-                        "required": True,
-                        "schema": {"type": "string", "pattern": "^Bearer "},
-                    }
-                },
-                "content": {JSON: {"schema": _ref("schemas", "Error")}},
-            },
-            "Unavailable": _error(
-                "`unavailable`: Redis is unreachable; retry shortly.", retry_after=True
+            "NoStore": _header(
+                "`no-store`: the answer belongs to this client; no cache may keep it. Every "
+                "response without a policy of its own carries it.",
+                {"const": "no-store"},
             ),
+            "RequestId": _header(
+                "The request's id, taken from the request or generated; the worker's log "
+                "lines for the request name it.",
+                {"type": "string", "minLength": 1, "maxLength": 64},
+            ),
+            "RetryAfter": _header(*retry_after),
+            "RetryAfterSometimes": _header(*retry_after, required=False),
+            "WwwAuthenticate": _header(*challenge),
+            "WwwAuthenticateSometimes": _header(*challenge, required=False),
+            "AcceptEncoding": _header(*encodings),
+            "AcceptEncodingSometimes": _header(*encodings, required=False),
         },
-        "schemas": {
-            "Error": {
-                "type": "object",
-                "required": ["error", "detail"],
-                "additionalProperties": False,
-                "properties": {
-                    "error": {"type": "string", "description": "Stable machine-readable code."},
-                    "detail": {"type": "string", "description": "Explanation for people."},
-                },
-            },
-            "EventIn": {
-                "type": "object",
-                "required": ["data"],
-                "additionalProperties": False,
-                "description": "One event. A client-chosen `id` is refused with 400: event ids "
-                "are log positions assigned on publish.",
-                "properties": {
-                    "event": {
-                        "type": "string",
-                        "pattern": EVENT_NAME_PATTERN,
-                        "not": {"enum": [GAP_EVENT, UNAUTHORIZED_EVENT]},
-                        "description": "The event name (EventSource `addEventListener` type). "
-                        "Omit it for an unnamed `message` event. `finish` ends the session's "
-                        f"streams; `{GAP_EVENT}` and `{UNAUTHORIZED_EVENT}` are reserved for the "
-                        "service.",
-                    },
-                    "data": {
-                        "description": "A string is sent as-is (any text; line breaks become "
-                        "several `data:` lines and arrive as LF). Any other JSON value is sent "
-                        "as compact JSON text. At most "
-                        f"{settings.max_event_bytes} bytes of UTF-8.",
-                    },
-                },
-            },
-            "StreamEvent": {
-                "type": "object",
-                "description": "One event of a stream, as its fields (`id:`, `event:`, `data:` "
-                "lines joined by LF, `retry:`). Comments (`: connected`, `: ping`) are not events.",
-                "properties": {
-                    "id": _ref("schemas", "EventId"),
-                    "event": {"type": "string", "pattern": EVENT_NAME_PATTERN},
-                    "data": {"type": "string"},
-                    "retry": {"type": "integer", "minimum": 0},
-                },
-            },
-            "Published": {
-                "type": "object",
-                "required": ["id"],
-                "additionalProperties": False,
-                "properties": {"id": _ref("schemas", "EventId")},
-            },
-            "PublishedBatch": {
-                "type": "object",
-                "required": ["ids"],
-                "additionalProperties": False,
-                "properties": {"ids": {"type": "array", "items": _ref("schemas", "EventId")}},
-            },
-            "EventId": {
-                "type": "string",
-                "pattern": EVENT_ID_PATTERN,
-                "description": "Log position `<milliseconds>-<sequence>`; the SSE `id:`.",
-            },
-            "SessionStatus": {
-                "type": "object",
-                "required": [
-                    "sessionId", "ttlMs", "subscribers", "localStreams", "finished", "lastEventId"
-                ],
-                "additionalProperties": False,
-                "properties": {
-                    "sessionId": {"type": "string"},
-                    "ttlMs": {
-                        "type": ["integer", "null"],
-                        "description": "Milliseconds until the session expires (null: never).",
-                    },
-                    "subscribers": {
-                        "type": "integer",
-                        "minimum": 0,
-                        "description": "Workers subscribed to the session's channel (Redis "
-                        "PUBSUB NUMSUB): each worker subscribes once however many streams it has.",
-                    },
-                    "localStreams": {
-                        "type": "integer",
-                        "minimum": 0,
-                        "description": "Streams of the session open on the worker that answered.",
-                    },
-                    "finished": {
-                        "type": "boolean",
-                        "description": "A `finish` event was published in the current run.",
-                    },
-                    "lastEventId": {
-                        "oneOf": [_ref("schemas", "EventId"), {"type": "null"}],
-                        "description": "The newest logged event id, or null if none.",
-                    },
-                },
-            },
-        },
+        "schemas": schemas,
     }

@@ -5,24 +5,87 @@ anything is published, so a bad batch publishes nothing. A client-chosen `id` is
 rather than ignored: event ids are positions in the session's log, assigned by Redis and
 used for `Last-Event-ID` resume, so a different id than the one asked for would be a silent
 rewrite.
+
+The shape of a body is `EventIn` and `Batch`, which both validate it and describe it to the
+OpenAPI document (service/openapi.py): pydantic, whose JSON Schema is OpenAPI 3.1's dialect
+and whose patterns match the whole text (Rust regex: `$` is the end, where Python's `re`
+also matches before a final newline). The JSON itself is read by `json.loads`, stricter
+than pydantic's reader in what this API promises (1e999 and NaN refused, integers of any
+size kept exactly); pydantic checks the decoded value. Only the publish API validates:
+streams and delivery never do.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, NotRequired, Required
+
+from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from pydantic_core import ErrorDetails, PydanticCustomError
+from typing_extensions import TypedDict
 
 from .envelope import GAP_EVENT, UNAUTHORIZED_EVENT
 from .errors import EventTooLarge, InvalidEvent, MalformedJson
 
 MAX_BATCH_EVENTS = 100
 EVENT_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
-# Checked with fullmatch: `$` alone also matches before a final newline.
-_EVENT_NAME = re.compile(EVENT_NAME_PATTERN)
-_FIELDS = frozenset({"event", "data", "id"})
+# Names only the service sends, and why: a client that publishes one is refused.
+RESERVED_EVENTS = {
+    GAP_EVENT: "the service sends it when a resuming client's history is no longer all in "
+    "the log",
+    UNAUTHORIZED_EVENT: "the service sends it when a subscriber's token expires",
+}
+
+
+def _not_reserved(name: str) -> str:
+    reason = RESERVED_EVENTS.get(name)
+    if reason is not None:
+        raise PydanticCustomError(
+            "reserved_event", "'{name}' is reserved: {reason}", {"name": name, "reason": reason}
+        )
+    return name
+
+
+EventName = Annotated[
+    str,
+    Field(
+        pattern=EVENT_NAME_PATTERN,
+        json_schema_extra={"not": {"enum": list(RESERVED_EVENTS)}},
+        description="The event name (EventSource `addEventListener` type). Omit it for an "
+        "unnamed `message` event. `finish` ends the session's streams; "
+        + ", ".join(f"`{name}`" for name in RESERVED_EVENTS)
+        + " are reserved for the service.",
+    ),
+    AfterValidator(_not_reserved),
+]
+
+
+@with_config(ConfigDict(extra="forbid", strict=True))
+class EventIn(TypedDict):
+    """One event; an `id` is refused (400): event ids are log positions assigned on publish."""
+
+    event: NotRequired[EventName]
+    data: Required[
+        Annotated[
+            Any,
+            Field(
+                description="A string is sent as-is (any text; line breaks become several "
+                "`data:` lines and arrive as LF). Any other JSON value is sent as compact JSON "
+                "text. At most `max_event_bytes` bytes of UTF-8 (see the 413 answer)."
+            ),
+        ]
+    ]
+
+
+Batch = Annotated[list[EventIn], Field(min_length=1, max_length=MAX_BATCH_EVENTS)]
+# What the publish API takes; the OpenAPI document's request body is generated from it.
+PublishBody = EventIn | Batch
+
+_FIELDS = EventIn.__required_keys__ | EventIn.__optional_keys__
+_EVENT = TypeAdapter(EventIn)
+_BATCH = TypeAdapter(Batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +100,12 @@ def parse_body(body: bytes, max_event_bytes: int) -> tuple[list[Submission], boo
     """The events in a request body, and whether it was a batch (a JSON array)."""
     value = _load_json(body)
     if isinstance(value, list):
-        if not 1 <= len(value) <= MAX_BATCH_EVENTS:
-            raise InvalidEvent(f"a batch must hold 1 to {MAX_BATCH_EVENTS} events")
-        return [_submission(item, max_event_bytes, f"[{i}]") for i, item in enumerate(value)], True
-    return [_submission(value, max_event_bytes, "")], False
+        return _batch(value, max_event_bytes), True
+    try:
+        event = _EVENT.validate_python(value)
+    except ValidationError as error:
+        raise _refusal(value, error.errors(), "") from None
+    return [_submission(event, max_event_bytes, "")], False
 
 
 def serialize_data(value: Any) -> str:
@@ -48,6 +113,28 @@ def serialize_data(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _batch(items: list[Any], max_event_bytes: int) -> list[Submission]:
+    try:
+        events = _BATCH.validate_python(items)
+    except ValidationError as error:
+        problems = error.errors()
+        if any(not problem["loc"] for problem in problems):
+            raise InvalidEvent(f"a batch must hold 1 to {MAX_BATCH_EVENTS} events") from None
+        failed = min(int(problem["loc"][0]) for problem in problems)
+        # Events before the first invalid one are still checked first, in order, as they
+        # would be on their own: the answer names the first event that breaks a rule.
+        for i in range(failed):
+            _submission(items[i], max_event_bytes, f"[{i}]")
+        mine = [problem for problem in problems if problem["loc"][0] == failed]
+        raise _refusal(items[failed], [_shifted(p) for p in mine], f"[{failed}]") from None
+    return [_submission(event, max_event_bytes, f"[{i}]") for i, event in enumerate(events)]
+
+
+def _shifted(problem: ErrorDetails) -> ErrorDetails:
+    """`problem` located within its event rather than within the batch."""
+    return {**problem, "loc": problem["loc"][1:]}
 
 
 def _load_json(body: bytes) -> Any:
@@ -77,36 +164,33 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _submission(item: Any, max_event_bytes: int, where: str) -> Submission:
+def _refusal(item: Any, problems: list[ErrorDetails], where: str) -> InvalidEvent:
+    """The one rule an event broke that the answer names, the first in the order below."""
     if not isinstance(item, dict):
-        raise InvalidEvent(f"event{where} must be a JSON object with 'data' and optional 'event'")
+        return InvalidEvent(
+            f"event{where} must be a JSON object with 'data' and optional 'event'"
+        )
     if "id" in item:
-        raise InvalidEvent(
+        return InvalidEvent(
             f"event{where}: 'id' cannot be chosen by the client; event ids are log positions "
             "assigned on publish and returned in the response"
         )
     unknown = sorted(set(item) - _FIELDS)
     if unknown:
-        raise InvalidEvent(f"event{where} has unknown fields: {', '.join(unknown)}")
+        return InvalidEvent(f"event{where} has unknown fields: {', '.join(unknown)}")
     if "data" not in item:
-        raise InvalidEvent(f"event{where} lacks 'data'")
-    event = item.get("event", "")
-    if "event" in item and not (isinstance(event, str) and _EVENT_NAME.fullmatch(event)):
-        raise InvalidEvent(
-            f"event{where}: 'event' must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', ':' "
-            "or '-' (omit it for an unnamed event)"
-        )
-    if event == GAP_EVENT:
-        raise InvalidEvent(
-            f"event{where}: '{GAP_EVENT}' is reserved: the service sends it when a resuming "
-            "client's history is no longer all in the log"
-        )
-    if event == UNAUTHORIZED_EVENT:
-        raise InvalidEvent(
-            f"event{where}: '{UNAUTHORIZED_EVENT}' is reserved: the service sends it when a "
-            "subscriber's token expires"
-        )
-    data = serialize_data(item["data"])
+        return InvalidEvent(f"event{where} lacks 'data'")
+    reserved = [p for p in problems if p["type"] == "reserved_event"]
+    if reserved:
+        return InvalidEvent(f"event{where}: {reserved[0]['msg']}")
+    return InvalidEvent(
+        f"event{where}: 'event' must be 1-64 characters of A-Z, a-z, 0-9, '_', '.', ':' "
+        "or '-' (omit it for an unnamed event)"
+    )
+
+
+def _submission(event: EventIn, max_event_bytes: int, where: str) -> Submission:
+    data = serialize_data(event["data"])
     try:
         size = len(data.encode("utf-8"))
     except UnicodeEncodeError:
@@ -115,4 +199,4 @@ def _submission(item: Any, max_event_bytes: int, where: str) -> Submission:
         raise EventTooLarge(
             f"event{where}: 'data' is {size} bytes, more than the {max_event_bytes} allowed"
         )
-    return Submission(event=event, data=data)
+    return Submission(event=event.get("event", ""), data=data)
