@@ -17,18 +17,24 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import jsonschema_rs
 import pytest
 import schemathesis
 from aiohttp import web
+from hypothesis import example, given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from openapi_spec_validator import validate
 from schemathesis.generation.meta import TestPhase
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.app import create_app
 from service.docs_page import render_document
+from service.errors import ServiceError
 from service.openapi import build_document
 from service.sessions import BASE62, new_session_id
 from service.settings import Settings, build_settings
+from service.submission import MAX_BATCH_EVENTS, parse_body
 
 from conftest import MakeSettings, StartClient
 
@@ -124,10 +130,70 @@ async def test_docs_page_renders_code_spans_and_keeps_them_escaped() -> None:
 
 def test_document_states_the_id_entropy_the_code_has() -> None:
     operation = build_document(build_settings({}))["paths"]["/sse/getSessionId"]["get"]
-    bits = len(new_session_id()) * math.log2(len(BASE62))
+    ids = [new_session_id() for _ in range(200)]
+    # Each character is an independent choice among distinct symbols: log2 of their number.
+    alphabet = set("".join(ids))
+    assert alphabet <= set(BASE62)
+    assert len(set(BASE62)) == len(BASE62)
+    assert len(alphabet) > len(BASE62) * 0.9  # all of it in use, not a subset
+    bits = len(ids[0]) * math.log2(len(BASE62))
     assert f"{round(bits)} random bits" in operation["description"]
+    assert f"{len(ids[0])} base-{len(BASE62)} characters" in operation["description"]
     pattern = operation["responses"]["200"]["content"]["text/plain"]["schema"]["pattern"]
-    assert all(re.fullmatch(pattern, new_session_id()) for _ in range(100))
+    assert all(re.fullmatch(pattern, session_id) for session_id in ids)
+    assert not re.fullmatch(pattern, ids[0][:-1] + "_")
+
+
+_NAMES = st.sampled_from(
+    ["", "a", "gap", "unauthorized", "finish", "x\n", "x\r", "a b", "x" * 64, "x" * 65, "é",
+     "ok.name:1-2", "nul\x00"]
+)  # fmt: skip
+_VALUES = st.one_of(
+    _NAMES, st.none(), st.integers(), st.booleans(), st.lists(st.integers(), max_size=3),
+    st.text(st.characters(exclude_categories=["Cs"]), max_size=20),
+)  # fmt: skip
+_EVENTS = st.one_of(
+    st.fixed_dictionaries({"data": _VALUES}, optional={"event": _NAMES}),
+    st.fixed_dictionaries({"data": _VALUES, "event": _VALUES}),
+    st.fixed_dictionaries(
+        {}, optional={"data": _VALUES, "event": _NAMES, "id": _VALUES, "extra": _VALUES}
+    ),
+)
+_BODIES = st.one_of(
+    _EVENTS, _VALUES, st.lists(st.one_of(_EVENTS, _EVENTS, _VALUES), max_size=4),
+    st.lists(st.just({"data": 1}), min_size=MAX_BATCH_EVENTS, max_size=MAX_BATCH_EVENTS + 1),
+)  # fmt: skip
+_DOCUMENT = build_document(build_settings({}))
+_BODY_SCHEMA = _DOCUMENT["paths"]["/sse/sessions/{sessionId}/events"]["post"]["requestBody"]
+_BODY_VALIDATOR = jsonschema_rs.validator_for(
+    {**_BODY_SCHEMA["content"]["application/json"]["schema"],
+     "components": _DOCUMENT["components"]}
+)  # fmt: skip
+
+
+@examples(max_examples=500, deadline=None)
+@given(_BODIES)
+@example({"data": 1})
+@example({"event": "gap", "data": 1})
+@example({"event": "x\n", "data": 1})
+@example({"event": "x" * 65, "data": 1})
+@example({"event": "", "data": 1})
+@example({"event": None, "data": 1})
+@example({"data": 1, "id": "1-1"})
+@example({"data": 1, "extra": 1})
+@example({"event": "a"})
+@example([])
+@example([{"data": 1}] * (MAX_BATCH_EVENTS + 1))
+@example([{"data": 1}, "x"])
+def test_the_documented_body_schema_accepts_exactly_what_publishing_accepts(body: Any) -> None:
+    # An ECMA-262 validator, as OpenAPI's patterns are: its `$` is the end of the text only.
+    try:
+        parse_body(json.dumps(body).encode(), max_event_bytes=1 << 20)
+    except ServiceError:
+        accepted = False
+    else:
+        accepted = True
+    assert _BODY_VALIDATOR.is_valid(body) == accepted
 
 
 async def test_streams_carry_the_request_id_the_document_promises(
