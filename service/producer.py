@@ -5,11 +5,18 @@ live). Any producer, in-process or in a separate process, may execute it: it cla
 lease (`SET NX PX`), publishes with a fence (it must still own the lease and be at the right
 step), and renews the lease as it goes. If its process dies, the lease expires and another
 producer, polling the `runs` index, takes the run over at the next unsent event.
+
+The `runs` index is a hint, not the truth: the run's state is. On a cluster the index lives
+on one node and each run on its session's node, so the index can lose entries (its node
+restarted empty) while runs go on. A producer therefore puts back the runs it executes, and
+every run it lets go of unfinished (lease lost, Redis error, a bug, shutdown), for as long
+as the run's state says it is active.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -46,10 +53,11 @@ end
 return {-1, redis.call('PTTL', KEYS[2])}
 """
 
-# KEYS: lease. ARGV: token. Deletes the lease only while the caller still holds it.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+# KEYS: lease, run. ARGV: token.
+# Deletes the lease only while the caller still holds it; answers the run's state (or false).
+_LET_GO = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return redis.call('HGET', KEYS[2], 'state')
 """
 
 # KEYS: run, lease. ARGV: token.
@@ -114,11 +122,14 @@ class Producer:
         self._token_prefix = secrets.token_hex(8)
         self._claim = redis.register_script(_CLAIM)
         self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._let_go_script = redis.register_script(_LET_GO)
         self._park = redis.register_script(_PARK)
         self._idle_s = settings.run_idle_timeout_s
         self._runs: dict[str, asyncio.Task[None]] = {}
         self._tokens: dict[str, str] = {}
+        # Runs let go of unfinished whose return to the index failed: retried at each scan.
+        self._adrift: dict[str, str] = {}
+        self._own_runs_listed_at_ms = 0
         self._loop_task: asyncio.Task[None] | None = None
         self._scan_problem: str | None = None
         self.events_published = 0
@@ -136,23 +147,46 @@ class Producer:
         Handing a run back (deleting its lease while still ours, then waking producers) lets
         another producer resume it at once instead of after the lease expires.
         """
-        held = dict(self._tokens)
+        held = {**self._adrift, **self._tokens}
         await cancel_and_wait([self._loop_task, *self._runs.values()])
         self._runs.clear()
         self._loop_task = None
         for session_id, token in held.items():
-            await self._hand_back(session_id, token)
+            try:
+                if await self._let_go(session_id, token):
+                    log.info("handed back run of session %s", session_id)
+            except RedisError as error:
+                log.warning(
+                    "could not hand back run of session %s (its lease will expire): %s",
+                    session_id,
+                    error,
+                )
+        self._adrift.clear()
 
-    async def _hand_back(self, session_id: str, token: str) -> None:
+    async def _let_go(self, session_id: str, token: str) -> bool:
+        """Release the run's lease if still ours and, if the run is active, request it again.
+
+        True when the run was requested again: the index holds it and producers were woken.
+        """
+        k = self._keys
+        state = await self._let_go_script(
+            keys=[k.lease(session_id), k.run(session_id)], args=[token]
+        )
+        active = state is not None and _text(state) == "active"
+        if active:
+            await request_run(self._redis, k, session_id)
+        self._adrift.pop(session_id, None)
+        return active
+
+    async def _let_go_unfinished(self, session_id: str, token: str) -> None:
+        """Make a run this producer stopped executing findable again (later, if Redis fails)."""
         try:
-            if await self._release(keys=[self._keys.lease(session_id)], args=[token]):
-                await request_run(self._redis, self._keys, session_id)
-                log.info("handed back run of session %s", session_id)
+            if await self._let_go(session_id, token):
+                log.info("run of session %s requested again", session_id)
         except RedisError as error:
+            self._adrift[session_id] = token
             log.warning(
-                "could not hand back run of session %s (its lease will expire): %s",
-                session_id,
-                error,
+                "run of session %s is requested again once Redis answers: %s", session_id, error
             )
 
     @property
@@ -227,6 +261,7 @@ class Producer:
         Returns True when a full batch was due (more may be waiting).
         """
         now_ms = int(time.time() * 1000)
+        await self._list_again(now_ms)
         due: list[bytes] = await self._redis.zrangebyscore(  # type: ignore[assignment]
             self._keys.runs, "-inf", now_ms, 0, SCAN_BATCH
         )
@@ -255,6 +290,19 @@ class Producer:
             await self._redis.zadd(self._keys.runs, look_again, xx=True)
         return len(due) == SCAN_BATCH
 
+    async def _list_again(self, now_ms: int) -> None:
+        """Put back in the index the runs let go of earlier and, now and then, our own runs.
+
+        Our own entries are added only where missing (the index lost them), due when our
+        lease would have lapsed, so that another producer takes a run over if we die.
+        """
+        for session_id, token in list(self._adrift.items()):
+            await self._let_go(session_id, token)
+        if self._runs and now_ms >= self._own_runs_listed_at_ms + self._lease_ms // 2:
+            due_ms = now_ms + self._lease_ms
+            await self._redis.zadd(self._keys.runs, dict.fromkeys(self._runs, due_ms), nx=True)
+            self._own_runs_listed_at_ms = now_ms
+
     async def _claim_all(self, session_ids: list[str], tokens: list[str]) -> list[Any]:
         k = self._keys
         calls: list[tuple[list[str], list[str | int]]] = [
@@ -272,6 +320,7 @@ class Producer:
         )
 
     def _start(self, session_id: str, token: str, first: int, count: int) -> None:
+        self._adrift.pop(session_id, None)  # ours again
         if first > 0:
             log.info("taking over run of session %s at event %d/%d", session_id, first + 1, count)
         self._tokens[session_id] = token
@@ -280,35 +329,53 @@ class Producer:
         )
 
     async def _execute(self, session_id: str, token: str, first: int, count: int) -> None:
-        unheard_since: float | None = None  # the first of the latest publishes nobody heard
+        """Execute the run; if it stops unfinished, make it findable for the next producer."""
         try:
-            for seq in range(first, count):
-                event, data = demo_event(session_id, seq, count, self._clock())
-                fence = Fence(token=token, seq=seq, lease_ms=self._lease_ms)
-                published = await self._publish_until_redis_answers(session_id, event, data, fence)
-                if published.outcome in (PublishOutcome.LEASE_LOST, PublishOutcome.SESSION_DELETED):
-                    log.warning("run of session %s lost its lease at event %d", session_id, seq)
-                    return
-                self.events_published += 1
-                if seq == count - 1:
-                    break
-                if published.outcome is PublishOutcome.PUBLISHED:
-                    unheard_since = None if published.heard else unheard_since or time.monotonic()
-                if self._idle(unheard_since):
-                    await self._park_run(session_id, token, seq + 1, count)
-                    return
-                await self._wait_holding_lease(session_id, token)
-            await self._redis.zrem(self._keys.runs, session_id)
-            log.info("run of session %s finished", session_id)
+            if not await self._execute_logging_errors(session_id, token, first, count):
+                await self._let_go_unfinished(session_id, token)
+        finally:
+            self._runs.pop(session_id, None)
+            self._tokens.pop(session_id, None)
+
+    async def _execute_logging_errors(
+        self, session_id: str, token: str, first: int, count: int
+    ) -> bool:
+        """Execute the run; False when it stopped unfinished."""
+        try:
+            return await self._execute_steps(session_id, token, first, count)
         except RedisError as error:
             # The run's state is in Redis: a producer (maybe this one) resumes it later.
             log.warning("run of session %s interrupted: %s", session_id, error)
         except Exception:
-            # A bug: the lease lapses and the run is taken over, but say why it stopped.
+            # A bug: say why it stopped; the run is handed on as if its lease had lapsed.
             log.exception("run of session %s failed", session_id)
-        finally:
-            self._runs.pop(session_id, None)
-            self._tokens.pop(session_id, None)
+        return False
+
+    async def _execute_steps(self, session_id: str, token: str, first: int, count: int) -> bool:
+        """Publish the run's events from `first`; False when it lost the run midway."""
+        unheard_since: float | None = None  # the first of the latest publishes nobody heard
+        for seq in range(first, count):
+            event, data = demo_event(session_id, seq, count, self._clock())
+            fence = Fence(token=token, seq=seq, lease_ms=self._lease_ms)
+            published = await self._publish_until_redis_answers(session_id, event, data, fence)
+            if published.outcome is PublishOutcome.SESSION_DELETED:
+                log.info("run of session %s ended: the session was deleted", session_id)
+                return True
+            if published.outcome is PublishOutcome.LEASE_LOST:
+                log.warning("run of session %s lost its lease at event %d", session_id, seq)
+                return False
+            self.events_published += 1
+            if seq == count - 1:
+                break
+            if published.outcome is PublishOutcome.PUBLISHED:
+                unheard_since = None if published.heard else unheard_since or time.monotonic()
+            if self._idle(unheard_since):
+                return await self._park_run(session_id, token, seq + 1, count)
+            await self._wait_holding_lease(session_id, token)
+        log.info("run of session %s finished", session_id)
+        with contextlib.suppress(RedisError):  # a finished run's entry is dropped at a scan
+            await self._redis.zrem(self._keys.runs, session_id)
+        return True
 
     def _idle(self, unheard_since: float | None) -> bool:
         """Nobody has heard the run's publishes for `run_idle_timeout_s` (0: never idle).
@@ -321,22 +388,29 @@ class Producer:
             and time.monotonic() - unheard_since >= self._idle_s
         )
 
-    async def _park_run(self, session_id: str, token: str, next_seq: int, count: int) -> None:
-        """Stop a run nobody listens to; a resume of the session makes it go on from here."""
+    async def _park_run(self, session_id: str, token: str, next_seq: int, count: int) -> bool:
+        """Stop a run nobody listens to; a resume of the session makes it go on from here.
+
+        False when it could not be parked (the lease was lost, Redis failed): the run is
+        still active, to be taken over, and parked there if nobody listens still.
+        """
         k = self._keys
         try:
-            if await self._park(keys=[k.run(session_id), k.lease(session_id)], args=[token]):
-                await self._redis.zrem(k.runs, session_id)
-                log.info(
-                    "run of session %s parked at event %d/%d: no listener for %gs",
-                    session_id,
-                    next_seq + 1,
-                    count,
-                    self._idle_s,
-                )
+            if not await self._park(keys=[k.run(session_id), k.lease(session_id)], args=[token]):
+                return False
         except RedisError as error:
-            # Its lease lapses and the run is taken over, to be parked there if still idle.
             log.warning("could not park the run of session %s: %s", session_id, error)
+            return False
+        log.info(
+            "run of session %s parked at event %d/%d: no listener for %gs",
+            session_id,
+            next_seq + 1,
+            count,
+            self._idle_s,
+        )
+        with contextlib.suppress(RedisError):  # a parked run's entry is dropped at a scan
+            await self._redis.zrem(k.runs, session_id)
+        return True
 
     async def _publish_until_redis_answers(
         self, session_id: str, event: str, data: str, fence: Fence

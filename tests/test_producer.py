@@ -209,3 +209,53 @@ async def test_a_run_nobody_listens_to_is_parked_and_a_resume_takes_it_on(
     received = head + tail
     assert [e.id for e in received] == await logged_ids(target_client, "left")
     assert [e.event for e in received] == ["message"] * 59 + ["finish"]
+
+
+@pytest.mark.redis
+async def test_a_run_whose_lease_lapsed_after_the_runs_index_was_lost_still_finishes(
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    target_client: RedisClient,
+) -> None:
+    # On a cluster the runs index lives on one node and the run on another: that node can
+    # restart empty while the run goes on. Here the index goes, then the run's lease lapses
+    # under its producer (as when its publishes stall): nobody else will ever add it back.
+    settings = make_settings(**redis_target.settings, producer_interval_ms=100,
+                             producer_lease_ms=2000)
+    client = await start_client(settings)
+    response = await client.get("/sse/connect", params={"sessionId": "adrift"})
+    head = await collect(response, until=3)
+    await target_client.delete(Keys().runs)
+    await target_client.delete(Keys().lease("adrift"))
+
+    tail = await collect(response, timeout_s=10)
+    received = head + tail
+    assert [e.id for e in received] == await logged_ids(target_client, "adrift")
+    assert [e.event for e in received] == ["message"] * 9 + ["finish"]
+    assert await target_client.zcard(Keys().runs) == 0
+
+
+@pytest.mark.redis
+async def test_a_run_whose_producer_died_after_the_runs_index_was_lost_is_taken_over(
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    target_client: RedisClient,
+) -> None:
+    worker = await start_client(make_settings(**redis_target.settings, producer="off"))
+    doomed = ProducerProcess(redis_target)
+    try:
+        await doomed.wait_running()
+        response = await worker.get("/sse/connect", params={"sessionId": "stranded"})
+        head = await collect(response, until=3)
+        await target_client.delete(Keys().runs)
+
+        async def findable() -> bool:
+            return await target_client.zscore(Keys().runs, "stranded") is not None
+
+        # The producer executing the run puts it back where the others look for runs.
+        await wait_for(findable, timeout_s=5, interval_s=0.05)
+    finally:
+        doomed.kill()
+    await start_client(make_settings(**redis_target.settings, producer_lease_ms=800))
+    tail = await collect(response, timeout_s=20)
+    received = head + tail
+    assert [e.id for e in received] == await logged_ids(target_client, "stranded")
+    assert [e.event for e in received] == ["message"] * 9 + ["finish"]
