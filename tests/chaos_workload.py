@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import aiohttp
@@ -106,6 +107,14 @@ API_INTERVAL_S = 0.25
 MEMORY_SLACK_BYTES = 48 * 1024 * 1024
 # After a fault heals, a worker must say "ready" again within this long.
 READY_AGAIN_S = 5.0
+
+
+class Loss(Enum):
+    """What a fault did to a session's data in Redis."""
+
+    NONE = "kept"
+    WHILE_FOLLOWED = "lost while its client followed it"
+    AFTER_THE_END = "lost after its client had every event"
 
 
 def new_session_id() -> str:
@@ -221,31 +230,36 @@ class Workload:
         client = deployment.client()
         try:
             for es in self.demo:
-                tally.add(es, await self._demo_truth(client, es.session_id, self._lost(es, lost)))
+                tally.add(es, await self._demo_truth(client, es.session_id, self._loss(es, lost)))
             for es in self.api:
-                tally.add(es, await self._api_truth(client, es, self._lost(es, lost)))
+                tally.add(es, await self._api_truth(client, es, self._loss(es, lost)))
         finally:
             await client.aclose()
         return tally
 
-    def _lost(self, client: EventSourceClient, lost: Callable[[str], bool]) -> bool:
-        """Whether Redis lost the session's data while the client still followed it."""
-        done_before = client.ended_at is not None and client.ended_at <= self.injected
-        return lost(client.session_id) and not done_before
+    def _loss(self, client: EventSourceClient, lost: Callable[[str], bool]) -> Loss:
+        """Whether Redis lost the session's data, and if so, whether the client still followed it.
 
-    async def _demo_truth(self, client: Any, session_id: str, lost: bool) -> Truth:
-        if lost:
-            return Truth(None, EVENTS_PER_RUN, "id", data_lost=True)
+        A client done before the fault had everything; Redis has nothing left to compare with.
+        """
+        if not lost(client.session_id):
+            return Loss.NONE
+        done_before = client.ended_at is not None and client.ended_at <= self.injected
+        return Loss.AFTER_THE_END if done_before else Loss.WHILE_FOLLOWED
+
+    async def _demo_truth(self, client: Any, session_id: str, loss: Loss) -> Truth:
+        if loss is not Loss.NONE:
+            return Truth(None, EVENTS_PER_RUN, "id", data_lost=loss is Loss.WHILE_FOLLOWED)
         truth = await log_truth(client, session_id)
         truth.logged_twice = max(0, truth.count - EVENTS_PER_RUN)
         truth.count = EVENTS_PER_RUN
         return truth
 
-    async def _api_truth(self, client: Any, es: EventSourceClient, lost: bool) -> Truth:
+    async def _api_truth(self, client: Any, es: EventSourceClient, loss: Loss) -> Truth:
         session_id = es.session_id
         accepted = self.publisher.accepted.get(session_id, []) if self.publisher else []
-        if lost:
-            return Truth(None, len(accepted), "data", data_lost=True)
+        if loss is not Loss.NONE:
+            return Truth(None, len(accepted), "data", data_lost=loss is Loss.WHILE_FOLLOWED)
         entries = await client.xrange(KEYS.log(session_id))
         logged = [fields[b"d"].decode() for _, fields in entries]
         unlogged = len(set(accepted) - set(logged))

@@ -110,7 +110,7 @@ async def test_redis_sigkill_and_restart_with_its_data(lab: Lab, target: str) ->
                    note="1 of 3 nodes" if deployment.cluster else "")
 
 
-@pytest.mark.parametrize("target", ["single"])
+@TARGETS
 async def test_redis_sigkill_and_restart_empty(lab: Lab, target: str) -> None:
     deployment = await deployment_for(lab, target)
     work = await mixed_workload(lab, deployment)
