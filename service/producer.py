@@ -130,6 +130,10 @@ class Producer:
         # Runs let go of unfinished whose return to the index failed: retried at each scan.
         self._adrift: dict[str, str] = {}
         self._own_runs_listed_at_ms = 0
+        # Runs of ours that need no producer any more (finished, parked): never listed again.
+        # The lock orders their removal from the index after any listing already under way.
+        self._unlisted: set[str] = set()
+        self._listing = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
         self._scan_problem: str | None = None
         self.events_published = 0
@@ -298,10 +302,20 @@ class Producer:
         """
         for session_id, token in list(self._adrift.items()):
             await self._let_go(session_id, token)
-        if self._runs and now_ms >= self._own_runs_listed_at_ms + self._lease_ms // 2:
-            due_ms = now_ms + self._lease_ms
-            await self._redis.zadd(self._keys.runs, dict.fromkeys(self._runs, due_ms), nx=True)
+        if now_ms < self._own_runs_listed_at_ms + self._lease_ms // 2:
+            return
+        async with self._listing:
+            listed = {s: now_ms + self._lease_ms for s in self._runs if s not in self._unlisted}
+            if listed:
+                await self._redis.zadd(self._keys.runs, listed, nx=True)
             self._own_runs_listed_at_ms = now_ms
+
+    async def _unlist(self, session_id: str) -> None:
+        """Drop a run of ours that needs no producer from the index (if this fails, a scan does)."""
+        async with self._listing:
+            self._unlisted.add(session_id)
+            with contextlib.suppress(RedisError):
+                await self._redis.zrem(self._keys.runs, session_id)
 
     async def _claim_all(self, session_ids: list[str], tokens: list[str]) -> list[Any]:
         k = self._keys
@@ -334,6 +348,7 @@ class Producer:
             if not await self._execute_logging_errors(session_id, token, first, count):
                 await self._let_go_unfinished(session_id, token)
         finally:
+            self._unlisted.discard(session_id)
             self._runs.pop(session_id, None)
             self._tokens.pop(session_id, None)
 
@@ -373,8 +388,7 @@ class Producer:
                 return await self._park_run(session_id, token, seq + 1, count)
             await self._wait_holding_lease(session_id, token)
         log.info("run of session %s finished", session_id)
-        with contextlib.suppress(RedisError):  # a finished run's entry is dropped at a scan
-            await self._redis.zrem(self._keys.runs, session_id)
+        await self._unlist(session_id)
         return True
 
     def _idle(self, unheard_since: float | None) -> bool:
@@ -408,8 +422,7 @@ class Producer:
             count,
             self._idle_s,
         )
-        with contextlib.suppress(RedisError):  # a parked run's entry is dropped at a scan
-            await self._redis.zrem(k.runs, session_id)
+        await self._unlist(session_id)
         return True
 
     async def _publish_until_redis_answers(
