@@ -60,6 +60,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return redis.call('HGET', KEYS[2], 'state')
 """
 
+# KEYS: runs. ARGV: session id, score ('' = any score a listing set, not a request).
+# Drops an entry of the runs index unless it changed meanwhile: a request made since (a new
+# run of the same session, a run let go of) must survive the removal of the one before.
+_UNLIST = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+if ARGV[2] == '' then
+  if tonumber(score) < 0 then return 0 end
+elseif tonumber(score) ~= tonumber(ARGV[2]) then
+  return 0
+end
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
 # KEYS: run, lease. ARGV: token.
 # Parks a run nobody listens to: it stays where it stopped, for a resume to wake it.
 _PARK = """
@@ -87,14 +101,19 @@ def demo_event(session_id: str, seq: int, count: int, now: datetime) -> tuple[st
 
 
 async def request_run(redis: RedisClient, keys: Keys, session_id: str) -> None:
-    """Make a waiting run visible to every producer and wake them (one round trip if it can)."""
+    """Make a waiting run visible to every producer and wake them (one round trip if it can).
+
+    A request is scored minus its time in ms: due at once, oldest first, and told apart from
+    the entries producers score with a future check time, and from an earlier request.
+    """
+    request = {session_id: -time.time_ns() // 1_000_000}
     if pipelines_queue(redis):
         pipe = redis.pipeline(transaction=False)
-        pipe.zadd(keys.runs, {session_id: 0})
+        pipe.zadd(keys.runs, request)
         pipe.publish(keys.producer_wake, session_id)
         await pipe.execute()
         return
-    await redis.zadd(keys.runs, {session_id: 0})
+    await redis.zadd(keys.runs, request)
     await redis.execute_command(publish_command(redis), keys.producer_wake, session_id)
 
 
@@ -123,6 +142,7 @@ class Producer:
         self._claim = redis.register_script(_CLAIM)
         self._renew = redis.register_script(_RENEW)
         self._let_go_script = redis.register_script(_LET_GO)
+        self._unlist_script = redis.register_script(_UNLIST)
         self._park = redis.register_script(_PARK)
         self._idle_s = settings.run_idle_timeout_s
         self._runs: dict[str, asyncio.Task[None]] = {}
@@ -266,11 +286,11 @@ class Producer:
         """
         now_ms = int(time.time() * 1000)
         await self._list_again(now_ms)
-        due: list[bytes] = await self._redis.zrangebyscore(  # type: ignore[assignment]
-            self._keys.runs, "-inf", now_ms, 0, SCAN_BATCH
+        due: list[tuple[bytes, float]] = await self._redis.zrangebyscore(  # type: ignore[assignment]
+            self._keys.runs, "-inf", now_ms, 0, SCAN_BATCH, withscores=True
         )
-        session_ids = [_text(raw) for raw in due]
-        session_ids = [s for s in session_ids if s not in self._runs]
+        scores = {_text(raw): score for raw, score in due}
+        session_ids = [s for s in scores if s not in self._runs]
         if not session_ids:
             return False
         tokens = [f"{self._token_prefix}:{secrets.token_hex(8)}" for _ in session_ids]
@@ -288,8 +308,10 @@ class Producer:
                 continue
             look_again[session_id] = now_ms + self._lease_ms
             self._start(session_id, token, first, second)
-        if gone:
-            await self._redis.zrem(self._keys.runs, *gone)
+        for session_id in gone:  # unless requested again since
+            await self._unlist_script(
+                keys=[self._keys.runs], args=[session_id, repr(scores[session_id])]
+            )
         if look_again:
             await self._redis.zadd(self._keys.runs, look_again, xx=True)
         return len(due) == SCAN_BATCH
@@ -315,7 +337,7 @@ class Producer:
         async with self._listing:
             self._unlisted.add(session_id)
             with contextlib.suppress(RedisError):
-                await self._redis.zrem(self._keys.runs, session_id)
+                await self._unlist_script(keys=[self._keys.runs], args=[session_id, ""])
 
     async def _claim_all(self, session_ids: list[str], tokens: list[str]) -> list[Any]:
         k = self._keys

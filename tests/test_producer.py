@@ -259,3 +259,27 @@ async def test_a_run_whose_producer_died_after_the_runs_index_was_lost_is_taken_
     received = head + tail
     assert [e.id for e in received] == await logged_ids(target_client, "stranded")
     assert [e.event for e in received] == ["message"] * 9 + ["finish"]
+
+
+@pytest.mark.redis
+async def test_a_finished_run_removed_late_from_the_index_leaves_the_next_run_requested(
+    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under load the finished run's removal from the index can come after a fresh connect
+    # already started the session's next run and requested it.
+    client = await start_client(make_settings(**redis_target.settings, producer_interval_ms=10))
+    producer = client.server.app[producer_key]
+    removal = producer._unlist
+    release = asyncio.Event()
+
+    async def late(session_id: str) -> None:
+        await release.wait()
+        await removal(session_id)
+
+    monkeypatch.setattr(producer, "_unlist", late)
+    first = await client.get("/sse/connect", params={"sessionId": "again"})
+    assert [e.event for e in await collect(first)] == ["message"] * 9 + ["finish"]
+    second = await client.get("/sse/connect", params={"sessionId": "again"})
+    release.set()
+    assert [e.event for e in await collect(second, timeout_s=10)] == ["message"] * 9 + ["finish"]
