@@ -124,9 +124,11 @@ def _out_of_order(events: list[Received]) -> int:
     return late
 
 
-async def log_truth(client: redis.Redis | RedisCluster, session_id: str) -> Truth:
-    """A session whose log Redis kept: the log is what it should deliver."""
-    entries = await client.xrange(KEYS.log(session_id))
+async def log_truth(
+    client: redis.Redis | RedisCluster, session_id: str, after: str = "0-0"
+) -> Truth:
+    """A session whose log Redis kept: the log (past `after`) is what it should deliver."""
+    entries = await client.xrange(KEYS.log(session_id), min=f"({after}")
     ids = [entry_id.decode() for entry_id, _ in entries]
     return Truth(keys=ids, count=len(ids), by="id")
 

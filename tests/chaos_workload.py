@@ -250,7 +250,11 @@ class Workload:
     async def _demo_truth(self, client: Any, session_id: str, loss: Loss) -> Truth:
         if loss is not Loss.NONE:
             return Truth(None, EVENTS_PER_RUN, "id", data_lost=loss is Loss.WHILE_FOLLOWED)
-        truth = await log_truth(client, session_id)
+        # A fresh connect replays from the session's epoch, where its latest run began. A
+        # client sent away before any event (Redis slow) whose run ended meanwhile starts a
+        # run of its own when it comes back, as the contract says: it follows that one.
+        epoch = await client.hget(KEYS.session(session_id), "epoch")
+        truth = await log_truth(client, session_id, after=epoch.decode() if epoch else "0-0")
         truth.logged_twice = max(0, truth.count - EVENTS_PER_RUN)
         truth.count = EVENTS_PER_RUN
         return truth

@@ -82,7 +82,11 @@ class EventSourceClient:
                 await asyncio.sleep(self.retry_s)
 
     async def _connect(self, http: aiohttp.ClientSession) -> None:
-        headers = {"Last-Event-ID": self.last_event_id} if self.last_event_id else {}
+        # As every browser's EventSource does; the service answers such a client a condition
+        # that passes (Redis slow, worker full) with a stream that says when to come back.
+        headers = {"Accept": "text/event-stream"}
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
         url = f"{self.base_url}/sse/connect"
         params = {"sessionId": self.session_id}
         async with http.get(url, params=params, headers=headers) as response:
