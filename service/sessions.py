@@ -9,6 +9,7 @@ import secrets
 from dataclasses import dataclass
 from enum import Enum
 
+from . import script_queue
 from .connections import RedisClient
 from .envelope import Delivery, decode_log_entry
 from .keys import Keys
@@ -115,7 +116,8 @@ class SessionStore:
         self._keys = keys
         self._ttl_ms = max(1, round(ttl_s * 1000))
         self._replay_slots = asyncio.Semaphore(replay_reads)
-        self._attach = redis.register_script(_ATTACH)
+        # Concurrent connects' attaches share one write (see script_queue.py).
+        self._attach = script_queue.ScriptQueue(redis, redis.register_script(_ATTACH))
         self._issue = redis.register_script(_ISSUE)
 
     async def issue(self) -> str:
