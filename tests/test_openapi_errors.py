@@ -19,6 +19,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+from multidict import CIMultiDict
 
 from service.connections import RedisOpener
 from service.openapi import Spec, build_document
@@ -175,7 +176,9 @@ async def body_never_sent(h: Harness) -> Any:
             answer = await reader.read()
     finally:
         writer.close()
-    return _Raw(int(head.split()[1]), answer)
+    lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return _Raw(int(lines[0].split()[1]), CIMultiDict(fields), answer)
 
 
 @witness("publishEvents", 409, "session_finished")
@@ -306,6 +309,7 @@ class _Raw:
     """An answer read off a raw socket, with the parts a witness check looks at."""
 
     status: int
+    headers: CIMultiDict[str]
     body: bytes
 
     async def json(self) -> Any:
@@ -326,6 +330,31 @@ def documented_errors(document: Spec) -> set[tuple[str, str, str]]:
                 for code in _CODE.findall(answer.get("description", "")):
                     found.add((operation["operationId"], status, code))
     return found
+
+
+def documented_answers(make_settings: MakeSettings) -> dict[tuple[str, str], Spec]:
+    """(operation, status) -> the documented answer, from the open and the token document."""
+    answers = {}
+    for overrides in (TOKEN_MODE, BASE):
+        document = build_document(make_settings(**overrides))
+        for item in document["paths"].values():
+            for operation in item.values():
+                if isinstance(operation, dict) and "operationId" in operation:
+                    for status, answer in operation["responses"].items():
+                        answers[(operation["operationId"], status)] = _resolved(document, answer)
+    return answers
+
+
+def _resolved(document: Spec, node: Any) -> Any:
+    """`node` with every local `$ref` in it replaced by what it names."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target: Any = document
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            return _resolved(document, target)
+        return {key: _resolved(document, value) for key, value in node.items()}
+    return node
 
 
 def test_every_documented_error_has_a_witness_and_no_other(make_settings: MakeSettings) -> None:
@@ -350,3 +379,8 @@ async def test_the_documented_error_happens(
     response = await WITNESSES[(operation, status, code)](harness)
     body = await response.json()
     assert (response.status, body["error"]) == (int(status), code), body
+    # And with every header the document says this answer always carries.
+    documented = documented_answers(harness.make_settings)[(operation, status)]
+    for name, header in documented.get("headers", {}).items():
+        if header.get("required"):
+            assert name in response.headers, f"{name} missing from {code}"
