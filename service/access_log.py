@@ -1,7 +1,7 @@
 """One log line per HTTP request: method, path and query, status, duration and request id.
 
-The query is logged with secrets redacted (see redaction.py): a token in a URL stays out of
-the log.
+The query is logged with secrets redacted and the path with unprintable characters escaped
+(see redaction.py): a token in a URL stays out of the log, and a path cannot forge a line.
 
 aiohttp's own access log is switched off (see logs.py) because it cannot carry the request id
 or structured fields. A stream's line is written when the stream ends, so its duration is the
@@ -17,7 +17,7 @@ import time
 from aiohttp import web
 
 from .errors import Handler, request_id_of
-from .redaction import redacted_query
+from .redaction import loggable, redacted_query
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,13 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     finally:
         request_id = request_id_of(request)
         duration_s = time.monotonic() - started
-        query = redacted_query(request.rel_url.raw_query_string)
+        query = loggable(redacted_query(request.rel_url.raw_query_string))
+        path = loggable(request.path)
         log.log(
             logging.DEBUG if request.path in QUIET_PATHS else logging.INFO,
             "%s %s%s %d %.3fs request=%s",
             request.method,
-            request.path,
+            path,
             f"?{query}" if query else "",
             status,
             duration_s,
@@ -58,7 +59,7 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             extra={
                 "fields": {
                     "method": request.method,
-                    "path": request.path,
+                    "path": path,
                     "query": query,
                     "status": status,
                     "duration_s": round(duration_s, 6),

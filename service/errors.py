@@ -17,6 +17,8 @@ from pydantic import ConfigDict, Field, with_config
 from redis.exceptions import RedisError
 from typing_extensions import TypedDict
 
+from .redaction import loggable
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -230,10 +232,10 @@ def _error_response(request: web.Request, error: Exception, request_id: str) -> 
         log.info(
             "%s %s -> %d %s: %s [request %s]",
             request.method,
-            request.path,
+            loggable(request.path),
             error.status,
             error.code,
-            error.detail,
+            loggable(error.detail),
             request_id,
         )
         return error_response(error.status, error.code, error.detail, error.headers)
@@ -241,7 +243,7 @@ def _error_response(request: web.Request, error: Exception, request_id: str) -> 
         log.warning(
             "%s %s -> 503, redis unavailable: %s [request %s]",
             request.method,
-            request.path,
+            loggable(request.path),
             error,
             request_id,
         )
@@ -251,7 +253,7 @@ def _error_response(request: web.Request, error: Exception, request_id: str) -> 
     log.error(
         "unhandled error in %s %s [request %s]",
         request.method,
-        request.path,
+        loggable(request.path),
         request_id,
         exc_info=error,
     )
@@ -263,7 +265,12 @@ def _http_error_response(
 ) -> web.Response:
     code = _HTTP_CODES.get(error.status, "http_error")
     log.info(
-        "%s %s -> %d %s [request %s]", request.method, request.path, error.status, code, request_id
+        "%s %s -> %d %s [request %s]",
+        request.method,
+        loggable(request.path),
+        error.status,
+        code,
+        request_id,
     )
     headers = {k: v for k, v in error.headers.items() if k in _KEPT_HTTP_HEADERS}
     return error_response(error.status, code, _http_detail(error), headers)

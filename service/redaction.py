@@ -1,8 +1,12 @@
-"""What a log line may show of a request's query: everything but the values of secrets.
+"""What a log line may show of what a client sent: no secret, and nothing unprintable.
 
 A subscriber token may travel in the `access_token` query parameter (for clients that can
 set neither a header nor a cookie), and URLs are what logs print. The parameter's name is
 compared after percent-decoding and case-folding, as a client could spell it either way.
+
+A value a client chose (a decoded path, a header, a JSON field name) could carry CR/LF to
+start a forged line, or terminal escapes and bidi overrides to hide one: every such value
+goes through `loggable` before it reaches a log line.
 """
 
 from __future__ import annotations
@@ -29,6 +33,29 @@ def redacted_query(raw_query: str) -> str:
     if len(query) > MAX_LOGGED_QUERY_CHARS:
         return query[:MAX_LOGGED_QUERY_CHARS] + "…"
     return query
+
+
+def loggable(text: str) -> str:
+    """`text` with every unprintable character (and the backslash) as a Python-style escape."""
+    if text.isprintable() and "\\" not in text:
+        return text  # nearly every value: no copy
+    return "".join(_escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    if char == "\\":
+        return "\\\\"
+    if char.isprintable():
+        return char
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+_NAMED_ESCAPES = {"\r": "\\r", "\n": "\\n", "\t": "\\t"}
 
 
 def _is_secret(name: str) -> bool:

@@ -1,7 +1,8 @@
-"""What logs show of a request's query: secrets redacted, in the worker's log and in nginx's."""
+"""What logs show of a request: secrets redacted (worker and nginx), no forged lines."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,12 @@ import aiohttp
 import pytest
 
 from service.app import create_app
-from service.redaction import MAX_LOGGED_QUERY_CHARS, REDACTED, redacted_query
+from service.connections import RedisOpener
+from service.logs import logging_config
+from service.redaction import MAX_LOGGED_QUERY_CHARS, REDACTED, loggable, redacted_query
 
-from conftest import MakeSettings, wait_for
+from conftest import MakeSettings, StartClient, wait_for
+from raw_http import exchange, serve_edge
 from redis_process import free_port
 from signing import HS_SECRET, claims, hs256_key, sign
 from stack_processes import Child, local_nginx_conf, nginx_argv, require_nginx
@@ -42,6 +46,62 @@ def test_a_long_query_is_cut() -> None:
     logged = redacted_query("a=" + "x" * 5000)
     assert len(logged) == MAX_LOGGED_QUERY_CHARS + 1
     assert logged.endswith("…")
+
+
+@pytest.mark.parametrize(
+    ("sent", "logged"),
+    [
+        ("/sse/connect", "/sse/connect"),
+        ("/a\r\n2026-01-01 INFO forged", "/a\\r\\n2026-01-01 INFO forged"),
+        ("/\x1b[31mred\x00", "/\\x1b[31mred\\x00"),
+        ("/a\\nb", "/a\\\\nb"),  # a literal backslash cannot pose as an escape
+        ("/\u2028\u202e\x85", "/\\u2028\\u202e\\x85"),
+        ("/caf\u00e9 \u7ed3\u675f", "/caf\u00e9 \u7ed3\u675f"),
+    ],
+)
+def test_loggable_escapes_what_could_forge_or_hide_a_line(sent: str, logged: str) -> None:
+    assert loggable(sent) == logged
+    assert loggable(sent).isprintable()
+
+
+def _unforgeable(caplog: pytest.LogCaptureFixture, make_settings: MakeSettings) -> list[str]:
+    """Every captured line as the plain formatter writes it, failing on an unprintable one."""
+    plain = logging_config(make_settings(log_format="plain"))["formatters"]["default"]
+    formatter = logging.Formatter(plain["format"])
+    lines = [formatter.format(record) for record in caplog.records]
+    assert lines, "the requests should have been logged"
+    assert [line for line in lines if not line.isprintable()] == []
+    return lines
+
+
+async def test_a_path_with_line_breaks_cannot_forge_log_lines(
+    make_settings: MakeSettings, fake_opener: RedisOpener, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="service")
+    forged = b"/nope%0D%0A2026-11-30 12:00:00,000 INFO service.api: forged%1B%5B2K%00"
+    async with serve_edge(create_app(make_settings(), fake_opener)) as address:
+        answer = await exchange(
+            address, b"GET " + forged.replace(b" ", b"%20") + b" HTTP/1.1\r\nHost: x\r\n"
+            b"Connection: close\r\n\r\n",
+        )
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    lines = _unforgeable(caplog, make_settings)
+    assert any("/nope\\r\\n2026-11-30" in line for line in lines)
+
+
+async def test_a_field_name_with_line_breaks_cannot_forge_log_lines(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await start_client(make_settings(publish_tokens=("t" * 32,)), fake_opener)
+    caplog.set_level(logging.INFO, logger="service")
+    response = await client.post(
+        "/sse/sessions/s1/events", json={"data": "x", "a\nINFO forged": 1},
+        headers={"Authorization": f"Bearer {'t' * 32}"},
+    )
+    assert response.status == 400
+    lines = _unforgeable(caplog, make_settings)
+    assert any("a\\nINFO forged" in line for line in lines)
 
 
 def _start_nginx(prefix: Path, worker_port: int, listen_port: int, log: Path) -> Child:
