@@ -61,8 +61,10 @@ def redacted_url(url: str) -> str:
     redacted = url
     user_info, at, host = parts.netloc.rpartition("@")
     if at:
-        user = user_info.partition(":")[0]
-        hidden = f"{user}:***@{host}" if user else f"***@{host}"
+        # Without a colon the user info may be the password alone (`redis://secret@host`):
+        # only a name followed by a colon is known to be a name.
+        user, colon, _ = user_info.partition(":")
+        hidden = f"{user}:***@{host}" if user and colon else f"***@{host}"
         redacted = redacted.replace(parts.netloc, hidden, 1)
     if parts.query:
         query = _PASSWORD_FIELD.sub(r"\1***", parts.query)

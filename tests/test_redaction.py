@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -11,9 +12,11 @@ import aiohttp
 import pytest
 
 from service.app import create_app
-from service.connections import RedisOpener
-from service.logs import logging_config
+from service.connections import RedisOpener, open_redis
+from service.logs import logging_config, redacted_url
 from service.redaction import MAX_LOGGED_QUERY_CHARS, REDACTED, loggable, redacted_query
+from service.settings import StartupError, build_settings
+from service.startup import bind_sockets, producer_line, serving_line
 
 from conftest import MakeSettings, StartClient, wait_for
 from raw_http import exchange, serve_edge
@@ -156,3 +159,52 @@ async def test_nginx_logs_no_query(
     for part in token.split("."):
         assert part not in text
     assert "access_token" not in text
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+        ("redis://:pw@redis:6379/0", "redis://***@redis:6379/0"),
+        ("redis://app:pw@redis:6379/0", "redis://app:***@redis:6379/0"),
+        ("redis://pw@redis:6379/0", "redis://***@redis:6379/0"),
+        ("rediss://pw@redis:6380", "rediss://***@redis:6380"),
+        ("unix://pw@/run/redis.sock?db=0", "unix://***@/run/redis.sock?db=0"),
+        ("redis+sentinel://pw@h1,h2/svc", "redis+sentinel://***@h1,h2/svc"),
+        ("redis://pw@redis/0?password=pw2", "redis://***@redis/0?password=***"),
+    ],
+)
+def test_a_redis_url_is_logged_without_its_secrets(url: str, logged: str) -> None:
+    assert redacted_url(url) == logged
+
+
+SECRET = "only-userinfo-s3cret"
+
+
+@pytest.mark.parametrize("command", ["serve", "producer"])
+def test_start_up_lines_show_no_userinfo(command: str) -> None:
+    settings = build_settings({"redis_url": f"redis://{SECRET}@redis:6379/0"})
+    loop = asyncio.new_event_loop()
+    sockets = bind_sockets("127.0.0.1", 0, 8)
+    try:
+        line = (serving_line(settings, sockets, loop) if command == "serve"
+                else producer_line(settings, loop))
+    finally:
+        loop.close()
+        for sock in sockets:
+            sock.close()
+    assert "redis: redis://***@redis:6379/0" in line
+    assert SECRET not in line
+
+
+async def test_connecting_to_redis_logs_no_userinfo(
+    make_settings: MakeSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    unreachable = make_settings(redis_url=f"redis://{SECRET}@127.0.0.1:{free_port()}/0")
+    with pytest.raises(StartupError) as failed:
+        await open_redis(unreachable)
+    assert "redis at redis://***@127.0.0.1:" in str(failed.value)
+    assert SECRET not in str(failed.value)
+    assert any("redis://***@127.0.0.1" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if SECRET in r.getMessage()]
