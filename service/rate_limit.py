@@ -2,26 +2,35 @@
 
 Each limit is a token bucket per client address (`rate_per_s` tokens a second, up to `burst`),
 kept in this worker's memory: limits are per worker, so N workers behind a load balancer
-allow up to N times as much. The table of addresses is bounded: past `max_addresses`, the
-least recently seen address is forgotten, so many addresses cannot grow memory without
-bound (each forgotten one starts again with a full burst). IPv6 clients are counted per /64,
-the block one subscriber usually holds, so rotating addresses inside it gains nothing.
+allow up to N times as much. The table of addresses is bounded by `max_addresses`. To make
+room it forgets a full bucket (one that refilled: a new one would be the same) among the
+least recently seen, or failing that the fullest of them, never simply the oldest: a client
+with many addresses could otherwise fill the table to have its own limited bucket forgotten.
+
+IPv6 clients are counted per block of `ipv6_client_prefix` bits, /64 by default: the block
+a single subscriber always holds (one LAN), so rotating addresses inside it gains nothing.
+A wider default (/56, /48) would make a whole site, or many subscribers of a carrier that
+hands out /64s from one /48, share one budget; a deployment seeing rotation across /64s sets
+56 or 48, and the eviction above keeps such rotation from resetting anyone's bucket.
 
 Behind a proxy every request comes from the proxy's address, so the client's is read from
 `X-Forwarded-For` (or `X-Real-IP`), but only when the peer is one of `trusted_proxies`: any
-client can send those headers.
+client can send those headers. Hops may carry a port (`1.2.3.4:5678`, `[2001:db8::1]:443`).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from .errors import RateLimited
 from .settings import Settings
@@ -29,6 +38,8 @@ from .settings import Settings
 Clock = Callable[[], float]
 IPV6_CLIENT_PREFIX = 64
 UNKNOWN_ADDRESS = "unknown"
+# How many of the least recently seen buckets are looked at to choose one to forget.
+EVICTION_CANDIDATES = 32
 
 
 @dataclass(slots=True)
@@ -48,6 +59,7 @@ class RateLimiter:
         self.max_addresses = max_addresses
         self._clock = clock
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self.refused = 0
 
     @property
     def enabled(self) -> bool:
@@ -84,34 +96,49 @@ class RateLimiter:
 
     def check(self, address: str, what: str) -> None:
         """Raise RateLimited (429 + Retry-After) unless `address` may spend a token now."""
-        _refuse_if_waiting(self.wait_s(address), what)
+        self._refuse_if_waiting(self.wait_s(address), what)
 
     def take_or_refuse(self, address: str, what: str) -> None:
         """Spend a token, or raise RateLimited (429 + Retry-After)."""
-        _refuse_if_waiting(self.take(address), what)
+        self._refuse_if_waiting(self.take(address), what)
+
+    def _refuse_if_waiting(self, wait_s: float, what: str) -> None:
+        if wait_s > 0:
+            self.refused += 1
+            retry_after = max(1, math.ceil(wait_s))
+            raise RateLimited(
+                f"too many {what} from this address; retry in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
 
     def _refilled(self, address: str) -> _Bucket:
         now = self._clock()
         bucket = self._buckets.get(address)
         if bucket is None:
+            if len(self._buckets) >= self.max_addresses:
+                self._forget_one(now)
             bucket = self._buckets[address] = _Bucket(float(self.burst), now)
-            if len(self._buckets) > self.max_addresses:
-                self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(address)
-            elapsed = max(0.0, now - bucket.at)
-            bucket.tokens = min(float(self.burst), bucket.tokens + elapsed * self.rate_per_s)
+            bucket.tokens = self._tokens_at(bucket, now)
             bucket.at = now
         return bucket
 
+    def _tokens_at(self, bucket: _Bucket, now: float) -> float:
+        elapsed = max(0.0, now - bucket.at)
+        return min(float(self.burst), bucket.tokens + elapsed * self.rate_per_s)
 
-def _refuse_if_waiting(wait_s: float, what: str) -> None:
-    if wait_s > 0:
-        retry_after = max(1, math.ceil(wait_s))
-        raise RateLimited(
-            f"too many {what} from this address; retry in {retry_after} s",
-            headers={"Retry-After": str(retry_after)},
-        )
+    def _forget_one(self, now: float) -> None:
+        """Forget the first full bucket among the least recently seen, else their fullest."""
+        victim, most = "", -math.inf
+        for address, bucket in itertools.islice(self._buckets.items(), EVICTION_CANDIDATES):
+            tokens = self._tokens_at(bucket, now)
+            if tokens >= self.burst:
+                victim = address
+                break
+            if tokens > most:
+                victim, most = address, tokens
+        del self._buckets[victim]
 
 
 class TrustedProxies:
@@ -127,9 +154,14 @@ class TrustedProxies:
 
 
 def client_address(
-    peer: str | None, forwarded_for: list[str], real_ip: str | None, trusted: TrustedProxies
+    peer: str | None,
+    forwarded_for: list[str],
+    real_ip: str | None,
+    trusted: TrustedProxies,
+    *,
+    ipv6_prefix: int = IPV6_CLIENT_PREFIX,
 ) -> str:
-    """The key a client is limited under: its address, or its /64 for IPv6.
+    """The key a client is limited under: its address, or its block of `ipv6_prefix` for IPv6.
 
     When the peer is a trusted proxy, `X-Forwarded-For` is read from the right (the hop the
     proxy itself added) past every trusted hop; the first other address is the client's.
@@ -140,22 +172,44 @@ def client_address(
     if peer_ip is None:
         return UNKNOWN_ADDRESS
     if peer_ip not in trusted:
-        return _key(peer_ip)
+        return _key(peer_ip, ipv6_prefix)
     hops = [hop.strip() for header in forwarded_for for hop in header.split(",")]
     client = peer_ip
     for hop in reversed(hops):
-        hop_ip = _ip(hop)
+        hop_ip = _ip(_without_port(hop))
         if hop_ip is None:
-            return _key(client)
+            return _key(client, ipv6_prefix)
         client = hop_ip
         if hop_ip not in trusted:
-            return _key(hop_ip)
+            return _key(hop_ip, ipv6_prefix)
     if not hops:
-        client = _ip(real_ip) or peer_ip
-    return _key(client)
+        client = _ip(_without_port(real_ip or "")) or peer_ip
+    return _key(client, ipv6_prefix)
 
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+# `[v6]`, `[v6]:port`, `v4:port`; anything else is taken as an address without a port.
+_WITH_PORT = re.compile(
+    r"\[(?P<v6>[^\]]*)\](?::(?P<v6_port>\d{1,5}))?|(?P<v4>[\d.]+):(?P<v4_port>\d{1,5})"
+)
+
+
+def _without_port(hop: str) -> str | None:
+    """The address part of a forwarded hop; None when its port or brackets are malformed."""
+    hop = hop.strip()
+    if "[" not in hop and hop.count(":") != 1:
+        return hop
+    match = _WITH_PORT.fullmatch(hop)
+    if match is None:
+        return None
+    port = match["v6_port"] or match["v4_port"]
+    if port is not None and int(port) > 65535:
+        return None
+    if match["v6"] is not None:
+        return match["v6"] if ":" in match["v6"] else None
+    return match["v4"]
 
 
 def _ip(text: str | None) -> IPAddress | None:
@@ -170,10 +224,9 @@ def _ip(text: str | None) -> IPAddress | None:
     return address
 
 
-def _key(address: IPAddress) -> str:
+def _key(address: IPAddress, ipv6_prefix: int) -> str:
     if isinstance(address, ipaddress.IPv6Address):
-        block = ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False)
-        return str(block)
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
     return str(address)
 
 
@@ -184,6 +237,7 @@ class RateLimits:
     sessions: RateLimiter
     runs: RateLimiter
     trusted_proxies: TrustedProxies
+    ipv6_prefix: int = IPV6_CLIENT_PREFIX
 
     @classmethod
     def from_settings(cls, settings: Settings, clock: Clock = time.monotonic) -> RateLimits:
@@ -193,6 +247,7 @@ class RateLimits:
             sessions=RateLimiter(settings.session_rate_per_s, settings.session_burst, size, clock),
             runs=RateLimiter(settings.run_rate_per_s, settings.run_burst, size, clock),
             trusted_proxies=TrustedProxies(settings.trusted_proxies),
+            ipv6_prefix=settings.ipv6_client_prefix,
         )
 
     def address_of(self, request: web.Request) -> str:
@@ -204,8 +259,27 @@ class RateLimits:
                 request.headers.getall("X-Forwarded-For", []),
                 request.headers.get("X-Real-IP"),
                 self.trusted_proxies,
+                ipv6_prefix=self.ipv6_prefix,
             )
         return address
+
+
+class RateLimitCollector:
+    """The requests each limit refused, for `/metrics`."""
+
+    def __init__(self, limits: RateLimits) -> None:
+        self._limits = limits
+
+    def collect(self) -> Iterator[Metric]:
+        """One counter family, labelled by the limit that refused."""
+        family = CounterMetricFamily(
+            "sse_rate_limited",
+            "Requests refused with 429 because their client address was over a limit",
+            labels=["kind"],
+        )
+        family.add_metric(["sessions"], self._limits.sessions.refused)
+        family.add_metric(["runs"], self._limits.runs.refused)
+        yield family
 
 
 _address_key = web.RequestKey("client_address_key", str)

@@ -17,7 +17,7 @@ from .keys import Keys
 from .metrics import ServiceCollector, StreamMetrics, build_registry
 from .producer import Producer
 from .publisher import Publisher
-from .rate_limit import RateLimits
+from .rate_limit import RateLimitCollector, RateLimits
 from .sessions import SessionStore
 from .settings import Settings
 from .token_keys import SigningKey, load_key_ring, new_demo_key, verify_key_of
@@ -103,6 +103,7 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     app[metrics_registry_key] = build_registry(
         ServiceCollector(streams, app[hub_key], app[publisher_key], app[connection_stats_key])
     )
+    app[metrics_registry_key].register(RateLimitCollector(app[rate_limits_key]))
     yield
 
 

@@ -63,6 +63,7 @@ class Settings:
     run_rate_per_s: float = 2.0
     run_burst: int = 50
     rate_limit_addresses: int = 10_000
+    ipv6_client_prefix: int = 64
     demo_runs: bool = True
     producer: str = "embedded"
     producer_event_count: int = 10
@@ -291,6 +292,11 @@ def _check_edge(settings: Settings) -> None:
     """CORS, rate limits and trusted proxies."""
     for name in ("session_rate_per_s", "run_rate_per_s"):
         _require(name, getattr(settings, name) >= 0, "must not be negative (0: no limit)")
+    _require(
+        "ipv6_client_prefix",
+        1 <= settings.ipv6_client_prefix <= 128,
+        "must be 1 to 128 (the bits of an IPv6 address that name one client)",
+    )
     bad_origins = [o for o in settings.cors_origins if o != "*" and not _ORIGIN.fullmatch(o)]
     _require(
         "cors_origins",

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from service.app import create_app
 from service.connections import RedisOpener
 from service.errors import RateLimited
 from service.keys import Keys
@@ -16,6 +20,8 @@ from service.rate_limit import RateLimiter, TrustedProxies, client_address
 from service.settings import SettingsError, build_settings, load_settings
 
 from conftest import MakeSettings, StartClient, wait_for
+from redis_process import free_port
+from stack_processes import Child, local_nginx_conf, nginx_argv, require_nginx
 
 
 class FakeClock:
@@ -102,6 +108,32 @@ def test_the_table_of_addresses_is_bounded_and_forgets_the_least_recent(
     assert limiter.take("10.0.0.0") == 0.0  # long forgotten: a fresh bucket
 
 
+def test_filling_the_table_with_new_addresses_does_not_reset_a_limited_one(
+    clock: FakeClock,
+) -> None:
+    # A client with many addresses (an IPv6 block) spends its burst from one, then comes
+    # from thousands of others so the table must forget something: not the limited one.
+    limiter = RateLimiter(rate_per_s=1 / 3600, burst=3, max_addresses=100, clock=clock)
+    for _ in range(3):
+        limiter.take("limited")
+    assert limiter.take("limited") > 0
+    for n in range(10_000):
+        limiter.take(f"2001:db8:{n:x}::/64")
+        assert len(limiter) <= 100
+    assert limiter.take("limited") > 0
+
+
+def test_full_buckets_are_forgotten_before_limited_ones(clock: FakeClock) -> None:
+    limiter = RateLimiter(rate_per_s=1.0, burst=2, max_addresses=2, clock=clock)
+    for _ in range(10):  # ten in flight at once: eight tokens in debt, the oldest entry
+        limiter.spend("in-debt")
+    limiter.take("idle")
+    clock.now += 5  # "idle" is full again (a new bucket would be the same); the other is not
+    limiter.take("newcomer")
+    assert len(limiter) == 2
+    assert limiter.wait_s("in-debt") == pytest.approx(4.0)
+
+
 PROXY = TrustedProxies(["10.0.0.0/8", "192.0.2.1"])
 
 
@@ -130,12 +162,37 @@ PROXY = TrustedProxies(["10.0.0.0/8", "192.0.2.1"])
         ("10.1.2.3", ["2001:db8:1:2::99"], None, "2001:db8:1:2::/64"),
         ("::ffff:198.51.100.7", [], None, "198.51.100.7"),
         (None, ["203.0.113.9"], None, "unknown"),
+        # Hops with a port, and bracketed IPv6 hops, as some proxies write them.
+        ("10.1.2.3", ["203.0.113.9:5678"], None, "203.0.113.9"),
+        ("10.1.2.3", ["[2001:db8:1:2::9]:443"], None, "2001:db8:1:2::/64"),
+        ("10.1.2.3", ["[2001:db8:1:2::9]"], None, "2001:db8:1:2::/64"),
+        ("10.1.2.3", ["1.2.3.4:1, 203.0.113.9:2"], None, "203.0.113.9"),
+        ("192.0.2.1", ["203.0.113.9, 10.9.9.9:80"], None, "203.0.113.9"),
+        ("192.0.2.1", ["203.0.113.9, [::ffff:10.9.9.9]:80"], None, "203.0.113.9"),
+        ("10.1.2.3", [], "203.0.113.9:80", "203.0.113.9"),
+        # A port that is not one makes the hop no address.
+        ("10.1.2.3", ["203.0.113.9:http"], None, "10.1.2.3"),
+        ("10.1.2.3", ["203.0.113.9:99999"], None, "10.1.2.3"),
+        ("10.1.2.3", ["[2001:db8::9]:"], None, "10.1.2.3"),
+        ("10.1.2.3", ["[2001:db8::9"], None, "10.1.2.3"),
+        ("10.1.2.3", ["[203.0.113.9]:80"], None, "10.1.2.3"),
     ],
 )
 def test_the_client_address_believes_forwarding_headers_only_from_trusted_proxies(
     peer: str | None, forwarded: list[str], real_ip: str | None, expected: str
 ) -> None:
     assert client_address(peer, forwarded, real_ip, PROXY) == expected
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [(64, "2001:db8:1:2::/64"), (56, "2001:db8:1::/56"), (48, "2001:db8:1::/48"),
+     (128, "2001:db8:1:2:3:4:5:6/128")],
+)
+def test_ipv6_clients_are_counted_per_the_configured_prefix(prefix: int, expected: str) -> None:
+    peer = "2001:db8:1:2:3:4:5:6"
+    assert client_address(peer, [], None, PROXY, ipv6_prefix=prefix) == expected
+    assert client_address("203.0.113.9", [], None, PROXY, ipv6_prefix=prefix) == "203.0.113.9"
 
 
 def test_nothing_is_trusted_by_default() -> None:
@@ -169,6 +226,9 @@ async def test_get_session_id_is_limited_per_address_with_retry_after(
     assert (await refused.json())["error"] == "rate_limited"
     assert 3000 < int(refused.headers["Retry-After"]) <= 3600
     assert await inspector.dbsize() == stored  # nothing issued
+    metrics = await (await client.get("/metrics")).text()
+    assert 'sse_rate_limited_total{kind="sessions"} 1.0' in metrics
+    assert 'sse_rate_limited_total{kind="runs"} 0.0' in metrics
 
 
 async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(
@@ -226,6 +286,8 @@ async def test_fresh_connects_are_limited_only_by_the_runs_they_start(
     assert await fresh("second") == 200  # starts a run: no token left
     refused = await client.get("/sse/connect", params={"sessionId": "third"})
     assert refused.status == 429
+    metrics = await (await client.get("/metrics")).text()
+    assert 'sse_rate_limited_total{kind="runs"} 1.0' in metrics
     assert (await refused.json())["error"] == "rate_limited"
     assert int(refused.headers["Retry-After"]) > 3000
     assert not await inspector.exists(keys.session("third"), keys.run("third"))
@@ -272,3 +334,47 @@ def test_rate_limit_settings_are_checked_at_start() -> None:
         load_settings(None, {"SSE_TRUSTED_PROXIES": "10.0.0.0/8,nginx"})
     settings = load_settings(None, {"SSE_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1"})
     assert settings.trusted_proxies == ("10.0.0.0/8", "192.0.2.1")
+    assert settings.ipv6_client_prefix == 64
+    for bad in (0, 129):
+        with pytest.raises(SettingsError, match="'ipv6_client_prefix' must be 1 to 128"):
+            build_settings({"ipv6_client_prefix": bad})
+
+
+async def test_behind_the_stacks_nginx_a_client_cannot_name_itself(
+    aiohttp_server: Any, make_settings: MakeSettings, fake_opener: RedisOpener,
+    tmp_path: Path,
+) -> None:
+    """config/nginx.conf sends the workers the address it saw, whatever the client wrote.
+
+    The client here is on loopback, inside the trusted networks, as a client on the stack's
+    own private network would be: what it writes itself must still not be believed.
+    """
+    settings = make_settings(session_rate_per_s=SLOW, session_burst=1,
+                             trusted_proxies=["127.0.0.0/8"])
+    server = await aiohttp_server(create_app(settings, fake_opener), access_log=None)
+    prefix, listen_port = tmp_path / "nginx", free_port()
+    prefix.mkdir()
+    (prefix / "nginx.conf").write_text(local_nginx_conf([server.port], listen_port))
+    nginx = Child("nginx", nginx_argv(require_nginx(), prefix, directives="daemon off;"),
+                  dict(os.environ), tmp_path / "nginx.log")
+    nginx.start()
+    base = f"http://127.0.0.1:{listen_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def status(forwarded_for: str) -> int:
+                try:
+                    async with http.get(f"{base}/sse/getSessionId",
+                                        headers={"X-Forwarded-For": forwarded_for}) as response:
+                        return response.status
+                except aiohttp.ClientError:
+                    return 0
+
+            async def up() -> bool:
+                return await status("198.51.100.1") == 200
+
+            await wait_for(up, timeout_s=15, interval_s=0.05)
+            assert await status("198.51.100.2") == 429
+            assert await status("198.51.100.3, 127.0.0.1") == 429
+    finally:
+        nginx.stop()
