@@ -10,6 +10,7 @@ import random
 import time
 
 from aiohttp import HttpVersion11, web
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -334,7 +335,9 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         await request.app[r.redis_key].ping()
     except RedisError as error:
-        problems.append(f"redis: {error}")
+        # The answer is public; where Redis is and what the driver said go to the log.
+        problems.append(_redis_problem(error))
+        log.warning("readiness: redis did not answer its ping: %s", error)
     if not hub.connected:
         problems.append("shared subscription is not connected")
     producer = request.app.get(r.producer_key)
@@ -343,3 +346,12 @@ async def readyz(request: web.Request) -> web.Response:
     if problems:
         return web.json_response({"status": "unavailable", "problems": problems}, status=503)
     return web.json_response({"status": "ready", "listeners": hub.listener_count})
+
+
+def _redis_problem(error: RedisError) -> str:
+    """A readiness reason: the kind of Redis failure, never its message."""
+    if isinstance(error, RedisTimeoutError):
+        return "redis: timeout"
+    if isinstance(error, RedisConnectionError):
+        return "redis: unreachable"
+    return "redis: error"

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.connections import RedisOpener
 from service.logs import JsonFormatter
+from service.resources import producer_key
 
 from conftest import MakeSettings, StartClient, wait_for
 from redis_process import RedisProcess, require_redis_server
@@ -103,7 +104,8 @@ async def test_healthz_answers_without_touching_redis(client: Any) -> None:
 
 @pytest.mark.redis
 async def test_readyz_is_200_with_redis_and_503_once_it_is_gone(
-    start_client: StartClient, make_settings: MakeSettings, tmp_path: Path
+    start_client: StartClient, make_settings: MakeSettings, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = RedisProcess(require_redis_server(), tmp_path / "redis")
     server.start()
@@ -113,13 +115,44 @@ async def test_readyz_is_200_with_redis_and_503_once_it_is_gone(
         assert ready.status == 200
         assert (await ready.json())["status"] == "ready"
         server.stop()
-        gone = await client.get("/readyz")
+        with caplog.at_level(logging.WARNING, logger="service"):
+            gone = await client.get("/readyz")
         assert gone.status == 503
         body = await gone.json()
         assert body["status"] == "unavailable"
-        assert any(problem.startswith("redis:") for problem in body["problems"])
+        assert "redis: unreachable" in body["problems"]
+        # Where Redis is and what the driver said go to the log, not to whoever asks.
+        text = await gone.text()
+        assert str(server.port) not in text
+        assert "127.0.0.1" not in text
+        assert any("readiness" in r.getMessage() and str(server.port) in r.getMessage()
+                   for r in caplog.records), caplog.text
     finally:
         server.stop()
+
+
+async def test_readyz_names_a_failing_producer_scan_without_its_internals(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await start_client(make_settings(producer_poll_ms=10), fake_opener)
+    producer = client.server.app[producer_key]
+
+    async def broken() -> bool:
+        raise RuntimeError("internal state at 0x7f00dead")
+
+    monkeypatch.setattr(producer, "_claim_due_runs", broken)
+    with caplog.at_level(logging.ERROR, logger="service"):
+        await wait_for(lambda: _not_ready(client), timeout_s=5, interval_s=0.02)
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert "0x7f00dead" not in await response.text()
+    assert any("producer" in problem for problem in (await response.json())["problems"])
+    assert "0x7f00dead" in caplog.text
+
+
+async def _not_ready(client: Any) -> bool:
+    return int((await client.get("/readyz")).status) == 503
 
 
 async def test_every_request_gets_one_access_log_line(
