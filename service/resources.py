@@ -137,5 +137,6 @@ async def drain_streams(app: web.Application) -> None:
     app[lifecycle_key].draining = True
     hub = app.get(hub_key)
     if hub is not None:
-        log.info("draining: ending %d open streams", hub.listener_count)
+        # Streams, not hub listeners: the producer's wake-up subscription is one of those.
+        log.info("draining: ending %d open streams", app[stream_metrics_key].open_count)
         hub.end_listeners(EndReason.SHUTDOWN)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 import time
@@ -49,6 +50,23 @@ async def test_shutdown_ends_open_streams_cleanly_and_at_once(
     async with asyncio.timeout(5):
         await closing
     assert time.monotonic() - started < 2.0
+
+
+async def test_the_drain_line_counts_the_streams_it_ends(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Three streams on two sessions; the embedded producer listens for wake-ups too.
+    client = await start_client(make_settings(producer_interval_ms=60_000), fake_opener)
+    responses = [await client.get("/sse/connect", params={"sessionId": session_id})
+                 for session_id in ("one", "one", "two")]
+    for response in responses:
+        await response.content.readuntil(STREAM_OPENED)
+    with caplog.at_level(logging.INFO, logger="service"):
+        await r.drain_streams(client.server.app)
+    drain_lines = [m for m in caplog.messages if m.startswith("draining: ending ")]
+    assert drain_lines == [drain_lines[0]]
+    assert drain_lines[0].startswith("draining: ending 3 open streams")
 
 
 async def test_a_draining_worker_refuses_new_streams_with_503(
