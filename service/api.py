@@ -26,12 +26,12 @@ from .errors import (
     SessionNotFound,
     UnsupportedMediaType,
 )
-from .once import OutcomeUnknown as OutcomeUnknownError
 from .publisher import BatchOutcome, IdempotencyRecord, PublishedBatch, SessionEnd
+from .redis.once import OutcomeUnknown as OutcomeUnknownError
+from .redis.topology import subscriber_count
 from .responses import Published, PublishedIds, SessionStatus
 from .sessions import is_valid_session_id
 from .submission import parse_body
-from .topology import subscriber_count
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ from . import resources as r
 from .access_log import access_log_middleware
 from .admission import Admission
 from .connection_stats import ConnectionStats
-from .connections import RedisOpener, open_redis
 from .errors import error_middleware
 from .http_version import http_version_middleware
 from .keys import Keys
 from .protocol import handler_args
 from .rate_limit import RateLimits
+from .redis.connections import RedisOpener, open_redis
 from .response_headers import set_response_headers
 from .settings import Settings
 

@@ -23,9 +23,9 @@ from redis.exceptions import RedisError
 
 from .chunked import http_chunk
 from .envelope import Delivery, decode_payload
-from .pubsub_link import PubSubLink, SubscriptionRefusedError
+from .redis.pubsub_link import PubSubLink, SubscriptionRefusedError
+from .redis.topology import topology_of
 from .tasks import cancel_and_wait
-from .topology import topology_of
 
 log = logging.getLogger(__name__)
 

@@ -26,14 +26,14 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from .connections import RedisClient, pipelines_queue
 from .envelope import FINISH_EVENT
 from .hub import Hub, Listener
 from .keys import Keys
 from .publisher import Fence, Published, Publisher, PublishOutcome
+from .redis.connections import RedisClient, pipelines_queue
+from .redis.topology import publish_command
 from .settings import Settings
 from .tasks import cancel_and_wait
-from .topology import publish_command
 
 log = logging.getLogger(__name__)
 

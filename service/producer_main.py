@@ -11,12 +11,12 @@ from pathlib import Path
 
 from redis.exceptions import RedisError
 
-from .connections import RedisClient, open_redis
 from .health_file import keep_fresh
 from .hub import Hub
 from .keys import Keys
 from .producer import Producer
 from .publisher import Publisher
+from .redis.connections import RedisClient, open_redis
 from .settings import Settings
 from .startup import StartupError, producer_line
 from .tasks import cancel_and_wait

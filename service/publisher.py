@@ -17,11 +17,11 @@ from typing import Any
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from .connections import RedisClient, pipelines_queue
 from .keys import Keys
-from .once import run_once
+from .redis.connections import RedisClient, pipelines_queue
+from .redis.once import run_once
+from .redis.topology import publish_command
 from .sse import check_field
-from .topology import publish_command
 
 # KEYS: session, log, run, lease, tombstone.
 # ARGV: channel, event, data, ttl_ms, maxlen, token ('' = no fencing), seq, lease_ms,
@@ -206,7 +206,7 @@ class Publisher:
     still its own script run, atomic on its own. On a cluster each publish is its own call
     (see `pipelines_queue`).
 
-    Nothing here is ever re-sent (see `service/once.py`): a publish whose reply did not come
+    Nothing here is ever re-sent (see `service/redis/once.py`): a publish whose reply did not come
     fails with `OutcomeUnknown`. The producer's publishes are fenced, so it simply retries;
     the publish API hands the question to its caller, with an idempotency key to retry by.
     """

@@ -11,13 +11,13 @@ from prometheus_client import CollectorRegistry
 
 from .admission import Admission
 from .connection_stats import ConnectionStats
-from .connections import RedisClient, RedisOpener
 from .hub import EndReason, Hub
 from .keys import Keys
 from .metrics import ServiceCollector, StreamMetrics, build_registry
 from .producer import Producer
 from .publisher import Publisher
 from .rate_limit import RateLimitCollector, RateLimits
+from .redis.connections import RedisClient, RedisOpener
 from .sessions import SessionStore
 from .settings import Settings
 from .token_keys import SigningKey, load_key_ring, new_demo_key, verify_key_of

@@ -21,8 +21,8 @@ from typing import Any
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from .connections import RedisClient, pipelines_queue
-from .once import run_once
+from .redis.connections import RedisClient, pipelines_queue
+from .redis.once import run_once
 
 Arguments = Sequence[str | int | float]
 _Queued = tuple[Sequence[str], Arguments, "asyncio.Future[Any]"]

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 from . import script_queue
-from .connections import RedisClient
 from .envelope import Delivery, decode_log_entry
 from .keys import Keys
+from .redis.connections import RedisClient
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # 22 independent base-62 digits from the system CSPRNG: 22 * log2(62) = 130.99 bits.

@@ -14,8 +14,8 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio.cluster import RedisCluster
 
 from service.app import create_app
-from service.connections import RedisClient, RedisOpener, open_redis
 from service.keys import Keys
+from service.redis.connections import RedisClient, RedisOpener, open_redis
 from service.settings import Settings, build_settings
 
 from chaos_report import report_table

@@ -9,8 +9,8 @@ import pytest
 import redis.asyncio as redis
 
 from service import resources as r
-from service.connections import RedisOpener
 from service.keys import Keys
+from service.redis.connections import RedisOpener
 from service.sse import Event
 
 from conftest import MakeSettings, StartClient, wait_for

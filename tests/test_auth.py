@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from service.auth import AccessPolicy, access_policy, token_matches
-from service.connections import RedisOpener
+from service.redis.connections import RedisOpener
 
 from conftest import MakeSettings, StartClient
 from signing import claims, hs256_key, sign

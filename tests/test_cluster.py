@@ -11,11 +11,11 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
-from service.connections import closed_under_us, open_redis
 from service.keys import Keys
 from service.publisher import Publisher
+from service.redis.connections import closed_under_us, open_redis
+from service.redis.topology import subscriber_count
 from service.resources import hub_key
-from service.topology import subscriber_count
 
 from conftest import MakeSettings, StartClient, wait_for
 from redis_process import RedisClusterProcesses

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.connections import BlockingSentinelConnectionPool, PrimaryConnection
+from service.redis.connections import BlockingSentinelConnectionPool, PrimaryConnection
 
 from redis_process import RedisProcess, replica_linked_to, require_redis_server, wait_until
 

@@ -16,9 +16,9 @@ import pytest
 import redis.asyncio as redis
 
 from service import resources as r
-from service.connections import RedisOpener
 from service.keys import Keys
 from service.producer import Producer
+from service.redis.connections import RedisOpener
 from service.tasks import cancel_and_wait
 
 from conftest import MakeSettings, StartClient, logged_ids, wait_for

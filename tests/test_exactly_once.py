@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 
-from service.connections import RedisClient
 from service.keys import Keys
+from service.redis.connections import RedisClient
 
 from conftest import MakeSettings, RedisTarget, StartClient, logged_ids
 

@@ -8,11 +8,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.connections import RedisClient
 from service.keys import Keys
 from service.publisher import Publisher
+from service.redis.connections import RedisClient
+from service.redis.topology import subscriber_count
 from service.resources import hub_key
-from service.topology import subscriber_count
 
 from conftest import MakeSettings, RedisTarget, StartClient, pubsub_connections, wait_for
 from sse_reader import STREAM_OPENED, collect

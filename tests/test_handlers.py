@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from service.connections import RedisOpener
 from service.envelope import parse_event_id
+from service.redis.connections import RedisOpener
 
 from conftest import MakeSettings, StartClient, wait_for
 from sse_reader import STREAM_OPENED, SSEParser, collect

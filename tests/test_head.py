@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from service.app import create_app
-from service.connections import RedisOpener
+from service.redis.connections import RedisOpener
 
 from conftest import MakeSettings
 from raw_http import Address, exchange, serve_edge, split_responses

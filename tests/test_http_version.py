@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.connections import RedisOpener
+from service.redis.connections import RedisOpener
 
 from conftest import MakeSettings, StartClient
 

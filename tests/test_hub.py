@@ -17,7 +17,7 @@ import redis.asyncio as redis
 from service.hub import EndReason, Hub, HubClosedError, Incoming, Resync
 from service.keys import Keys
 from service.publisher import Publisher
-from service.pubsub_link import PLAIN, SHARDED, Dialect
+from service.redis.pubsub_link import PLAIN, SHARDED, Dialect
 from service.resources import hub_key
 
 from conftest import MakeSettings, StartClient, wait_for

@@ -9,7 +9,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from service.connections import RedisOpener
+from service.redis.connections import RedisOpener
 from service.resources import admission_key
 from service.submission import MAX_BATCH_EVENTS
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.connections import RedisOpener
 from service.logs import JsonFormatter
+from service.redis.connections import RedisOpener
 from service.resources import producer_key
 
 from conftest import MakeSettings, StartClient, wait_for

@@ -21,8 +21,8 @@ import fakeredis
 import pytest
 from multidict import CIMultiDict
 
-from service.connections import RedisOpener
 from service.openapi import Spec, build_document
+from service.redis.connections import RedisOpener
 from service.settings import Settings
 
 from conftest import MakeSettings, StartClient

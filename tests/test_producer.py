@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service.connections import RedisClient, RedisOpener
 from service.hub import EndReason
 from service.keys import Keys
 from service.producer import demo_event
+from service.redis.connections import RedisClient, RedisOpener
 from service.resources import hub_key, producer_key
 
 from conftest import MakeSettings, RedisTarget, StartClient, logged_ids, wait_for

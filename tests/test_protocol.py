@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from service.app import create_app
-from service.connections import RedisOpener
+from service.redis.connections import RedisOpener
 
 from conftest import MakeSettings, wait_for
 from raw_http import Address, exchange, serve_edge, split_responses

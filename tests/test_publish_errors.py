@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from service.connections import RedisOpener
 from service.keys import Keys
+from service.redis.connections import RedisOpener
 
 from conftest import MakeSettings, StartClient
 

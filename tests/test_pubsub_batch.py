@@ -12,10 +12,10 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service import pubsub_link
-from service.connections import RedisOpener
 from service.hub import Hub, Incoming, Listener, Resync
 from service.keys import Keys
+from service.redis import pubsub_link
+from service.redis.connections import RedisOpener
 from service.resources import hub_key, publisher_key
 
 from conftest import MakeSettings, RedisTarget, StartClient, wait_for

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 
 from service.keys import Keys
-from service.pubsub_link import PLAIN, SHARDED, subscribe_batches
+from service.redis.pubsub_link import PLAIN, SHARDED, subscribe_batches
 
 KEYS = Keys()
 CHANNELS = [KEYS.channel(f"s{n}").encode() for n in range(50)] + [

@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 
 from service.app import create_app
-from service.connections import RedisOpener
 from service.errors import RateLimited
 from service.keys import Keys
 from service.rate_limit import RateLimiter, TrustedProxies, client_address
+from service.redis.connections import RedisOpener
 from service.settings import SettingsError, build_settings, load_settings
 
 from conftest import MakeSettings, StartClient, wait_for

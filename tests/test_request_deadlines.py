@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from service.app import create_app
-from service.connections import RedisOpener
+from service.redis.connections import RedisOpener
 from service.settings import Settings
 
 from conftest import MakeSettings

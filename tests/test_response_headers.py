@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from service.connections import RedisOpener
+from service.redis.connections import RedisOpener
 from service.settings import SettingsError, build_settings, load_settings
 
 from conftest import MakeSettings, StartClient

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from service.connections import RedisClient
 from service.envelope import parse_event_id
 from service.keys import Keys
 from service.publisher import Publisher
+from service.redis.connections import RedisClient
 
 from conftest import MakeSettings, RedisTarget, StartClient, logged_ids, wait_for
 from sse_reader import ReceivedEvent, collect

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from service import resources as r
 from service.app import create_app
-from service.connections import RedisOpener
+from service.redis.connections import RedisOpener
 from service.stream import StreamEnd
 from service.token_keys import DEMO_KEY_ID
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from service.connections import RedisOpener
+from service.redis.connections import RedisOpener
 from service.settings import Settings
 
 # The repository's web/, which the wheel ships as package data.

@@ -20,9 +20,9 @@ from redis.exceptions import ClusterDownError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .logs import redacted_url
-from .sentinel_url import is_sentinel_url, parse_sentinel_url
-from .settings import Settings, StartupError
+from ..logs import redacted_url
+from ..sentinel_url import is_sentinel_url, parse_sentinel_url
+from ..settings import Settings, StartupError
 
 log = logging.getLogger(__name__)
 

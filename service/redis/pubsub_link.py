@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .tasks import cancel_and_wait
+from ..tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
