@@ -18,6 +18,7 @@ from service.envelope import parse_event_id
 from service.keys import Keys
 
 from event_source import EventSourceClient, Received
+from redis_state import log_entries
 
 KEYS = Keys()
 
@@ -128,8 +129,7 @@ async def log_truth(
     client: redis.Redis | RedisCluster, session_id: str, after: str = "0-0"
 ) -> Truth:
     """A session whose log Redis kept: the log (past `after`) is what it should deliver."""
-    entries = await client.xrange(KEYS.log(session_id), min=f"({after}")
-    ids = [entry_id.decode() for entry_id, _ in entries]
+    ids = [entry_id.decode() for entry_id, _ in await log_entries(client, session_id, f"({after}")]
     return Truth(keys=ids, count=len(ids), by="id")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -316,7 +317,7 @@ class Workload:
         self.rss_growth = 0
         for worker in live:
             try:
-                await wait_until(lambda w=worker: self._back_to_idle(w), timeout_s,
+                await wait_until(functools.partial(self._back_to_idle, worker), timeout_s,
                                  f"{worker.name} to hold no stream")
             except AssertionError as error:
                 streams, channels = await idle_state(self.http, worker)

@@ -1,37 +1,27 @@
-"""Shared fixtures: settings, a real redis-server, a shared in-memory Redis, app clients."""
+"""Shared fixtures: settings, a real redis-server, a shared in-memory Redis, app clients.
+
+Fixtures only: the helpers and types tests import live in app_clients, redis_state and
+waiting."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import fakeredis
 import pytest
 import redis.asyncio as redis
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 from redis.asyncio.cluster import RedisCluster
 
 from service.app import create_app
-from service.keys import Keys
 from service.redis.connections import RedisClient, RedisOpener, open_redis
 from service.settings import Settings, build_settings
 
+from app_clients import FAST_SETTINGS, AppClient, MakeSettings, StartClient
 from chaos_report import report_table
 from redis_process import RedisClusterProcesses, RedisProcess, require_redis_server
-
-# Fast, test-friendly defaults; each test overrides what it is about.
-FAST_SETTINGS: dict[str, Any] = {
-    "producer_interval_ms": 20,
-    "producer_poll_ms": 100,
-    "producer_lease_ms": 1000,
-    "session_ttl_s": 30.0,
-    "retry_ms": 500,
-}
-
-MakeSettings = Callable[..., Settings]
-StartClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+from redis_state import RedisTarget
 
 
 @pytest.fixture
@@ -81,25 +71,6 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         cluster.stop()
 
 
-@dataclass(frozen=True)
-class RedisTarget:
-    """A real Redis deployment to run a test against: one server, or a cluster."""
-
-    url: str
-    cluster: bool
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        """The settings that point a worker at it."""
-        return {"redis_url": self.url, "redis_cluster": self.cluster}
-
-    def client(self) -> RedisClient:
-        """A plain client for assertions about its state."""
-        if self.cluster:
-            return RedisCluster.from_url(self.url)
-        return redis.Redis.from_url(self.url)
-
-
 @pytest.fixture(params=["single", "cluster"])
 async def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
     """Each integration test twice: on one redis-server and on a Redis Cluster, both flushed."""
@@ -124,39 +95,6 @@ async def target_client(redis_target: RedisTarget) -> AsyncIterator[RedisClient]
     await client.aclose()
 
 
-async def pubsub_connections(client: RedisClient) -> int:
-    """Pub/sub connections open on the server, or on all cluster primaries together."""
-    if isinstance(client, RedisCluster):
-        await client.initialize()
-        total = 0
-        for node in client.get_primaries():
-            listed = await client.execute_command(
-                "CLIENT", "LIST", "TYPE", "pubsub", target_nodes=node
-            )
-            total += len([line for line in _lines(listed) if line])
-        return total
-    return len(await client.client_list(_type="pubsub"))
-
-
-def _lines(listed: Any) -> list[str]:
-    text = listed.decode() if isinstance(listed, bytes) else str(listed)
-    return text.splitlines()
-
-
-async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float = 5.0,
-                   interval_s: float = 0.01) -> None:
-    """Poll `condition` until it holds; fail the test if the deadline passes first."""
-    async with asyncio.timeout(timeout_s):
-        while not await condition():  # noqa: ASYNC110 - the condition lives in another process
-            await asyncio.sleep(interval_s)
-
-
-async def logged_ids(client: RedisClient, session_id: str) -> list[str]:
-    """The ids in a session's event log, oldest first."""
-    entries = await client.xrange(Keys().log(session_id))
-    return [entry_id.decode() for entry_id, _ in entries]
-
-
 @pytest.fixture
 def fake_server() -> fakeredis.FakeServer:
     """One in-memory Redis that several apps of a test share."""
@@ -176,12 +114,12 @@ def fake_opener(fake_server: fakeredis.FakeServer) -> RedisOpener:
 
 
 @pytest.fixture
-def start_client(aiohttp_client: Any) -> StartClient:
+def start_client(aiohttp_client: AiohttpClient) -> StartClient:
     """Start an app built by the production factory and return a client for it."""
 
     async def start(
-        settings: Settings, open_client: RedisOpener = open_redis, **client_kwargs: Any
-    ) -> Any:
+        settings: Settings, open_client: RedisOpener = open_redis, /, **client_kwargs: Any
+    ) -> AppClient:
         return await aiohttp_client(create_app(settings, open_client), **client_kwargs)
 
     return start

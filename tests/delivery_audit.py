@@ -18,11 +18,10 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
-from aiohttp.test_utils import TestClient
 
+from app_clients import AppClient
 from sse_reader import STREAM_OPENED, ReceivedEvent, read_events
 
 RECONNECT_DELAY_S = 0.2
@@ -109,7 +108,7 @@ class AuditReport:
 class DeliveryAudit:
     """Streams of `session_ids` on one worker, and publishing to them through its API."""
 
-    def __init__(self, client: TestClient[Any, Any], session_ids: list[str], token: str) -> None:
+    def __init__(self, client: AppClient, session_ids: list[str], token: str) -> None:
         self._client = client
         self._auth = {"Authorization": f"Bearer {token}"}
         self.logs = {sid: StreamLog(sid) for sid in session_ids}
@@ -355,7 +354,7 @@ async def wait_until_async(
 class ReadinessLog:
     """`/readyz` sampled every 50 ms while a fault plays out."""
 
-    client: TestClient[Any, Any]
+    client: AppClient
     samples: list[tuple[float, int]] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
 

@@ -53,7 +53,7 @@ class KeyPair:
             jwk = json.loads(jwt.algorithms.HMACAlgorithm.to_jwk(self.signing.key))
         else:
             algorithm = jwt.get_algorithm_by_name(self.alg)
-            jwk = json.loads(algorithm.to_jwk(self.signing.key.public_key()))  # type: ignore[attr-defined]
+            jwk = json.loads(algorithm.to_jwk(self.signing.key.public_key()))
         return {**jwk, "kid": self.kid, "alg": self.alg}
 
     def write_public_pem(self, directory: Path) -> Path:

@@ -13,8 +13,9 @@ from service.keys import Keys
 from service.redis.connections import RedisOpener
 from service.sse import Event
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
 from sse_reader import SSEParser, collect
+from waiting import wait_for
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -23,30 +24,30 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 async def client(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
-) -> Any:
+) -> AppClient:
     """An app with a publish token, no demo runs, on the shared in-memory Redis."""
     settings = make_settings(publish_tokens=[TOKEN], demo_runs=False)
     return await start_client(settings, fake_opener)
 
 
-async def new_session(client: Any) -> str:
+async def new_session(client: AppClient) -> str:
     response = await client.get("/sse/getSessionId")
     return str(await response.text())
 
 
-async def publish(client: Any, session_id: str, body: Any) -> Any:
+async def publish(client: AppClient, session_id: str, body: Any) -> Any:
     response = await client.post(f"/sse/sessions/{session_id}/events", json=body, headers=AUTH)
     assert response.status == 202, await response.text()
     return await response.json()
 
 
-async def status(client: Any, session_id: str) -> Any:
+async def status(client: AppClient, session_id: str) -> Any:
     response = await client.get(f"/sse/sessions/{session_id}", headers=AUTH)
     assert response.status == 200, await response.text()
     return await response.json()
 
 
-async def test_publish_returns_the_event_id_and_the_stream_delivers_it(client: Any) -> None:
+async def test_publish_returns_the_event_id_and_the_stream_delivers_it(client: AppClient) -> None:
     session_id = await new_session(client)
     async with client.get("/sse/connect", params={"sessionId": session_id}) as stream:
         reply = await publish(client, session_id, {"event": "payment", "data": {"ok": True}})
@@ -57,7 +58,7 @@ async def test_publish_returns_the_event_id_and_the_stream_delivers_it(client: A
     assert events[-1].event == "finish"
 
 
-async def test_batch_publish_returns_ids_in_order_and_they_replay(client: Any) -> None:
+async def test_batch_publish_returns_ids_in_order_and_they_replay(client: AppClient) -> None:
     session_id = await new_session(client)
     reply = await publish(
         client, session_id, [{"data": "one"}, {"data": "two"}, {"event": "finish", "data": "3"}]
@@ -70,7 +71,7 @@ async def test_batch_publish_returns_ids_in_order_and_they_replay(client: Any) -
     assert [e.data for e in events] == ["one", "two", "3"]
 
 
-async def test_status_reports_ttl_subscribers_and_last_event(client: Any) -> None:
+async def test_status_reports_ttl_subscribers_and_last_event(client: AppClient) -> None:
     session_id = await new_session(client)
     fresh = await status(client, session_id)
     assert fresh["sessionId"] == session_id
@@ -87,14 +88,14 @@ async def test_status_reports_ttl_subscribers_and_last_event(client: Any) -> Non
     assert (done["finished"], done["lastEventId"]) == (True, reply["id"])
 
 
-async def test_status_of_an_unknown_session_is_404(client: Any) -> None:
+async def test_status_of_an_unknown_session_is_404(client: AppClient) -> None:
     response = await client.get("/sse/sessions/neverIssued", headers=AUTH)
     assert response.status == 404
     assert (await response.json())["error"] == "session_not_found"
 
 
 async def test_delete_sends_finish_closes_streams_and_removes_keys(
-    client: Any, fake_opener: RedisOpener, make_settings: MakeSettings
+    client: AppClient, fake_opener: RedisOpener, make_settings: MakeSettings
 ) -> None:
     session_id = await new_session(client)
     await publish(client, session_id, {"data": "before"})
@@ -140,7 +141,7 @@ async def test_delete_stops_a_running_demo_producer(
     await inspector.aclose()
 
 
-async def _no_active_runs(client: Any) -> bool:
+async def _no_active_runs(client: AppClient) -> bool:
     return bool(client.app[r.producer_key].active_runs == 0)
 
 
@@ -162,7 +163,7 @@ async def test_payload_arrives_byte_exact_at_two_subscribers_on_two_instances(
     data = _payload()
     assert len(data.encode()) == 65536
 
-    async def read_raw(client: Any, started: asyncio.Event) -> bytes:
+    async def read_raw(client: AppClient, started: asyncio.Event) -> bytes:
         async with client.get("/sse/connect", params={"sessionId": session_id}) as response:
             started.set()
             async with asyncio.timeout(10):
@@ -188,7 +189,7 @@ async def test_payload_arrives_byte_exact_at_two_subscribers_on_two_instances(
 
 
 async def test_publishing_after_finish_is_refused_and_logs_nothing(
-    client: Any, fake_opener: RedisOpener, make_settings: MakeSettings
+    client: AppClient, fake_opener: RedisOpener, make_settings: MakeSettings
 ) -> None:
     session_id = await new_session(client)
     await publish(client, session_id, [{"data": "last words"}, {"event": "finish", "data": "end"}])
@@ -204,7 +205,7 @@ async def test_publishing_after_finish_is_refused_and_logs_nothing(
     await inspector.aclose()
 
 
-async def test_a_finish_must_be_the_last_event_of_a_batch(client: Any) -> None:
+async def test_a_finish_must_be_the_last_event_of_a_batch(client: AppClient) -> None:
     session_id = await new_session(client)
     response = await client.post(
         f"/sse/sessions/{session_id}/events",

@@ -10,7 +10,7 @@ import pytest
 from service.auth import AccessPolicy, access_policy, token_matches
 from service.redis.connections import RedisOpener
 
-from conftest import MakeSettings, StartClient
+from app_clients import AppClient, MakeSettings, StartClient
 from signing import claims, hs256_key, sign
 
 TOKEN = "right-token-0123456789"
@@ -45,7 +45,7 @@ def test_access_policy(make_settings: MakeSettings, overrides: Any, policy: Acce
 @pytest.fixture
 async def guarded(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
-) -> Any:
+) -> AppClient:
     settings = make_settings(publish_tokens=[OTHER, TOKEN], demo_runs=False)
     return await start_client(settings, fake_opener)
 
@@ -55,7 +55,9 @@ async def guarded(
     [("POST", "/sse/sessions/abc/events"), ("GET", "/sse/sessions/abc"),
      ("DELETE", "/sse/sessions/abc")],
 )
-async def test_missing_token_is_401_with_challenge(guarded: Any, method: str, path: str) -> None:
+async def test_missing_token_is_401_with_challenge(
+    guarded: AppClient, method: str, path: str
+) -> None:
     response = await guarded.request(method, path, json=BODY)
     assert response.status == 401
     assert response.headers["WWW-Authenticate"].startswith("Bearer ")
@@ -65,7 +67,7 @@ async def test_missing_token_is_401_with_challenge(guarded: Any, method: str, pa
 @pytest.mark.parametrize(
     "header", [f"Bearer {WRONG}", f"Basic {TOKEN}", "Bearer", "Bearer ", TOKEN, "Bearer ü€"]
 )
-async def test_wrong_token_is_401(guarded: Any, header: str) -> None:
+async def test_wrong_token_is_401(guarded: AppClient, header: str) -> None:
     response = await guarded.post(
         "/sse/sessions/abc/events", json=BODY, headers={"Authorization": header}
     )
@@ -77,7 +79,7 @@ async def test_wrong_token_is_401(guarded: Any, header: str) -> None:
 
 
 @pytest.mark.parametrize("token", [TOKEN, OTHER])
-async def test_right_token_publishes(guarded: Any, token: str) -> None:
+async def test_right_token_publishes(guarded: AppClient, token: str) -> None:
     response = await guarded.post(
         "/sse/sessions/abc/events", json=BODY, headers={"Authorization": f"bearer {token}"}
     )
@@ -106,7 +108,7 @@ async def test_external_redis_without_tokens_disables_the_api(
 
 
 async def test_tokens_never_reach_the_logs(
-    guarded: Any, caplog: pytest.LogCaptureFixture
+    guarded: AppClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
     for token in (TOKEN, WRONG):
@@ -129,7 +131,7 @@ SECRET = "publisher-signing-secret-0123456789"
 @pytest.fixture
 async def signed(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
-) -> Any:
+) -> AppClient:
     settings = make_settings(
         publish_tokens=[TOKEN], token_hs256_secrets=[f"pub:{SECRET}"], demo_runs=False,
         token_leeway_s=0, redis_url=EXTERNAL,
@@ -139,7 +141,7 @@ async def signed(
 
 def publisher_token(*sessions: str, scope: str = "publish", ttl_s: float = 60,
                     secret: str = SECRET) -> str:
-    body = claims(**{scope: list(sessions)}, ttl_s=ttl_s)  # type: ignore[arg-type]
+    body = claims(**{scope: list(sessions)}, ttl_s=ttl_s)
     return sign(hs256_key("pub", secret), body)
 
 
@@ -158,7 +160,7 @@ def test_token_keys_alone_guard_the_api(make_settings: MakeSettings) -> None:
      ("DELETE", "/sse/sessions/room-1", 204)],
 )
 async def test_a_publish_token_for_the_session_is_accepted(
-    signed: Any, method: str, path: str, status: int
+    signed: AppClient, method: str, path: str, status: int
 ) -> None:
     await signed.post("/sse/sessions/room-1/events", json=BODY, headers=bearer(TOKEN))
     response = await signed.request(
@@ -167,7 +169,7 @@ async def test_a_publish_token_for_the_session_is_accepted(
     assert response.status == status
 
 
-async def test_a_publish_token_is_scoped_to_its_sessions(signed: Any) -> None:
+async def test_a_publish_token_is_scoped_to_its_sessions(signed: AppClient) -> None:
     url = "/sse/sessions/other/events"
     response = await signed.post(url, json=BODY, headers=bearer(publisher_token("room-*")))
     assert response.status == 403
@@ -178,7 +180,7 @@ async def test_a_publish_token_is_scoped_to_its_sessions(signed: Any) -> None:
     assert (await signed.post(url, json=BODY, headers=bearer(subscriber))).status == 403
 
 
-async def test_a_bad_or_expired_publish_token_is_401(signed: Any) -> None:
+async def test_a_bad_or_expired_publish_token_is_401(signed: AppClient) -> None:
     url = "/sse/sessions/room-1/events"
     expired = await signed.post(url, json=BODY, headers=bearer(publisher_token("*", ttl_s=-5)))
     assert expired.status == 401
@@ -195,7 +197,7 @@ async def test_a_bad_or_expired_publish_token_is_401(signed: Any) -> None:
 
 
 async def test_without_token_keys_a_signed_token_is_just_a_wrong_token(
-    guarded: Any,
+    guarded: AppClient,
 ) -> None:
     response = await guarded.post(
         "/sse/sessions/abc/events", json=BODY, headers=bearer(publisher_token("*"))

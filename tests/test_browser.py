@@ -19,8 +19,8 @@ from aiohttp import web
 from service.token_keys import SigningKey
 from service.tokens import mint_token
 
+from app_clients import MakeSettings
 from chromium_process import HAVE_PLAYWRIGHT, headless_chromium
-from conftest import MakeSettings
 from live_service import Service, serve
 
 if HAVE_PLAYWRIGHT:

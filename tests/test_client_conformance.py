@@ -42,13 +42,14 @@ import redis.asyncio as redis
 from httpx_sse import aconnect_sse
 
 from service.envelope import decode_log_entry
-from service.keys import Keys
 from service.resources import publisher_key
 
+from app_clients import MakeSettings
 from chromium_process import headless_chromium
-from conftest import MakeSettings, wait_for
 from live_service import Service, serve
 from redis_process import require_tool
+from redis_state import log_entries
+from waiting import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -318,9 +319,8 @@ async def logged_events(
     redis_client: redis.Redis, session_id: str, client: Client
 ) -> list[tuple[str, str, str]]:
     """The session's log as (name, data, id), named and line-broken as the client shows it."""
-    entries = await redis_client.xrange(Keys().log(session_id))
     events = []
-    for entry_id, fields in entries:
+    for entry_id, fields in await log_entries(redis_client, session_id):
         delivery = decode_log_entry(entry_id, fields)
         data = delivery.data.replace("\r\n", "\n").replace("\r", "\n")
         events.append((delivery.event or client.unnamed, data, delivery.id))

@@ -17,9 +17,11 @@ from service.redis.connections import closed_under_us, open_redis
 from service.redis.topology import subscriber_count
 from service.resources import hub_key
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import MakeSettings, StartClient
 from redis_process import RedisClusterProcesses
+from redis_state import shard_of
 from sse_reader import STREAM_OPENED, collect
+from waiting import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -56,7 +58,7 @@ async def test_a_stream_keeps_receiving_when_its_slot_moves_to_another_shard(
         settings = make_settings(redis_url=redis_cluster.url, redis_cluster=True,
                                  demo_runs=False, producer="off")
         client = await start_client(settings)
-        hub = client.server.app[hub_key]
+        hub = client.app[hub_key]
         response = await client.get("/sse/connect", params={"sessionId": "moving"})
         reading = asyncio.create_task(collect(response, timeout_s=20))
         channel = Keys().channel("moving")
@@ -64,11 +66,11 @@ async def test_a_stream_keeps_receiving_when_its_slot_moves_to_another_shard(
         await publisher.publish("moving", "", "before")
 
         slot = cluster_client.keyslot(channel)
-        source = cluster_client.get_node_from_key(channel)
+        source = shard_of(cluster_client, channel)
         target = next(n for n in cluster_client.get_primaries() if n.name != source.name)
         await move_slot(cluster_client, slot, source, target)
         await cluster_client.nodes_manager.initialize()
-        assert cluster_client.get_node_from_key(channel).name == target.name
+        assert shard_of(cluster_client, channel).name == target.name
 
         async def resubscribed_on_target() -> bool:
             return await subscriber_count(cluster_client, channel) == 1
@@ -95,7 +97,7 @@ def sessions_on_every_shard(client: RedisCluster, per_shard: int) -> dict[str, l
     while any(len(ids) < per_shard for ids in by_node.values()):
         session_id = f"shard-{n}"
         n += 1
-        ids = by_node[client.get_node_from_key(Keys().channel(session_id)).name]
+        ids = by_node[shard_of(client, Keys().channel(session_id)).name]
         if len(ids) < per_shard:
             ids.append(session_id)
     return by_node
@@ -114,7 +116,7 @@ async def test_killed_pubsub_connections_on_every_shard_resubscribe_every_stream
         settings = make_settings(redis_url=redis_cluster.url, redis_cluster=True,
                                  demo_runs=False, heartbeat_interval_s=0.5)
         client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
-        hub = client.server.app[hub_key]
+        hub = client.app[hub_key]
         responses = [
             await client.get("/sse/connect", params={"sessionId": sid}) for sid in session_ids
         ]

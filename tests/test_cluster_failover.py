@@ -23,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 from service.keys import Keys
 from service.resources import hub_key
 
-from conftest import MakeSettings, StartClient, logged_ids
+from app_clients import AppClient, MakeSettings, StartClient
 from delivery_audit import DeliveryAudit, ReadinessLog, wait_until_async
 from redis_process import (
     RedisClusterProcesses,
@@ -32,6 +32,7 @@ from redis_process import (
     require_redis_server,
     wait_until,
 )
+from redis_state import logged_ids, shard_of
 from sse_reader import STREAM_OPENED, collect
 
 pytestmark = [pytest.mark.redis, pytest.mark.ha]
@@ -59,7 +60,7 @@ def sessions_by_shard(client: RedisCluster, per_shard: int, prefix: str) -> dict
     while any(len(ids) < per_shard for ids in by_node.values()):
         session_id = f"{prefix}-{n}"
         n += 1
-        ids = by_node[client.get_node_from_key(Keys().channel(session_id)).name]
+        ids = by_node[shard_of(client, Keys().channel(session_id)).name]
         if len(ids) < per_shard:
             ids.append(session_id)
     return by_node
@@ -85,7 +86,7 @@ async def test_a_killed_primary_fails_over_and_every_stream_resumes(
             redis_max_connections=8,
         )  # fmt: skip
         client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
-        hub = client.server.app[hub_key]
+        hub = client.app[hub_key]
         audit = DeliveryAudit(client, [sid for ids in by_node.values() for sid in ids], TOKEN)
         readiness = ReadinessLog(client)
 
@@ -146,7 +147,7 @@ async def crash_with_unreplicated_writes(
     return fault_at
 
 
-async def attach_and_publish_on(admin: RedisCluster, client: Any, node: str) -> None:
+async def attach_and_publish_on(admin: RedisCluster, client: AppClient, node: str) -> None:
     """A new session on `node`'s shard: the worker's attach and publish reach its new owner."""
     fresh = sessions_by_shard(admin, 1, "after")[node][0]
     response = await client.get("/sse/connect", params={"sessionId": fresh})

@@ -77,7 +77,7 @@ class RunningStack:
 
 def expected_nofile() -> int:
     """The compose file's limit for workers, or the host's where that is lower."""
-    return min(COMPOSE["services"]["worker"]["ulimits"]["nofile"]["soft"], host_nofile_limit())
+    return min(int(COMPOSE["services"]["worker"]["ulimits"]["nofile"]["soft"]), host_nofile_limit())
 
 
 def write_override(path: Path) -> None:

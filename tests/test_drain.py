@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -21,10 +20,12 @@ from service.producer import Producer
 from service.redis.connections import RedisOpener
 from service.tasks import cancel_and_wait
 
-from conftest import MakeSettings, StartClient, logged_ids, wait_for
+from app_clients import MakeSettings, StartClient
 from redis_process import free_port
+from redis_state import logged_ids
 from sse_reader import STREAM_OPENED, SSEParser, read_events
 from stack_processes import Worker, service_env
+from waiting import wait_for
 
 
 async def test_shutdown_ends_open_streams_cleanly_and_at_once(
@@ -63,7 +64,7 @@ async def test_the_drain_line_counts_the_streams_it_ends(
     for response in responses:
         await response.content.readuntil(STREAM_OPENED)
     with caplog.at_level(logging.INFO, logger="service"):
-        await r.drain_streams(client.server.app)
+        await r.drain_streams(client.app)
     drain_lines = [m for m in caplog.messages if m.startswith("draining: ending ")]
     assert drain_lines == [drain_lines[0]]
     assert drain_lines[0].startswith("draining: ending 3 open streams")
@@ -73,7 +74,7 @@ async def test_a_draining_worker_refuses_new_streams_with_503(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
     client = await start_client(make_settings(), fake_opener)
-    await r.drain_streams(client.server.app)
+    await r.drain_streams(client.app)
     response = await client.get("/sse/connect", params={"sessionId": "late"})
     assert response.status == 503
     assert response.headers["Retry-After"] == "1"
@@ -101,7 +102,7 @@ async def test_a_closing_producer_hands_its_run_to_another_at_once(
 
     await wait_for(three_logged)
     second = await start_client(settings)
-    second_producer: Producer = second.server.app[r.producer_key]
+    second_producer: Producer = second.app[r.producer_key]
     lease_before = await redis_client.get(Keys().lease("handover"))
     response.close()
     await first.close()
@@ -119,7 +120,7 @@ async def test_a_closing_producer_hands_its_run_to_another_at_once(
 async def test_app_shutdown_with_nothing_open_is_quick(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
-    client: Any = await start_client(make_settings(), fake_opener)
+    client = await start_client(make_settings(), fake_opener)
     started = time.monotonic()
     async with asyncio.timeout(5):
         await client.close()

@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 
-from service.keys import Keys
 from service.redis.connections import RedisClient
 
-from conftest import MakeSettings, RedisTarget, StartClient, logged_ids
+from app_clients import MakeSettings, StartClient
+from redis_state import RedisTarget, logged_data, logged_ids
 
 pytestmark = pytest.mark.redis
 
@@ -47,11 +47,6 @@ async def stall(url: str, seconds: float) -> None:
         await client.eval(_BUSY, 0, round(seconds * 1000))
     finally:
         await client.aclose()
-
-
-async def logged_data(client: redis.Redis, session_id: str) -> list[tuple[str, str]]:
-    entries = await client.xrange(Keys().log(session_id))
-    return [(entry_id.decode(), fields[b"d"].decode()) for entry_id, fields in entries]
 
 
 async def post(http: Any, session_id: str, body: Any, key: str | None = None) -> Any:

@@ -14,8 +14,10 @@ from service.redis.connections import RedisClient
 from service.redis.topology import subscriber_count
 from service.resources import hub_key
 
-from conftest import MakeSettings, RedisTarget, StartClient, pubsub_connections, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
+from redis_state import RedisTarget, pubsub_connections
 from sse_reader import STREAM_OPENED, collect
+from waiting import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -28,7 +30,7 @@ async def test_two_instances_both_get_all_ten_and_the_producer_ran_once(
     first, second = await start_client(settings), await start_client(settings)
     session_id = await (await first.get("/sse/getSessionId")).text()
 
-    async def read(client: Any) -> list[Any]:
+    async def read(client: AppClient) -> list[Any]:
         async with client.get("/sse/connect", params={"sessionId": session_id}) as response:
             return await collect(response)
 
@@ -71,7 +73,7 @@ async def test_many_connections_share_one_pubsub_connection(
     try:
         for response in responses:
             await response.content.readuntil(STREAM_OPENED)
-        hub = client.server.app[hub_key]
+        hub = client.app[hub_key]
         if redis_target.cluster:
             # Sessions spread over every shard, and one worker reads them all: one
             # connection per shard, not per client.

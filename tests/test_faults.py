@@ -19,9 +19,11 @@ from service.keys import Keys
 from service.publisher import Publisher
 from service.resources import hub_key
 
-from conftest import MakeSettings, StartClient, logged_ids, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
 from redis_process import RedisProcess, require_redis_server
+from redis_state import logged_ids
 from sse_reader import STREAM_OPENED, ReceivedEvent, collect
+from waiting import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -49,7 +51,7 @@ async def publisher_client(own_redis: RedisProcess) -> AsyncIterator[redis.Redis
     await client.aclose()
 
 
-async def open_streams(client: Any, count: int) -> list[Any]:
+async def open_streams(client: AppClient, count: int) -> list[Any]:
     responses = [
         await client.get("/sse/connect", params={"sessionId": f"s{n}"}) for n in range(count)
     ]
@@ -77,7 +79,7 @@ async def test_streams_outlive_a_redis_crash_and_end_after_gap_when_it_restarts_
     settings = make_settings(redis_url=own_redis.url, demo_runs=False, producer="off",
                              heartbeat_interval_s=0.5, redis_timeout_s=1.0)
     client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
-    hub = client.server.app[hub_key]
+    hub = client.app[hub_key]
     streams = await open_streams(client, STREAMS)
     readers = [asyncio.create_task(collect(r, timeout_s=30)) for r in streams]
     publisher = Publisher(publisher_client, Keys(), session_ttl_s=60, log_maxlen=100)
@@ -111,7 +113,7 @@ async def test_a_killed_subscription_loses_nothing(
 ) -> None:
     settings = make_settings(redis_url=own_redis.url, demo_runs=False, producer="off")
     client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
-    hub = client.server.app[hub_key]
+    hub = client.app[hub_key]
     streams = await open_streams(client, STREAMS)
     readers = [asyncio.create_task(collect(r, timeout_s=30)) for r in streams]
     publisher = Publisher(publisher_client, Keys(), session_ttl_s=60, log_maxlen=1000)

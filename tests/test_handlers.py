@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import pytest
 
 from service.envelope import parse_event_id
 from service.redis.connections import RedisOpener
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
 from sse_reader import STREAM_OPENED, SSEParser, collect
+from waiting import wait_for
 
 
 @pytest.fixture
 async def client(start_client: StartClient, make_settings: MakeSettings,
-                 fake_opener: RedisOpener) -> Any:
+                 fake_opener: RedisOpener) -> AppClient:
     return await start_client(make_settings(), fake_opener)
 
 
-async def test_get_session_id_returns_plain_base62(client: Any) -> None:
+async def test_get_session_id_returns_plain_base62(client: AppClient) -> None:
     response = await client.get("/sse/getSessionId")
     assert response.status == 200
     assert response.content_type == "text/plain"
@@ -32,7 +32,7 @@ async def test_get_session_id_returns_plain_base62(client: Any) -> None:
     assert await (await client.get("/sse/getSessionId")).text() != text
 
 
-async def test_stream_headers_and_first_bytes_arrive_at_once(client: Any) -> None:
+async def test_stream_headers_and_first_bytes_arrive_at_once(client: AppClient) -> None:
     async with client.get("/sse/connect", params={"sessionId": "1234"}) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -43,7 +43,7 @@ async def test_stream_headers_and_first_bytes_arrive_at_once(client: Any) -> Non
         assert first == b"retry: 500\n: connected\n"
 
 
-async def test_full_demo_sequence(client: Any) -> None:
+async def test_full_demo_sequence(client: AppClient) -> None:
     session_id = await (await client.get("/sse/getSessionId")).text()
     parser = SSEParser()
     async with client.get("/sse/connect", params={"sessionId": session_id}) as response:
@@ -65,7 +65,9 @@ async def test_full_demo_sequence(client: Any) -> None:
     [{}, {"sessionId": ""}, {"sessionId": "a b"}, {"sessionId": "x" * 65},
      {"sessionId": "a\r\nevent: finish"}, {"sessionId": "é"}],
 )
-async def test_bad_session_id_is_a_400_json_error(client: Any, params: dict[str, str]) -> None:
+async def test_bad_session_id_is_a_400_json_error(
+    client: AppClient, params: dict[str, str]
+) -> None:
     response = await client.get("/sse/connect", params=params)
     assert response.status == 400
     body = await response.json()
@@ -73,13 +75,13 @@ async def test_bad_session_id_is_a_400_json_error(client: Any, params: dict[str,
     assert "sessionId" in body["detail"]
 
 
-async def test_repeated_session_id_parameter_is_refused(client: Any) -> None:
+async def test_repeated_session_id_parameter_is_refused(client: AppClient) -> None:
     response = await client.get("/sse/connect?sessionId=a&sessionId=b")
     assert response.status == 400
 
 
 @pytest.mark.parametrize("bad", ["abc", "1-", "-1", "1-2-3", "1.5-0", "1-0\r\nx"])
-async def test_malformed_last_event_id_is_a_400(client: Any, bad: str) -> None:
+async def test_malformed_last_event_id_is_a_400(client: AppClient, bad: str) -> None:
     response = await client.get("/sse/connect", params={"sessionId": "s", "lastEventId": bad})
     assert response.status == 400
     assert (await response.json())["error"] == "invalid_parameter"
@@ -121,7 +123,7 @@ async def test_idle_stream_gets_heartbeat_comments(
     assert parser.comments.count("ping") >= 3
 
 
-async def test_cors_is_open_by_default(client: Any) -> None:
+async def test_cors_is_open_by_default(client: AppClient) -> None:
     response = await client.get("/sse/getSessionId", headers={"Origin": "https://elsewhere.example"})
     assert response.headers["Access-Control-Allow-Origin"] in ("*", "https://elsewhere.example")
     preflight = await client.options("/sse/connect", headers={
@@ -143,7 +145,7 @@ async def test_cors_origins_are_configurable(
     assert "Access-Control-Allow-Origin" not in denied.headers
 
 
-async def test_unknown_route_is_a_json_404(client: Any) -> None:
+async def test_unknown_route_is_a_json_404(client: AppClient) -> None:
     response = await client.get("/no/such/thing")
     assert response.status == 404
     assert (await response.json())["error"] == "not_found"
@@ -151,7 +153,7 @@ async def test_unknown_route_is_a_json_404(client: Any) -> None:
 
 
 async def test_streams_carry_the_request_id_the_logs_use(
-    client: Any, caplog: pytest.LogCaptureFixture
+    client: AppClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     headers = {"X-Request-Id": "trace-me-42"}
@@ -171,7 +173,7 @@ async def test_streams_carry_the_request_id_the_logs_use(
 
 
 async def test_a_malformed_query_resume_point_is_refused_even_beside_a_good_header(
-    client: Any,
+    client: AppClient,
 ) -> None:
     response = await client.get(
         "/sse/connect",
@@ -182,7 +184,7 @@ async def test_a_malformed_query_resume_point_is_refused_even_beside_a_good_head
     assert "lastEventId" in (await response.json())["detail"]
 
 
-async def test_an_oversized_request_id_is_cut_to_64_characters(client: Any) -> None:
+async def test_an_oversized_request_id_is_cut_to_64_characters(client: AppClient) -> None:
     response = await client.get("/sse/getSessionId", headers={"X-Request-Id": "r" * 500})
     assert response.status == 200
     assert response.headers["X-Request-Id"] == "r" * 64

@@ -16,7 +16,7 @@ from aiohttp import web
 from service.app import create_app
 from service.redis.connections import RedisOpener
 
-from conftest import MakeSettings
+from app_clients import MakeSettings
 from raw_http import Address, exchange, serve_edge, split_responses
 
 TOKEN = "head-token-0123456789abcdef"

@@ -15,9 +15,9 @@ import pytest
 
 from service.health_file import is_fresh, keep_fresh
 
-from conftest import wait_for
 from redis_process import RedisProcess, require_redis_server
 from stack_processes import service_env
+from waiting import wait_for
 
 MAX_AGE_S = 1.0
 

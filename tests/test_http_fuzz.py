@@ -26,6 +26,7 @@ fuzzer checks that nothing but that error object follows.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import socket
@@ -689,7 +690,7 @@ def test_every_route_answers_every_method_and_keeps_the_connection_in_step(
     headers = [(b"Host", b"127.0.0.1"), bearer(TOKEN.encode())]
     for route in ROUTES:
         request = Request(method, route.encode(), b"HTTP/1.1", headers)
-        checked(live_worker, lambda request=request: exchange_clean(live_worker, [request]))
+        checked(live_worker, functools.partial(exchange_clean, live_worker, [request]))
 
 
 @settings(FUZZ, max_examples=200)

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
 import pytest
 
 from service.redis.connections import RedisOpener
 
-from conftest import MakeSettings, StartClient
+from app_clients import AppClient, MakeSettings, StartClient
 
 
 @pytest.fixture
 async def client(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
-) -> Any:
+) -> AppClient:
     return await start_client(make_settings(), fake_opener)
 
 
-async def exchange(client: Any, request: bytes, *, read_body: bool = True) -> tuple[bytes, bytes]:
+async def exchange(
+    client: AppClient, request: bytes, *, read_body: bool = True
+) -> tuple[bytes, bytes]:
     """The response head and body on a new connection, checking nothing follows them."""
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     try:
@@ -42,7 +43,9 @@ async def exchange(client: Any, request: bytes, *, read_body: bool = True) -> tu
 
 @pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
 @pytest.mark.parametrize("path", ["/healthz", "/sse/connect?sessionId=abc", "/nope"])
-async def test_other_http_versions_get_400_in_http11(client: Any, version: str, path: str) -> None:
+async def test_other_http_versions_get_400_in_http11(
+    client: AppClient, version: str, path: str
+) -> None:
     head, body = await exchange(client, f"GET {path} {version}\r\nHost: x\r\n\r\n".encode())
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), head
     assert b"\r\nConnection: close\r\n" in head
@@ -52,13 +55,15 @@ async def test_other_http_versions_get_400_in_http11(client: Any, version: str, 
     }
 
 
-async def test_head_in_another_version_gets_no_body(client: Any) -> None:
+async def test_head_in_another_version_gets_no_body(client: AppClient) -> None:
     head, _ = await exchange(client, b"HEAD /healthz HTTP/2.0\r\nHost: x\r\n\r\n", read_body=False)
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), head
 
 
 @pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/1.1"])
-async def test_http10_and_11_are_served_in_their_own_version(client: Any, version: str) -> None:
+async def test_http10_and_11_are_served_in_their_own_version(
+    client: AppClient, version: str
+) -> None:
     request = f"GET /healthz {version}\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     head, body = await exchange(client, request)
     assert head.startswith(f"{version} 200 OK\r\n".encode()), head

@@ -20,8 +20,9 @@ from service.publisher import Publisher
 from service.redis.pubsub_link import PLAIN, SHARDED, Dialect
 from service.resources import hub_key
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import MakeSettings, StartClient
 from sse_reader import STREAM_OPENED, collect
+from waiting import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -123,7 +124,7 @@ async def test_reader_failure_ends_listeners_and_refuses_new_ones(
         raise RuntimeError("handler exploded")
 
     async with hub.listen("doomed") as listener:
-        hub.on_message = broken  # type: ignore[method-assign]  # the failure a bug would cause
+        hub.on_message = broken  # type: ignore[method-assign, assignment]  # the failure a bug would cause
         await redis_client.publish("doomed", b"1-0\n\nboom")
         await wait_for(lambda: _ended(listener))
         assert listener.ended is EndReason.HUB_FAILED
@@ -159,7 +160,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_get_everything(
     events = await reading
     assert len(events) == count
     assert [e.data.split(" ")[0] for e in events[:-1]] == [str(n) for n in range(count - 1)]
-    assert client.server.app[hub_key].stats.slow_listeners_dropped == 1
+    assert client.app[hub_key].stats.slow_listeners_dropped == 1
     stalled.close()
 
 

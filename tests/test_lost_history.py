@@ -21,9 +21,10 @@ from service.keys import Keys
 from service.publisher import Publisher
 from service.resources import hub_key, producer_key
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
 from redis_process import RedisProcess, require_redis_server
 from sse_reader import STREAM_OPENED, ReceivedEvent, SSEParser, collect
+from waiting import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -40,12 +41,12 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     server.stop()
 
 
-async def connect(client: Any, session_id: str, last_event_id: str | None = None) -> Any:
+async def connect(client: AppClient, session_id: str, last_event_id: str | None = None) -> Any:
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     return await client.get("/sse/connect", params={"sessionId": session_id}, headers=headers)
 
 
-async def assert_told_to_stop(client: Any, session_id: str, last_event_id: str) -> None:
+async def assert_told_to_stop(client: AppClient, session_id: str, last_event_id: str) -> None:
     """A resume is answered 204 (no-store), and the session is not brought back."""
     response = await connect(client, session_id, last_event_id)
     assert response.status == 204
@@ -171,12 +172,12 @@ async def test_runs_lost_in_an_empty_restart_end_every_stream_and_new_runs_still
         response = await connect(client, f"run{n}", real_events(head + tails[n])[-1].id)
         assert response.status == 204
 
-    producer = client.server.app[producer_key]
+    producer = client.app[producer_key]
 
     async def no_dead_runs() -> bool:
         return producer.active_runs == 0
 
     await wait_for(no_dead_runs, timeout_s=10, interval_s=0.05)
-    assert client.server.app[hub_key].connected
+    assert client.app[hub_key].connected
     fresh = await collect(await connect(client, "after-restart"), timeout_s=15)
     assert [e.event for e in fresh] == ["message"] * 9 + ["finish"]

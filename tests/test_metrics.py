@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,12 +13,13 @@ from service.logs import JsonFormatter
 from service.redis.connections import RedisOpener
 from service.resources import producer_key
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
 from redis_process import RedisProcess, require_redis_server
 from sse_reader import STREAM_OPENED, collect
+from waiting import wait_for
 
 
-async def scrape(client: Any) -> dict[str, float]:
+async def scrape(client: AppClient) -> dict[str, float]:
     """Every sample of GET /metrics, keyed by name plus labels as Prometheus prints them."""
     response = await client.get("/metrics")
     assert response.status == 200
@@ -34,11 +34,11 @@ async def scrape(client: Any) -> dict[str, float]:
 
 @pytest.fixture
 async def client(start_client: StartClient, make_settings: MakeSettings,
-                 fake_opener: RedisOpener) -> Any:
+                 fake_opener: RedisOpener) -> AppClient:
     return await start_client(make_settings(), fake_opener)
 
 
-async def test_metrics_count_a_finished_stream_and_a_resume(client: Any) -> None:
+async def test_metrics_count_a_finished_stream_and_a_resume(client: AppClient) -> None:
     before = await scrape(client)
     assert before["sse_open_streams"] == 0
     assert before["sse_events_delivered_total"] == 0
@@ -68,7 +68,7 @@ async def test_metrics_count_a_finished_stream_and_a_resume(client: Any) -> None
     assert second['sse_streams_ended_total{reason="finished"}'] == 2
 
 
-async def test_open_stream_is_counted_until_its_client_leaves(client: Any) -> None:
+async def test_open_stream_is_counted_until_its_client_leaves(client: AppClient) -> None:
     channels_before = (await scrape(client))["sse_hub_channels"]
     async with client.get("/sse/connect", params={"sessionId": "open-one"}) as response:
         await response.content.readuntil(STREAM_OPENED)
@@ -96,7 +96,7 @@ async def test_two_apps_in_one_process_keep_their_own_metrics(
     assert (await scrape(idle))["sse_events_published_total"] == 0
 
 
-async def test_healthz_answers_without_touching_redis(client: Any) -> None:
+async def test_healthz_answers_without_touching_redis(client: AppClient) -> None:
     response = await client.get("/healthz")
     assert response.status == 200
     assert await response.json() == {"status": "ok"}
@@ -136,7 +136,7 @@ async def test_readyz_names_a_failing_producer_scan_without_its_internals(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     client = await start_client(make_settings(producer_poll_ms=10), fake_opener)
-    producer = client.server.app[producer_key]
+    producer = client.app[producer_key]
 
     async def broken() -> bool:
         raise RuntimeError("internal state at 0x7f00dead")
@@ -151,12 +151,12 @@ async def test_readyz_names_a_failing_producer_scan_without_its_internals(
     assert "0x7f00dead" in caplog.text
 
 
-async def _not_ready(client: Any) -> bool:
+async def _not_ready(client: AppClient) -> bool:
     return int((await client.get("/readyz")).status) == 503
 
 
 async def test_every_request_gets_one_access_log_line(
-    client: Any, caplog: pytest.LogCaptureFixture
+    client: AppClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="service.access_log"):
         response = await client.get("/sse/getSessionId", headers={"X-Request-Id": "req-42"})
@@ -179,7 +179,7 @@ async def test_every_request_gets_one_access_log_line(
 
 
 async def test_stream_end_is_logged_with_its_reason_and_counts(
-    client: Any, caplog: pytest.LogCaptureFixture
+    client: AppClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="service.handlers"):
         async with client.get("/sse/connect", params={"sessionId": "logged"}) as response:

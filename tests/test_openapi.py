@@ -14,7 +14,7 @@ import math
 import re
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jsonschema_rs
@@ -36,7 +36,7 @@ from service.sessions import BASE62, new_session_id
 from service.settings import Settings, build_settings
 from service.submission import MAX_BATCH_EVENTS, parse_body
 
-from conftest import MakeSettings, StartClient
+from app_clients import MakeSettings, StartClient
 
 TOKEN = "openapi-token-0123456789"
 FUZZ_EXAMPLES = 25
@@ -78,7 +78,7 @@ async def test_document_names_exactly_the_routes_the_app_serves(
         if route.method not in IGNORED_METHODS and route.resource is not None
     ]
 
-    def serves(info: dict[str, Any], method: str, path: str, documented_method: str) -> bool:
+    def serves(info: Mapping[str, Any], method: str, path: str, documented_method: str) -> bool:
         if method != documented_method:
             return False
         if "path" in info:

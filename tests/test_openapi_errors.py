@@ -23,9 +23,8 @@ from multidict import CIMultiDict
 
 from service.openapi import Spec, build_document
 from service.redis.connections import RedisOpener
-from service.settings import Settings
 
-from conftest import MakeSettings, StartClient
+from app_clients import AppClient, MakeSettings, StartClient
 from signing import HS_SECRET, claims, hs256_key, sign
 
 TOKEN = "openapi-errors-token-0123456789"
@@ -58,8 +57,8 @@ class Harness:
     opener: RedisOpener
     server: fakeredis.FakeServer
 
-    async def client(self, **overrides: Any) -> Any:
-        settings: Settings = self.make_settings(**{**BASE, **overrides})
+    async def client(self, **overrides: Any) -> AppClient:
+        settings = self.make_settings(**{**BASE, **overrides})
         return await self.start_client(settings, self.opener)
 
     def redis_down(self) -> None:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -20,8 +19,10 @@ from service.producer import demo_event
 from service.redis.connections import RedisClient, RedisOpener
 from service.resources import hub_key, producer_key
 
-from conftest import MakeSettings, RedisTarget, StartClient, logged_ids, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
+from redis_state import RedisTarget, logged_ids
 from sse_reader import STREAM_OPENED, collect
+from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +42,7 @@ async def test_concurrent_first_connections_on_three_instances_start_one_run(
     settings = make_settings(**redis_target.settings, producer_interval_ms=30)
     clients = [await start_client(settings) for _ in range(3)]
 
-    async def read(client: Any) -> list[str]:
+    async def read(client: AppClient) -> list[str]:
         response = await client.get("/sse/connect", params={"sessionId": "race"})
         return [e.id for e in await collect(response)]
 
@@ -163,7 +164,7 @@ async def test_readiness_fails_while_the_embedded_producer_is_not_running(
 ) -> None:
     client = await start_client(make_settings(), fake_opener)
     assert (await client.get("/readyz")).status == 200
-    await client.server.app[producer_key].close()  # its loop is gone, as if it had died
+    await client.app[producer_key].close()  # its loop is gone, as if it had died
     response = await client.get("/readyz")
     assert response.status == 503
     assert any("producer" in problem for problem in (await response.json())["problems"])
@@ -174,7 +175,7 @@ async def test_the_producer_keeps_claiming_after_its_wake_up_listener_was_ended(
 ) -> None:
     client = await start_client(make_settings(), fake_opener)
     # What a drain or a failed reroute does to every local listener, the producer's included.
-    client.server.app[hub_key].end_listeners(EndReason.SHUTDOWN)
+    client.app[hub_key].end_listeners(EndReason.SHUTDOWN)
     response = await client.get("/sse/connect", params={"sessionId": "afterwards"})
     events = await collect(response, timeout_s=10)
     assert [e.event for e in events] == ["message"] * 9 + ["finish"]
@@ -197,7 +198,7 @@ async def test_a_run_nobody_listens_to_is_parked_and_a_resume_takes_it_on(
         return await target_client.hget(Keys().run("left"), "state") == b"parked"
 
     await wait_for(parked, timeout_s=10, interval_s=0.05)
-    assert client.server.app[producer_key].active_runs == 0
+    assert client.app[producer_key].active_runs == 0
     assert await target_client.exists(Keys().lease("left")) == 0
     assert await target_client.zscore(Keys().runs, "left") is None
     assert len(await logged_ids(target_client, "left")) < 60
@@ -274,7 +275,7 @@ async def test_a_finished_run_removed_late_from_the_index_leaves_the_next_run_re
     # Under load the finished run's removal from the index can come after a fresh connect
     # already started the session's next run and requested it.
     client = await start_client(make_settings(**redis_target.settings, producer_interval_ms=10))
-    producer = client.server.app[producer_key]
+    producer = client.app[producer_key]
     removal = producer._unlist
     release = asyncio.Event()
 

@@ -21,10 +21,11 @@ import pytest
 from service.app import create_app
 from service.redis.connections import RedisOpener
 
-from conftest import MakeSettings, wait_for
+from app_clients import MakeSettings
 from raw_http import Address, exchange, serve_edge, split_responses
 from redis_process import free_port
 from stack_processes import Worker, service_env
+from waiting import wait_for
 
 SECRET = "s3cr3t-bearer-token-do-not-log"
 TOKEN = "publish-token-0123456789"

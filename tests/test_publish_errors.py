@@ -13,7 +13,7 @@ import pytest
 from service.keys import Keys
 from service.redis.connections import RedisOpener
 
-from conftest import MakeSettings, StartClient
+from app_clients import AppClient, MakeSettings, StartClient
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -22,7 +22,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 async def client(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
-) -> Any:
+) -> AppClient:
     return await start_client(make_settings(publish_tokens=[TOKEN], demo_runs=False), fake_opener)
 
 
@@ -55,7 +55,7 @@ async def logged_count(inspector: Any, session_id: str) -> int:
     ],
 )
 async def test_a_bad_body_is_a_400_and_nothing_is_published(
-    client: Any, inspector: Any, caplog: pytest.LogCaptureFixture,
+    client: AppClient, inspector: Any, caplog: pytest.LogCaptureFixture,
     body: bytes, code: str,
 ) -> None:
     caplog.set_level(logging.INFO)
@@ -74,7 +74,7 @@ async def test_a_bad_body_is_a_400_and_nothing_is_published(
     [("gzip", gzip.compress), ("deflate", zlib.compress)],
 )
 async def test_a_compressed_body_is_decoded_and_published(
-    client: Any, inspector: Any, encoding: str, compress: Any,
+    client: AppClient, inspector: Any, encoding: str, compress: Any,
 ) -> None:
     response = await client.post(
         "/sse/sessions/packed/events", data=compress(b'[{"data": "a"}, {"data": "b"}]'),

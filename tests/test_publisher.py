@@ -11,14 +11,11 @@ from redis.backoff import NoBackoff
 from service.keys import Keys
 from service.publisher import Fence, Publisher, PublishOutcome
 
+from redis_state import logged_data
+
 
 def _publisher(client: redis.Redis) -> Publisher:
     return Publisher(client, Keys(), session_ttl_s=30, log_maxlen=1000)
-
-
-async def _logged(client: redis.Redis, session_id: str) -> list[tuple[str, str]]:
-    entries = await client.xrange(Keys().log(session_id))
-    return [(entry_id.decode(), fields[b"d"].decode()) for entry_id, fields in entries]
 
 
 async def test_concurrent_publishes_share_batches_and_each_gets_its_own_id(
@@ -41,7 +38,7 @@ async def test_concurrent_publishes_share_batches_and_each_gets_its_own_id(
     # Twenty publishers in step: far fewer round trips than publishes.
     assert publisher.batches_sent <= 40
     for session_id, ids in zip(sessions, returned, strict=True):
-        logged = await _logged(redis_client, session_id)
+        logged = await logged_data(redis_client, session_id)
         assert [entry_id for entry_id, _ in logged] == ids
         assert [data for _, data in logged] == [f"{session_id}:{seq}" for seq in range(10)]
 
@@ -58,7 +55,7 @@ async def test_a_script_missing_from_the_server_is_loaded_and_the_batch_resent(
     )
 
     assert all(r.outcome is PublishOutcome.PUBLISHED for r in results)
-    logged = await _logged(redis_client, "flushed")
+    logged = await logged_data(redis_client, "flushed")
     assert [data for _, data in logged] == ["before", *(f"after {n}" for n in range(5))]
 
 
@@ -78,7 +75,7 @@ async def test_one_refused_call_fails_alone_and_its_batch_neighbours_go_out(
     )
 
     assert isinstance(results[1], redis.ResponseError)
-    assert [data for _, data in await _logged(redis_client, "fine")] == ["one", "three"]
+    assert [data for _, data in await logged_data(redis_client, "fine")] == ["one", "three"]
 
 
 async def test_a_fenced_retry_after_a_lost_reply_is_reported_done_not_sent_twice(
@@ -97,7 +94,7 @@ async def test_a_fenced_retry_after_a_lost_reply_is_reported_done_not_sent_twice
 
     assert first.outcome is PublishOutcome.PUBLISHED
     assert retry.outcome is PublishOutcome.ALREADY_PUBLISHED
-    assert len(await _logged(redis_client, "fenced")) == 1
+    assert len(await logged_data(redis_client, "fenced")) == 1
 
 
 async def test_publishes_fail_with_the_connection_error_when_redis_is_gone() -> None:

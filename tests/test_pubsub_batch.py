@@ -18,8 +18,10 @@ from service.redis import pubsub_link
 from service.redis.connections import RedisOpener
 from service.resources import hub_key, publisher_key
 
-from conftest import MakeSettings, RedisTarget, StartClient, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
+from redis_state import RedisTarget
 from sse_reader import STREAM_OPENED, collect
+from waiting import wait_for
 
 
 def message(channel: bytes, payload: bytes) -> bytes:
@@ -171,7 +173,7 @@ async def test_a_stream_gets_all_of_a_500_event_pipeline_in_order(
     batch_sizes: list[int],
 ) -> None:
     settings = make_settings(**redis_target.settings, demo_runs=False, listener_queue_size=1000)
-    client: Any = await start_client(settings)
+    client: AppClient = await start_client(settings)
     response = await client.get("/sse/connect", params={"sessionId": "piped"})
     await response.content.readuntil(STREAM_OPENED)
     channel = Keys().channel("piped")
@@ -190,17 +192,17 @@ async def test_a_stream_gets_all_of_a_500_event_pipeline_in_order(
     assert [e.data for e in events[:-1]] == [f"event {n}\nline two" for n in range(1, 501)]
     assert events[-1].event == "finish"
     assert max(batch_sizes) > 10
-    assert client.server.app[hub_key].stats.slow_listeners_dropped == 0
+    assert client.app[hub_key].stats.slow_listeners_dropped == 0
 
 
 async def test_the_in_process_stand_in_is_read_one_reply_at_a_time(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
     batch_sizes: list[int],
 ) -> None:
-    client: Any = await start_client(make_settings(demo_runs=False), fake_opener)
+    client: AppClient = await start_client(make_settings(demo_runs=False), fake_opener)
     response = await client.get("/sse/connect", params={"sessionId": "fake"})
     await response.content.readuntil(STREAM_OPENED)
-    publisher = client.server.app[publisher_key]
+    publisher = client.app[publisher_key]
     for n in range(30):
         await publisher.publish("fake", "", f"m{n}")
     await publisher.publish("fake", "finish", "end")

@@ -19,9 +19,10 @@ from service.rate_limit import RateLimiter, TrustedProxies, client_address
 from service.redis.connections import RedisOpener
 from service.settings import SettingsError, build_settings, load_settings
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import MakeSettings, StartClient
 from redis_process import free_port
 from stack_processes import Child, local_nginx_conf, nginx_argv, require_nginx
+from waiting import wait_for
 
 
 class FakeClock:

@@ -19,11 +19,12 @@ import pytest
 
 from service import resources as r
 
+from app_clients import AppClient, MakeSettings, StartClient
 from chromium_process import headless_chromium
-from conftest import MakeSettings, StartClient, wait_for
 from live_service import serve
 from redis_process import RedisProcess, require_redis_server
 from sse_reader import SSEParser
+from waiting import wait_for
 
 RETRY_MS = 400
 EVENT_STREAM = {"Accept": "text/event-stream"}
@@ -53,7 +54,7 @@ async def assert_told_to_come_back(response: Any) -> int:
     return parser.retry_ms
 
 
-async def connect(client: Any, session_id: str, headers: dict[str, str] | None = None) -> Any:
+async def connect(client: AppClient, session_id: str, headers: dict[str, str] | None = None) -> Any:
     return await client.get("/sse/connect", params={"sessionId": session_id}, headers=headers)
 
 
@@ -69,7 +70,7 @@ async def test_an_event_stream_request_while_redis_is_down_is_told_to_come_back(
     plain = await connect(client, "away")
     assert plain.status == 503
     assert plain.headers["Retry-After"]
-    assert client.server.app[r.stream_metrics_key].deferred_count == 1
+    assert client.app[r.stream_metrics_key].deferred_count == 1
 
 
 @pytest.mark.redis
@@ -92,7 +93,7 @@ async def test_a_draining_worker_tells_event_stream_clients_to_come_back_with_ji
     start_client: StartClient, make_settings: MakeSettings, fake_opener: Any,
 ) -> None:
     client = await start_client(make_settings(retry_ms=RETRY_MS), fake_opener)
-    await r.drain_streams(client.server.app)
+    await r.drain_streams(client.app)
     delays = [
         await assert_told_to_come_back(await connect(client, f"late{n}", EVENT_STREAM))
         for n in range(20)

@@ -12,17 +12,18 @@ import aiohttp
 import pytest
 
 from service.app import create_app
-from service.connections import RedisOpener, open_redis
 from service.logs import logging_config, redacted_url
 from service.redaction import MAX_LOGGED_QUERY_CHARS, REDACTED, loggable, redacted_query
+from service.redis.connections import RedisOpener, open_redis
 from service.settings import StartupError, build_settings
 from service.startup import bind_sockets, producer_line, serving_line
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import MakeSettings, StartClient
 from raw_http import exchange, serve_edge
 from redis_process import free_port
 from signing import HS_SECRET, claims, hs256_key, sign
 from stack_processes import Child, local_nginx_conf, nginx_argv, require_nginx
+from waiting import wait_for
 
 
 @pytest.mark.parametrize(

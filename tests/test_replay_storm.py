@@ -16,7 +16,8 @@ import redis.asyncio as redis
 from service.keys import Keys
 from service.publisher import Publisher
 
-from conftest import MakeSettings, StartClient, logged_ids
+from app_clients import MakeSettings, StartClient
+from redis_state import logged_ids
 from sse_reader import SSEParser, collect
 
 pytestmark = pytest.mark.redis

@@ -21,7 +21,7 @@ from service.app import create_app
 from service.redis.connections import RedisOpener
 from service.settings import Settings
 
-from conftest import MakeSettings
+from app_clients import MakeSettings
 from raw_http import Address, RawResponse, serve_edge, split_responses
 
 TOKEN = "deadline-token-0123456789"

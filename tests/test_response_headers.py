@@ -14,7 +14,7 @@ import pytest
 from service.redis.connections import RedisOpener
 from service.settings import SettingsError, build_settings, load_settings
 
-from conftest import MakeSettings, StartClient
+from app_clients import AppClient, MakeSettings, StartClient
 from sse_reader import collect
 
 TOKEN = "headers-token-0123456789"
@@ -25,7 +25,7 @@ APP_ORIGIN = "https://app.example"
 @pytest.fixture
 async def client(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
-) -> Any:
+) -> AppClient:
     settings = make_settings(
         publish_tokens=[TOKEN], demo_runs=False, session_rate_per_s=1 / 3600, session_burst=2
     )
@@ -37,7 +37,7 @@ def varies_by_origin(response: Any) -> bool:
     return "origin" in {v.strip().lower() for v in vary.split(",")}
 
 
-async def finished_session(client: Any) -> tuple[str, str]:
+async def finished_session(client: AppClient) -> tuple[str, str]:
     session_id = await (await client.get("/sse/getSessionId")).text()
     reply = await client.post(
         f"/sse/sessions/{session_id}/events", json={"event": "finish", "data": "x"}, headers=AUTH
@@ -47,7 +47,7 @@ async def finished_session(client: Any) -> tuple[str, str]:
 
 @pytest.mark.parametrize("origin", [None, APP_ORIGIN])
 async def test_per_client_answers_are_no_store_and_vary_by_origin(
-    client: Any, origin: str | None
+    client: AppClient, origin: str | None
 ) -> None:
     headers = {"Origin": origin} if origin else {}
     session_id, finish_id = await finished_session(client)  # the first of two session ids
@@ -74,7 +74,7 @@ async def test_per_client_answers_are_no_store_and_vary_by_origin(
         assert varies_by_origin(response), name
 
 
-async def test_the_stream_is_no_store_and_varies_by_origin(client: Any) -> None:
+async def test_the_stream_is_no_store_and_varies_by_origin(client: AppClient) -> None:
     session_id, _ = await finished_session(client)
     async with client.get(
         "/sse/connect", params={"sessionId": session_id}, headers={"Origin": APP_ORIGIN}
@@ -84,14 +84,14 @@ async def test_the_stream_is_no_store_and_varies_by_origin(client: Any) -> None:
         assert [e.event for e in await collect(stream)] == ["finish"]
 
 
-async def test_static_files_keep_their_own_cache_policy(client: Any) -> None:
+async def test_static_files_keep_their_own_cache_policy(client: AppClient) -> None:
     for path in ("/", "/app.js", "/style.css"):
         response = await client.get(path)
         assert response.headers["Cache-Control"] == "no-cache", path
         assert varies_by_origin(response), path
 
 
-async def test_a_preflight_varies_by_origin(client: Any) -> None:
+async def test_a_preflight_varies_by_origin(client: AppClient) -> None:
     preflight = await client.options("/sse/connect", headers={
         "Origin": APP_ORIGIN,
         "Access-Control-Request-Method": "GET",
@@ -132,7 +132,7 @@ async def test_another_origin_gets_no_cors_headers_at_all(credentialed: Any) -> 
     assert varies_by_origin(response)
 
 
-async def test_credentials_are_off_by_default(client: Any) -> None:
+async def test_credentials_are_off_by_default(client: AppClient) -> None:
     response = await client.get("/sse/getSessionId", headers={"Origin": APP_ORIGIN})
     assert response.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
     assert "Access-Control-Allow-Credentials" not in response.headers

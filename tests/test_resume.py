@@ -13,13 +13,15 @@ from service.keys import Keys
 from service.publisher import Publisher
 from service.redis.connections import RedisClient
 
-from conftest import MakeSettings, RedisTarget, StartClient, logged_ids, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
+from redis_state import RedisTarget, logged_ids
 from sse_reader import ReceivedEvent, collect
+from waiting import wait_for
 
 pytestmark = pytest.mark.redis
 
 
-async def connect(client: Any, session_id: str, last_event_id: str | None = None) -> Any:
+async def connect(client: AppClient, session_id: str, last_event_id: str | None = None) -> Any:
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
     return await client.get("/sse/connect", params={"sessionId": session_id}, headers=headers)
 

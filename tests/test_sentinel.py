@@ -24,7 +24,7 @@ from service.keys import Keys
 from service.publisher import Publisher
 from service.resources import hub_key
 
-from conftest import MakeSettings, StartClient, logged_ids
+from app_clients import MakeSettings, StartClient
 from delivery_audit import DeliveryAudit, ReadinessLog, wait_until_async
 from redis_process import (
     RedisProcess,
@@ -32,6 +32,7 @@ from redis_process import (
     require_redis_sentinel,
     require_redis_server,
 )
+from redis_state import logged_ids
 from sse_reader import STREAM_OPENED, collect
 
 pytestmark = [pytest.mark.redis, pytest.mark.ha]
@@ -113,7 +114,7 @@ async def test_a_forced_failover_moves_commands_and_streams_to_the_new_primary(
     # the former primary took after the switch too (and the streams were told they are gone).
     assert report.missing == 0, report.line()
     await check_told_of_lost_events(audit, new, session_ids)
-    hub = client.server.app[hub_key]
+    hub = client.app[hub_key]
     assert hub.connected
     assert (await client.get("/readyz")).status == 200
     assert await hub_subscribed_at(new), "the shared subscription is on the new primary"
@@ -161,7 +162,7 @@ async def test_a_killed_primary_is_replaced_and_lost_events_are_told(
     await check_told_of_lost_events(audit, new, session_ids)
     assert readiness.unready_between(times.fault_at, times.resumed_at)
     assert (await client.get("/readyz")).status == 200
-    assert client.server.app[hub_key].connected
+    assert client.app[hub_key].connected
 
 
 async def test_a_subscription_left_on_a_primary_the_sentinels_dropped_moves_to_theirs(

@@ -7,15 +7,15 @@ import gc
 import os
 import resource
 import time
-from typing import Any
 
 import pytest
 import redis.asyncio as redis
 
 from service.resources import hub_key
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
 from sse_reader import STREAM_OPENED
+from waiting import wait_for
 
 pytestmark = [pytest.mark.soak, pytest.mark.redis, pytest.mark.timeout(240)]
 
@@ -54,8 +54,9 @@ async def one_cycle(host: str, port: int, session_id: str) -> None:
         await writer.wait_closed()
 
 
-async def run_cycles(client: Any, first: int, count: int) -> None:
+async def run_cycles(client: AppClient, first: int, count: int) -> None:
     host, port = client.server.host, client.server.port
+    assert port is not None, "the test server is started"
 
     async def worker(offset: int) -> None:
         for n in range(first + offset, first + count, PARALLEL):
@@ -70,7 +71,7 @@ async def test_connect_disconnect_cycles_leave_no_residue(
 ) -> None:
     settings = make_settings(redis_url=redis_url, demo_runs=False)
     client = await start_client(settings)
-    hub = client.server.app[hub_key]
+    hub = client.app[hub_key]
     # The embedded producer's wake-up listener is the worker's only listener when idle.
     idle_listeners, idle_channels = hub.listener_count, hub.channel_count
 

@@ -26,13 +26,14 @@ from service.__main__ import main as cli_main
 from service.sentinel_url import parse_sentinel_url
 from service.settings import Settings, load_settings
 
-from conftest import MakeSettings, StartClient, logged_ids, wait_for
+from app_clients import MakeSettings, StartClient
 from redis_process import (
     RedisProcess,
     SentinelProcess,
     require_redis_sentinel,
     require_redis_server,
 )
+from redis_state import logged_ids
 from sse_reader import ReceivedEvent, SSEParser, read_events
 from stack_processes import (
     NGINX_CONF,
@@ -44,6 +45,7 @@ from stack_processes import (
     require_nginx,
     service_env,
 )
+from waiting import wait_for
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]

@@ -21,9 +21,9 @@ import redis.asyncio as redis
 from service.keys import Keys
 from service.publisher import Publisher
 
-from conftest import wait_for
 from redis_process import free_port
 from stack_processes import Worker, service_env
+from waiting import wait_for
 
 pytestmark = pytest.mark.redis
 

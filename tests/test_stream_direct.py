@@ -25,8 +25,8 @@ from service.stream import (
     StreamPlan,
 )
 
-from conftest import wait_for
 from sse_reader import SSEParser
+from waiting import wait_for
 
 
 def chunks_of(data: bytes) -> list[bytes]:

@@ -17,12 +17,14 @@ from aiohttp.test_utils import TestServer
 from service import resources as r
 from service.app import create_app
 from service.redis.connections import RedisOpener
+from service.settings import Settings
 from service.stream import StreamEnd
 from service.token_keys import DEMO_KEY_ID
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
 from signing import HS_SECRET, KeyPair, claims, ec_key, ed_key, hs256_key, jwks, raw_token, sign
 from sse_reader import SSEParser, collect
+from waiting import wait_for
 
 KEY = hs256_key("hs1")
 EVENT_SOURCE = {"Accept": "text/event-stream"}
@@ -42,7 +44,7 @@ def carried(token: str, via: str) -> dict[str, Any]:
     return {"headers": {"Cookie": f"sse_token={token}"}}
 
 
-def connect(client: Any, session_id: str, token: str | None = None, via: str = "header",
+def connect(client: AppClient, session_id: str, token: str | None = None, via: str = "header",
             headers: dict[str, str] | None = None) -> Any:
     kwargs = carried(token, via) if token is not None else {}
     kwargs["params"] = {"sessionId": session_id, **kwargs.get("params", {})}
@@ -57,8 +59,8 @@ async def first_bytes(response: Any) -> bytes:
 
 
 @pytest.fixture
-def token_settings(make_settings: MakeSettings) -> Any:
-    def make(**overrides: Any) -> Any:
+def token_settings(make_settings: MakeSettings) -> MakeSettings:
+    def make(**overrides: Any) -> Settings:
         return make_settings(
             **{
                 "subscribe_auth": "token",
@@ -73,7 +75,9 @@ def token_settings(make_settings: MakeSettings) -> Any:
 
 
 @pytest.fixture
-async def client(start_client: StartClient, token_settings: Any, fake_opener: RedisOpener) -> Any:
+async def client(
+    start_client: StartClient, token_settings: MakeSettings, fake_opener: RedisOpener
+) -> AppClient:
     return await start_client(token_settings(), fake_opener)
 
 
@@ -89,7 +93,7 @@ async def test_open_mode_ignores_tokens(
         assert response.status == 200
 
 
-async def test_a_missing_token_is_401_with_a_bare_challenge(client: Any) -> None:
+async def test_a_missing_token_is_401_with_a_bare_challenge(client: AppClient) -> None:
     response = await connect(client, "s1")
     assert response.status == 401
     # RFC 6750 section 3.1: no error code when the request carried no credentials at all.
@@ -104,7 +108,7 @@ async def test_a_missing_token_is_401_with_a_bare_challenge(client: Any) -> None
 
 
 @pytest.mark.parametrize("via", ["header", "query", "cookie"])
-async def test_a_token_is_accepted_from_each_place(client: Any, via: str) -> None:
+async def test_a_token_is_accepted_from_each_place(client: AppClient, via: str) -> None:
     async with connect(client, "s1", token_for("s1"), via) as response:
         assert response.status == 200
         assert await first_bytes(response) == b"retry: 500\n: connected\n"
@@ -121,7 +125,7 @@ async def test_a_token_is_accepted_from_each_place(client: Any, via: str) -> Non
     ],
 )
 async def test_header_wins_over_query_wins_over_cookie(
-    client: Any, places: dict[str, str], status: int
+    client: AppClient, places: dict[str, str], status: int
 ) -> None:
     values = {"good": token_for("s1"), "bad": token_for("s1")[:-4] + "AAAA",
               "other": token_for("s2")}
@@ -135,7 +139,7 @@ async def test_header_wins_over_query_wins_over_cookie(
         assert response.status == status
 
 
-async def test_a_token_for_another_session_is_403(client: Any) -> None:
+async def test_a_token_for_another_session_is_403(client: AppClient) -> None:
     response = await connect(client, "s2", token_for("s1", "s10"))
     assert response.status == 403
     challenge = response.headers["WWW-Authenticate"]
@@ -145,7 +149,7 @@ async def test_a_token_for_another_session_is_403(client: Any) -> None:
     assert (await connect(client, "s2", publish_only)).status == 403
 
 
-async def test_a_prefix_covers_the_ids_that_start_with_it(client: Any) -> None:
+async def test_a_prefix_covers_the_ids_that_start_with_it(client: AppClient) -> None:
     token = token_for("room-*")
     for session_id in ("room-1", "room-", "room-abc_DEF"):
         async with connect(client, session_id, token) as response:
@@ -166,7 +170,7 @@ async def test_a_prefix_covers_the_ids_that_start_with_it(client: Any) -> None:
     ],
 )
 async def test_a_bad_token_is_401_invalid_token_and_never_echoed(
-    client: Any, make_token: Any
+    client: AppClient, make_token: Any
 ) -> None:
     token = make_token()
     for headers in ({}, EVENT_SOURCE):
@@ -182,7 +186,7 @@ async def test_a_bad_token_is_401_invalid_token_and_never_echoed(
                 assert part not in challenge
 
 
-async def test_an_expired_token_is_204_to_eventsource_and_401_otherwise(client: Any) -> None:
+async def test_an_expired_token_is_204_to_eventsource_and_401_otherwise(client: AppClient) -> None:
     expired = token_for("s1", ttl_s=-5)
     response = await connect(client, "s1", expired, "cookie", headers=EVENT_SOURCE)
     assert response.status == 204
@@ -197,7 +201,7 @@ async def test_an_expired_token_is_204_to_eventsource_and_401_otherwise(client: 
 
 
 async def test_expiry_ends_the_stream_with_unauthorized_and_the_reconnect_gets_204(
-    client: Any,
+    client: AppClient,
 ) -> None:
     token = token_for("s1", exp=int(time.time()) + 1)
     parser = SSEParser()
@@ -219,7 +223,7 @@ async def test_expiry_ends_the_stream_with_unauthorized_and_the_reconnect_gets_2
 
 
 @pytest.mark.parametrize("version", [HttpVersion11, HttpVersion10])
-async def test_a_busy_stream_ends_on_expiry_too(client: Any, version: HttpVersion) -> None:
+async def test_a_busy_stream_ends_on_expiry_too(client: AppClient, version: HttpVersion) -> None:
     """Events arriving all the time must not keep an expired stream alive.
 
     HTTP/1.1 streams get live events written straight to the socket, HTTP/1.0 ones through
@@ -260,7 +264,7 @@ async def test_a_busy_stream_ends_on_expiry_too(client: Any, version: HttpVersio
     assert ticks == [f"tick {i}" for i in range(len(ticks))], "in order, none missing"
 
 
-async def test_get_session_id_stays_open_and_the_id_alone_grants_nothing(client: Any) -> None:
+async def test_get_session_id_stays_open_and_the_id_alone_grants_nothing(client: AppClient) -> None:
     response = await client.get("/sse/getSessionId")
     assert response.status == 200
     session_id = await response.text()
@@ -277,7 +281,8 @@ def replace_jwks(path: Path, *keys: KeyPair) -> None:
 
 
 async def test_a_jwks_file_rewritten_while_running_rotates_the_keys(
-    start_client: StartClient, token_settings: Any, fake_opener: RedisOpener, tmp_path: Path
+    start_client: StartClient, token_settings: MakeSettings, fake_opener: RedisOpener,
+    tmp_path: Path,
 ) -> None:
     old, new = ec_key("2024-a"), ed_key("2024-b")
     jwks_path = tmp_path / "keys.json"
@@ -302,7 +307,7 @@ async def test_a_jwks_file_rewritten_while_running_rotates_the_keys(
 
 
 async def test_logs_never_hold_the_token_and_the_access_log_redacts_it(
-    aiohttp_client: Any, token_settings: Any, fake_opener: RedisOpener,
+    aiohttp_client: Any, token_settings: MakeSettings, fake_opener: RedisOpener,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Served as `python -m service` serves it: aiohttp's own access log, which prints the
@@ -347,7 +352,7 @@ async def test_logs_never_hold_the_token_and_the_access_log_redacts_it(
 
 
 async def test_the_demo_token_endpoint_mints_for_one_session(
-    start_client: StartClient, token_settings: Any, fake_opener: RedisOpener
+    start_client: StartClient, token_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
     client = await start_client(token_settings(), fake_opener)
     response = await client.post("/dev/token", params={"sessionId": "demo1", "ttlS": "5"})
@@ -375,7 +380,7 @@ async def test_the_demo_token_endpoint_mints_for_one_session(
 
 
 async def test_the_demo_token_endpoint_exists_only_in_embedded_mode(
-    start_client: StartClient, token_settings: Any, fake_opener: RedisOpener
+    start_client: StartClient, token_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
     settings = token_settings(redis_url="redis://127.0.0.1:1/0")  # the fake opener ignores it
     client = await start_client(settings, fake_opener)
@@ -398,7 +403,7 @@ async def test_a_publisher_cannot_send_the_unauthorized_event(
 
 
 async def test_a_configured_key_wins_over_the_demo_key_of_the_same_id(
-    start_client: StartClient, token_settings: Any, fake_opener: RedisOpener
+    start_client: StartClient, token_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
     secret = "configured-under-the-demo-id-0123456"
     settings = token_settings(token_hs256_secrets=[f"{DEMO_KEY_ID}:{secret}"])
@@ -409,11 +414,11 @@ async def test_a_configured_key_wins_over_the_demo_key_of_the_same_id(
 
 
 async def test_audience_and_issuer_when_configured(
-    start_client: StartClient, token_settings: Any, fake_opener: RedisOpener
+    start_client: StartClient, token_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
     settings = token_settings(token_audience="https://app.example", token_issuer="backend")
     client = await start_client(settings, fake_opener)
-    good = {"aud": "https://app.example", "iss": "backend"}
+    good: dict[str, Any] = {"aud": "https://app.example", "iss": "backend"}
     async with connect(client, "s1", token_for("s1", **good)) as response:
         assert response.status == 200
     for wrong in ({**good, "aud": "https://other.example"}, {**good, "iss": "intruder"},

@@ -24,7 +24,7 @@ from service.token_keys import (
 )
 from service.tokens import InvalidToken, TokenVerifier
 
-from conftest import MakeSettings
+from app_clients import MakeSettings
 from signing import KeyPair, claims, ec_key, ed_key, hs256_key, jwks, rsa_key, sign
 
 

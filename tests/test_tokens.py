@@ -100,7 +100,7 @@ def test_alg_none_is_refused(keys: dict[str, KeyPair]) -> None:
             error = refused(check, token)
             assert "algorithm" in error.detail
     # PyJWT's own unsecured form, too.
-    unsecured = jwt.encode(claims(subscribe=["abc"]), None, algorithm="none")
+    unsecured = jwt.encode(claims(subscribe=["abc"]), "", algorithm="none")
     refused(check, unsecured)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from service.redis.connections import RedisOpener
 from service.settings import Settings
+
+from app_clients import AppClient, MakeSettings, StartClient
 
 # The repository's web/, which the wheel ships as package data.
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -48,12 +49,14 @@ def asset_urls(page: PageOutline) -> list[str]:
 
 
 @pytest.fixture
-async def client(start_client: Any, make_settings: Any, fake_opener: RedisOpener) -> Any:
+async def client(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
+) -> AppClient:
     settings: Settings = make_settings(demo_runs=False)
     return await start_client(settings, fake_opener)
 
 
-async def test_page_is_served_at_the_root(client: Any) -> None:
+async def test_page_is_served_at_the_root(client: AppClient) -> None:
     response = await client.get("/")
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/html; charset=utf-8"
@@ -65,7 +68,7 @@ async def test_page_is_served_at_the_root(client: Any) -> None:
     [("/app.js", "text/javascript"), ("/style.css", "text/css")],
 )
 async def test_assets_are_served_next_to_the_page(
-    client: Any, url: str, content_type: str
+    client: AppClient, url: str, content_type: str
 ) -> None:
     response = await client.get(url)
     assert response.status == 200
@@ -73,7 +76,7 @@ async def test_assets_are_served_next_to_the_page(
     assert await response.read() == (WEB_DIR / url.lstrip("/")).read_bytes()
 
 
-async def test_every_asset_the_page_names_is_served(client: Any) -> None:
+async def test_every_asset_the_page_names_is_served(client: AppClient) -> None:
     urls = asset_urls(outline())
     assert sorted(urls) == ["app.js", "style.css"]
     for url in urls:
@@ -81,7 +84,7 @@ async def test_every_asset_the_page_names_is_served(client: Any) -> None:
         assert response.status == 200, url
 
 
-async def test_only_the_page_files_are_served(client: Any) -> None:
+async def test_only_the_page_files_are_served(client: AppClient) -> None:
     for url in ("/index.js", "/web/app.js", "/..%2Fpyproject.toml", "/%2e%2e/pyproject.toml"):
         response = await client.get(url)
         assert response.status == 404, url
@@ -136,7 +139,7 @@ def test_web_directory_holds_only_the_page() -> None:
     ]
 
 
-async def test_cross_origin_page_can_get_a_session(client: Any) -> None:
+async def test_cross_origin_page_can_get_a_session(client: AppClient) -> None:
     response = await client.get(
         "/sse/getSessionId", headers={"Origin": "http://page.example:8000"}
     )
@@ -144,7 +147,7 @@ async def test_cross_origin_page_can_get_a_session(client: Any) -> None:
     assert response.headers["Access-Control-Allow-Origin"] in ("*", "http://page.example:8000")
 
 
-async def test_cross_origin_resume_passes_the_preflight(client: Any) -> None:
+async def test_cross_origin_resume_passes_the_preflight(client: AppClient) -> None:
     """A reconnect from another origin carries `Last-Event-ID`, which needs a CORS preflight."""
     response = await client.options(
         "/sse/connect?sessionId=abc",

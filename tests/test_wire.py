@@ -23,8 +23,9 @@ from service.publisher import Publisher
 from service.resources import hub_key, stream_metrics_key
 from service.stream import DIRECT_WRITE_BUFFER_LIMIT, EventStream, StreamEnd
 
-from conftest import MakeSettings, StartClient, wait_for
+from app_clients import AppClient, MakeSettings, StartClient
 from sse_reader import STREAM_OPENED, ReceivedEvent, SSEParser, collect
+from waiting import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -87,7 +88,7 @@ class RawClient:
         self.writer = writer
 
     @classmethod
-    async def open(cls, client: Any, receive_buffer: int | None = None) -> RawClient:
+    async def open(cls, client: AppClient, receive_buffer: int | None = None) -> RawClient:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if receive_buffer is not None:
             # Set before connecting, so the advertised window stays small.
@@ -144,7 +145,7 @@ async def open_raw() -> AsyncIterator[OpenRaw]:
     """`RawClient.open`, with every client closed after the test."""
     opened: list[RawClient] = []
 
-    async def open_one(client: Any, receive_buffer: int | None = None) -> RawClient:
+    async def open_one(client: AppClient, receive_buffer: int | None = None) -> RawClient:
         raw = await RawClient.open(client, receive_buffer)
         opened.append(raw)
         return raw
@@ -264,7 +265,7 @@ async def test_http10_keep_alive_request_still_sees_the_stream_end(
 
 
 async def stall_until_dropped(
-    client: Any, publisher: Publisher, session_id: str, open_raw: OpenRaw
+    client: AppClient, publisher: Publisher, session_id: str, open_raw: OpenRaw
 ) -> tuple[RawClient, list[str]]:
     """A client that reads its headers and first frame, then nothing: publish until the hub
     drops it. Returns it and the data published."""
@@ -273,7 +274,7 @@ async def stall_until_dropped(
     status, _ = await stalled.head()
     assert status == "HTTP/1.1 200 OK"
     await stalled.chunk()
-    hub = client.server.app[hub_key]
+    hub = client.app[hub_key]
     payload = "y" * 4096
     sent: list[str] = []
     # Bounded: the kernel's socket buffers hold a few MiB at most; 64 MiB is far beyond.
@@ -289,7 +290,7 @@ async def test_a_stalled_reader_is_dropped_and_the_worker_serves_the_rest(
     direct_log: DirectLog,
 ) -> None:
     client = await start_worker(listener_queue_size=8)
-    app = client.server.app
+    app = client.app
     hub, metrics = app[hub_key], app[stream_metrics_key]
     idle_listeners = hub.listener_count
     reader = await open_raw(client)
@@ -332,7 +333,7 @@ async def test_a_stalled_reader_dropped_as_slow_has_its_stream_ended(
     # The client keeps its socket open and never reads again: the worker must not keep its
     # stream, listener and connection slot for as long as the client likes.
     client = await start_worker(listener_queue_size=8)
-    metrics = client.server.app[stream_metrics_key]
+    metrics = client.app[stream_metrics_key]
     await stall_until_dropped(client, publisher, "stuck", open_raw)
 
     async def ended_as_slow() -> bool:
