@@ -27,11 +27,11 @@ from .errors import (
     Unavailable,
     request_id_of,
 )
-from .hub import Listener
+from .mailbox import Listener, StreamEnd
 from .metrics import CONTENT_TYPE, StreamMetrics, render
 from .producer import request_run
 from .sessions import Attachment, AttachStatus, is_valid_session_id
-from .stream import SSE_HEADERS, EventStream, StreamEnd, StreamPlan
+from .stream import SSE_HEADERS, EventStream, StreamPlan
 from .subscribe_auth import StreamAccess, check_subscriber
 
 log = logging.getLogger(__name__)

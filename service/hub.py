@@ -13,7 +13,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
@@ -21,8 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .chunked import http_chunk
-from .envelope import Delivery, decode_payload
+from .mailbox import Incoming, Listener, Resync, StreamEnd
 from .redis.pubsub_link import PubSubLink, SubscriptionRefusedError
 from .redis.topology import topology_of
 from .tasks import cancel_and_wait
@@ -34,128 +32,6 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 REROUTE_DEADLINE_S = 15.0
 REROUTE_BACKOFF_BASE_S = 0.05
 REROUTE_BACKOFF_CAP_S = 1.0
-
-
-class EndReason(Enum):
-    """Why the hub ended a listener."""
-
-    SLOW = "slow"
-    SHUTDOWN = "shutdown"
-    HUB_FAILED = "hub_failed"
-
-
-class Resync(Enum):
-    """Inbox marker: the shared subscription was re-established; messages may have been missed."""
-
-    AFTER_RECONNECT = "after_reconnect"
-
-
-class Incoming:
-    """One message from Redis, shared by every listener of its channel.
-
-    It is decoded, and framed as an HTTP chunk, at most once however many streams write it.
-    """
-
-    __slots__ = ("_chunk", "_delivery", "payload")
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self._delivery: Delivery | None = None
-        self._chunk: bytes | None = None
-
-    @property
-    def delivery(self) -> Delivery:
-        """The decoded event; raises ValueError if the payload is malformed."""
-        if self._delivery is None:
-            self._delivery = decode_payload(self.payload)
-        return self._delivery
-
-    @property
-    def chunk(self) -> bytes:
-        """The event's SSE frame as one chunk of a chunked HTTP/1.1 body."""
-        if self._chunk is None:
-            self._chunk = http_chunk(self.delivery.frame)
-        return self._chunk
-
-
-InboxItem = Incoming | Resync
-DirectHandler = Callable[[InboxItem], bool]
-
-
-class Listener:
-    """A bounded inbox for one local consumer of a channel.
-
-    While its consumer is idle it may install a `direct` handler, which gets each item first
-    and handles the common case on the spot (a stream writes a live event straight to its
-    socket), saving a task switch per event. Whatever the handler declines, and everything
-    that arrives while the inbox is not empty, is queued, so items are never reordered.
-
-    A `coalescing` listener is for wake-ups, whose content does not matter: a full inbox
-    drops further items but still wakes the consumer, and is never a reason to end it.
-    """
-
-    __slots__ = ("_coalescing", "_items", "_limit", "_waiter", "direct", "ended", "on_end")
-
-    def __init__(self, limit: int, *, coalescing: bool = False) -> None:
-        # A list swapped out whole by `take`: one append per offer, no copy per take.
-        self._items: list[InboxItem] = []
-        self._limit = limit
-        self._coalescing = coalescing
-        self._waiter: asyncio.Future[None] | None = None
-        self.direct: DirectHandler | None = None
-        self.ended: EndReason | None = None
-        # Told once, synchronously, when the listener ends (its consumer may be blocked).
-        self.on_end: Callable[[EndReason], None] | None = None
-
-    def offer(self, item: InboxItem) -> bool:
-        """Hand `item` over without waiting; False (and the listener ends) if the inbox is full."""
-        if self.ended is not None:
-            return True
-        if self.direct is not None and not self._items and self.direct(item):
-            return True
-        if len(self._items) >= self._limit:
-            if self._coalescing:  # the consumer has a wake-up queued already: enough
-                self._wake()
-                return True
-            self.end(EndReason.SLOW)
-            return False
-        self._items.append(item)
-        self._wake()
-        return True
-
-    def end(self, reason: EndReason) -> None:
-        """Stop this listener; its consumer sees `ended` once the inbox is drained."""
-        if self.ended is None:
-            self.ended = reason
-            if self.on_end is not None:
-                self.on_end(reason)
-        self._wake()
-
-    async def take(self, timeout_s: float) -> list[InboxItem]:
-        """Everything queued, waiting up to `timeout_s` for the first item; [] on timeout or end."""
-        if not self._items and self.ended is None:
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            # A bare timer, not asyncio.timeout(): this runs once per delivery on every
-            # stream, and the context manager's bookkeeping showed up in worker profiles.
-            timer = loop.call_later(timeout_s, _release, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
-        items = self._items
-        self._items = []
-        return items
-
-    def _wake(self) -> None:
-        if self._waiter is not None:
-            _release(self._waiter)
-
-
-def _release(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 @dataclass(slots=True)
@@ -227,7 +103,7 @@ class Hub:
     async def close(self) -> None:
         """End every listener, stop reading and give the connections back."""
         self._closing = True
-        self._end_all(EndReason.SHUTDOWN)
+        self._end_all(StreamEnd.SHUTDOWN)
         await cancel_and_wait(
             [
                 self._watcher,
@@ -251,7 +127,7 @@ class Hub:
         links = self._links.values()
         return bool(links) and not self._failed and all(link.connected for link in links)
 
-    def end_listeners(self, reason: EndReason) -> None:
+    def end_listeners(self, reason: StreamEnd) -> None:
         """End every local listener now (graceful drain), keeping the subscriptions alive."""
         self._end_all(reason)
 
@@ -432,7 +308,7 @@ class Hub:
     def on_failed(self) -> None:
         """A link's reader died of a bug: end every stream rather than hang silently."""
         self._failed = True
-        self._end_all(EndReason.HUB_FAILED)
+        self._end_all(StreamEnd.HUB_FAILED)
 
     # Following the topology: moved slots, failed-over shards, a new Sentinel primary.
 
@@ -564,12 +440,12 @@ class Hub:
         )
         del self._channels[name]
         for listener in state.listeners:
-            listener.end(EndReason.HUB_FAILED)
+            listener.end(StreamEnd.HUB_FAILED)
         if not state.ready.done():
             state.ready.set_exception(HubClosedError(error))
             state.ready.exception()  # marked retrieved: nobody may be waiting any more
 
-    def _end_all(self, reason: EndReason) -> None:
+    def _end_all(self, reason: StreamEnd) -> None:
         for state in self._channels.values():
             for listener in state.listeners:
                 listener.end(reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -17,29 +18,41 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from .connection_stats import ConnectionStats
 from .hub import Hub
+from .mailbox import StreamEnd
 from .publisher import Publisher
-from .stream import EventStream, StreamEnd
 
 # The classic text format every Prometheus version scrapes.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 PREFIX = "sse"
 
 
+class StreamCounts(Protocol):
+    """What metrics read of a stream: the events it wrote, and how many were replayed."""
+
+    @property
+    def events_sent(self) -> int:
+        """Events written to the client so far, replayed ones included."""
+
+    @property
+    def events_replayed(self) -> int:
+        """Of those, the events read from the session's log."""
+
+
 class StreamMetrics:
     """Open streams, and totals of the streams that already ended."""
 
     def __init__(self) -> None:
-        self._open: set[EventStream] = set()
+        self._open: set[StreamCounts] = set()
         self._ended: Counter[StreamEnd] = Counter()
         self._deferred = 0
         self._delivered_by_ended = 0
         self._replayed_by_ended = 0
 
-    def opened(self, stream: EventStream) -> None:
+    def opened(self, stream: StreamCounts) -> None:
         """A stream started writing to its client."""
         self._open.add(stream)
 
-    def closed(self, stream: EventStream, reason: StreamEnd) -> None:
+    def closed(self, stream: StreamCounts, reason: StreamEnd) -> None:
         """A stream ended; fold its counts into the totals."""
         self._open.discard(stream)
         self._ended[reason] += 1

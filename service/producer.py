@@ -27,8 +27,9 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from .envelope import FINISH_EVENT
-from .hub import Hub, Listener
+from .hub import Hub
 from .keys import Keys
+from .mailbox import Listener
 from .publisher import Fence, Published, Publisher, PublishOutcome
 from .redis.connections import RedisClient, pipelines_queue
 from .redis.topology import publish_command

@@ -11,8 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from .admission import Admission
 from .connection_stats import ConnectionStats
-from .hub import EndReason, Hub
+from .hub import Hub
 from .keys import Keys
+from .mailbox import StreamEnd
 from .metrics import ServiceCollector, StreamMetrics, build_registry
 from .producer import Producer
 from .publisher import Publisher
@@ -139,4 +140,4 @@ async def drain_streams(app: web.Application) -> None:
     if hub is not None:
         # Streams, not hub listeners: the producer's wake-up subscription is one of those.
         log.info("draining: ending %d open streams", app[stream_metrics_key].open_count)
-        hub.end_listeners(EndReason.SHUTDOWN)
+        hub.end_listeners(StreamEnd.SHUTDOWN)

@@ -16,7 +16,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from enum import Enum
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -24,7 +23,7 @@ from redis.exceptions import RedisError
 from . import sse
 from .chunked import ChunkWriter
 from .envelope import GAP_EVENT, UNAUTHORIZED_EVENT, Delivery, parse_event_id
-from .hub import EndReason, Incoming, Listener, Resync
+from .mailbox import Incoming, Listener, Resync, StreamEnd
 from .sessions import SessionStore
 
 log = logging.getLogger(__name__)
@@ -47,26 +46,6 @@ REPLAY_PAGE_BYTES = 256 * 1024
 REPLAY_FIRST_PAGE = 16
 REPLAY_PAGE_MAX = 500
 WRITE_PIECE_BYTES = 64 * 1024
-
-
-class StreamEnd(Enum):
-    """Why a stream ended, as logged and counted."""
-
-    FINISHED = "finished"
-    EXPIRED = "expired"
-    CLIENT_GONE = "client_gone"
-    SLOW = "slow"
-    SHUTDOWN = "shutdown"
-    HUB_FAILED = "hub_failed"
-    SESSION_GONE = "session_gone"  # its history and the session itself were lost: after `gap`
-    UNAUTHORIZED = "unauthorized"
-
-
-_END_BY_HUB = {
-    EndReason.SLOW: StreamEnd.SLOW,
-    EndReason.SHUTDOWN: StreamEnd.SHUTDOWN,
-    EndReason.HUB_FAILED: StreamEnd.HUB_FAILED,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,10 +131,10 @@ class EventStream:
     @property
     def dropped_as_slow(self) -> bool:
         """The hub dropped this stream's client as too slow (its connection was cut)."""
-        return self._listener.ended is EndReason.SLOW
+        return self._listener.ended is StreamEnd.SLOW
 
-    def _on_listener_end(self, reason: EndReason) -> None:
-        if reason is EndReason.SLOW and self._connection is not None:
+    def _on_listener_end(self, reason: StreamEnd) -> None:
+        if reason is StreamEnd.SLOW and self._connection is not None:
             # The client stopped reading. The task may be waiting for the socket to drain,
             # which would hold the connection, its slot and its listener for as long as the
             # client keeps it open; the client reconnects and resumes from its last id.
@@ -192,7 +171,7 @@ class EventStream:
             if items:
                 await self._relay(items)
             elif self._listener.ended is not None:
-                return _END_BY_HUB[self._listener.ended]
+                return self._listener.ended
             elif time.monotonic() >= self._expires_at:
                 if await self._expired():
                     return StreamEnd.EXPIRED
@@ -284,9 +263,8 @@ class EventStream:
 
     async def _must_stop(self) -> bool:
         """Between replay pages: whether the hub ended the listener or the session expired."""
-        ended = self._listener.ended
-        if ended is not None:
-            self._end = _END_BY_HUB[ended]
+        if self._listener.ended is not None:
+            self._end = self._listener.ended
         elif time.monotonic() >= self._expires_at and await self._expired():
             self._end = StreamEnd.EXPIRED
         return self._end is not None

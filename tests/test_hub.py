@@ -14,8 +14,9 @@ import fakeredis
 import pytest
 import redis.asyncio as redis
 
-from service.hub import EndReason, Hub, HubClosedError, Incoming, Resync
+from service.hub import Hub, HubClosedError
 from service.keys import Keys
+from service.mailbox import Incoming, Resync, StreamEnd
 from service.publisher import Publisher
 from service.redis.pubsub_link import PLAIN, SHARDED, Dialect
 from service.resources import hub_key
@@ -112,7 +113,7 @@ async def test_a_full_inbox_ends_only_that_listener(hub: Hub, redis_client: redi
             items = await fast.take(2)
             received.extend(i.delivery.data for i in items if isinstance(i, Incoming))
         assert received == ["m1", "m2", "m3", "m4", "m5"]
-        assert slow.ended is EndReason.SLOW
+        assert slow.ended is StreamEnd.SLOW
         assert fast.ended is None
     assert hub.stats.slow_listeners_dropped == 1
 
@@ -127,7 +128,7 @@ async def test_reader_failure_ends_listeners_and_refuses_new_ones(
         hub.on_message = broken  # type: ignore[method-assign, assignment]  # the failure a bug would cause
         await redis_client.publish("doomed", b"1-0\n\nboom")
         await wait_for(lambda: _ended(listener))
-        assert listener.ended is EndReason.HUB_FAILED
+        assert listener.ended is StreamEnd.HUB_FAILED
         assert not hub.connected
         # Neither a new channel nor one still held takes new listeners.
         for channel in ("later", "doomed"):
@@ -215,7 +216,7 @@ async def test_a_channel_refused_on_resubscribe_ends_its_streams_and_only_those(
                 await redis_client.acl_setuser(user, enabled=True, reset_channels=True,
                                                channels=["test:hub", "ok:kept"])
                 await wait_for(lambda: _ended(revoked))
-                assert revoked.ended is EndReason.HUB_FAILED
+                assert revoked.ended is StreamEnd.HUB_FAILED
                 assert kept.ended is None
                 assert Resync.AFTER_RECONNECT in await kept.take(2)
                 await redis_client.publish("ok:kept", b"1-0\n\nstill served")
@@ -241,7 +242,7 @@ async def test_a_link_that_cannot_subscribe_at_all_is_not_ready_and_ends_every_s
             async with hub.listen("ok:1") as listener:
                 await redis_client.acl_setuser(user, enabled=True, reset_channels=True)
                 await wait_for(lambda: _ended(listener))
-                assert listener.ended is EndReason.HUB_FAILED
+                assert listener.ended is StreamEnd.HUB_FAILED
                 assert not hub.connected
                 with pytest.raises(HubClosedError):
                     async with hub.listen("ok:2"):
@@ -262,7 +263,7 @@ async def test_a_topology_task_that_dies_of_a_bug_fails_the_hub_rather_than_goin
         (link,) = hub._links.values()
         hub.on_unreachable(link)  # what a link reports when a reconnect fails
         await wait_for(lambda: _ended(listener))
-        assert listener.ended is EndReason.HUB_FAILED
+        assert listener.ended is StreamEnd.HUB_FAILED
         assert not hub.connected
 
 

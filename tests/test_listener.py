@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from service.hub import EndReason, InboxItem, Incoming, Listener, Resync
+from service.mailbox import HUB_ENDS, InboxItem, Incoming, Listener, Resync, StreamEnd
 
 
 def incoming(n: int) -> Incoming:
@@ -100,12 +100,12 @@ async def test_declined_items_count_against_the_inbox_limit() -> None:
     assert listener.offer(incoming(1))
     assert listener.offer(incoming(2))
     assert not listener.offer(incoming(3))
-    assert listener.ended is EndReason.SLOW
+    assert listener.ended is StreamEnd.SLOW
     assert len(handler.seen) == 1  # only while the inbox was empty
 
 
-@pytest.mark.parametrize("reason", list(EndReason))
-async def test_an_ended_listener_ignores_offers(reason: EndReason) -> None:
+@pytest.mark.parametrize("reason", list(HUB_ENDS))
+async def test_an_ended_listener_ignores_offers(reason: StreamEnd) -> None:
     listener = Listener(limit=10)
     handler = Recorder()
     listener.direct = handler

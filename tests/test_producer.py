@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from service.hub import EndReason
 from service.keys import Keys
+from service.mailbox import StreamEnd
 from service.producer import demo_event
 from service.redis.connections import RedisClient, RedisOpener
 from service.resources import hub_key, producer_key
@@ -175,7 +175,7 @@ async def test_the_producer_keeps_claiming_after_its_wake_up_listener_was_ended(
 ) -> None:
     client = await start_client(make_settings(), fake_opener)
     # What a drain or a failed reroute does to every local listener, the producer's included.
-    client.app[hub_key].end_listeners(EndReason.SHUTDOWN)
+    client.app[hub_key].end_listeners(StreamEnd.SHUTDOWN)
     response = await client.get("/sse/connect", params={"sessionId": "afterwards"})
     events = await collect(response, timeout_s=10)
     assert [e.event for e in events] == ["message"] * 9 + ["finish"]

@@ -12,8 +12,9 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from service.hub import Hub, Incoming, Listener, Resync
+from service.hub import Hub
 from service.keys import Keys
+from service.mailbox import Incoming, Listener, Resync
 from service.redis import pubsub_link
 from service.redis.connections import RedisOpener
 from service.resources import hub_key, publisher_key

@@ -14,14 +14,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from service.chunked import http_chunk
 from service.envelope import Delivery
-from service.hub import EndReason, Incoming, Listener, Resync
+from service.mailbox import HUB_ENDS, Incoming, Listener, Resync, StreamEnd
 from service.stream import (
     DIRECT_WRITE_BUFFER_LIMIT,
     REPLAY_FIRST_PAGE,
     REPLAY_PAGE_BYTES,
     WRITE_PIECE_BYTES,
     EventStream,
-    StreamEnd,
     StreamPlan,
 )
 
@@ -391,7 +390,7 @@ async def test_a_stream_that_ends_before_any_event_sends_no_blank_line() -> None
         return setup.wire.body().count(b": ping\n") >= 2
 
     await wait_for(pinged)
-    setup.listener.end(EndReason.SHUTDOWN)
+    setup.listener.end(StreamEnd.SHUTDOWN)
     async with asyncio.timeout(2):
         assert await running is StreamEnd.SHUTDOWN
     assert re.fullmatch(rb"retry: 500\n: connected\n(?:: ping\n)+", setup.wire.body())
@@ -436,9 +435,9 @@ async def test_a_session_that_expires_during_a_replay_ends_it_between_pages() ->
     assert len(setup.wire.ids()) == REPLAY_FIRST_PAGE
 
 
-@pytest.mark.parametrize("reason", list(EndReason))
+@pytest.mark.parametrize("reason", list(HUB_ENDS))
 async def test_a_listener_ended_by_the_hub_stops_a_replay_between_pages(
-    reason: EndReason,
+    reason: StreamEnd,
 ) -> None:
     setup = Setup(direct=False)
     setup.sessions.log = long_log(2000, 1024)

@@ -10,8 +10,8 @@ import asyncio
 import time
 
 from service.envelope import Delivery
-from service.hub import EndReason, Incoming
-from service.stream import UNAUTHORIZED_FRAME, EventStream, StreamEnd, StreamPlan
+from service.mailbox import Incoming, StreamEnd
+from service.stream import UNAUTHORIZED_FRAME, EventStream, StreamPlan
 
 from sse_reader import SSEParser
 
@@ -29,7 +29,7 @@ class NeverEmpty:
     """A listener that always has another event queued when the stream asks."""
 
     def __init__(self) -> None:
-        self.ended: EndReason | None = None
+        self.ended: StreamEnd | None = None
         self.direct = None
         self.on_end = None
         self.taken = 0

@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestServer
 
 from service import resources as r
 from service.app import create_app
+from service.mailbox import StreamEnd
 from service.redis.connections import RedisOpener
 from service.settings import Settings
-from service.stream import StreamEnd
 from service.token_keys import DEMO_KEY_ID
 
 from app_clients import AppClient, MakeSettings, StartClient

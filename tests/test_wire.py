@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from service.hub import InboxItem, Incoming
 from service.keys import Keys
+from service.mailbox import InboxItem, Incoming, StreamEnd
 from service.publisher import Publisher
 from service.resources import hub_key, stream_metrics_key
-from service.stream import DIRECT_WRITE_BUFFER_LIMIT, EventStream, StreamEnd
+from service.stream import DIRECT_WRITE_BUFFER_LIMIT, EventStream
 
 from app_clients import AppClient, MakeSettings, StartClient
 from sse_reader import STREAM_OPENED, ReceivedEvent, SSEParser, collect
