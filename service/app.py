@@ -41,6 +41,7 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
     app.cleanup_ctx.append(r.redis_ctx)
     app.cleanup_ctx.append(r.hub_ctx)
     app.cleanup_ctx.append(r.metrics_ctx)
+    app.cleanup_ctx.append(r.stream_services_ctx)
     if settings.producer == "embedded":
         app.cleanup_ctx.append(r.producer_ctx)
     app.on_shutdown.append(r.drain_streams)

@@ -32,7 +32,7 @@ from .keys import Keys
 from .mailbox import Listener
 from .publisher import Fence, Published, Publisher, PublishOutcome
 from .redis.connections import RedisClient, pipelines_queue
-from .redis.topology import publish_command
+from .runs import request_run
 from .settings import Settings
 from .tasks import cancel_and_wait
 
@@ -99,23 +99,6 @@ def demo_event(session_id: str, seq: int, count: int, now: datetime) -> tuple[st
     if seq == count - 1:
         return FINISH_EVENT, f"server time: {clock} 结束: {session_id}"
     return "", f"server time: {clock} id: {session_id}"
-
-
-async def request_run(redis: RedisClient, keys: Keys, session_id: str) -> None:
-    """Make a waiting run visible to every producer and wake them (one round trip if it can).
-
-    A request is scored minus its time in ms: due at once, oldest first, and told apart from
-    the entries producers score with a future check time, and from an earlier request.
-    """
-    request = {session_id: -time.time_ns() // 1_000_000}
-    if pipelines_queue(redis):
-        pipe = redis.pipeline(transaction=False)
-        pipe.zadd(keys.runs, request)
-        pipe.publish(keys.producer_wake, session_id)
-        await pipe.execute()
-        return
-    await redis.zadd(keys.runs, request)
-    await redis.execute_command(publish_command(redis), keys.producer_wake, session_id)
 
 
 class Producer:

@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .admission import Admission
+from .connect import StreamServices
 from .connection_stats import ConnectionStats
 from .hub import Hub
 from .keys import Keys
@@ -39,6 +40,7 @@ token_verifier_key = web.AppKey("token_verifier_key", TokenVerifier)
 demo_signer_key = web.AppKey("demo_signer_key", SigningKey)
 rate_limits_key = web.AppKey("rate_limits_key", RateLimits)
 connection_stats_key = web.AppKey("connection_stats_key", ConnectionStats)
+stream_services_key = web.AppKey("stream_services_key", StreamServices)
 
 
 @dataclass(slots=True)
@@ -105,6 +107,21 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
         ServiceCollector(streams, app[hub_key], app[publisher_key], app[connection_stats_key])
     )
     app[metrics_registry_key].register(RateLimitCollector(app[rate_limits_key]))
+    yield
+
+
+async def stream_services_ctx(app: web.Application) -> AsyncIterator[None]:
+    """What every connection of this app uses, gathered once (see connect.py)."""
+    app[stream_services_key] = StreamServices(
+        settings=app[settings_key],
+        keys=app[keys_key],
+        redis=app[redis_key],
+        hub=app[hub_key],
+        sessions=app[sessions_key],
+        admission=app[admission_key],
+        rate_limits=app[rate_limits_key],
+        metrics=app[stream_metrics_key],
+    )
     yield
 
 

@@ -181,7 +181,7 @@ async def test_every_request_gets_one_access_log_line(
 async def test_stream_end_is_logged_with_its_reason_and_counts(
     client: AppClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="service.handlers"):
+    with caplog.at_level(logging.INFO, logger="service.connect"):
         async with client.get("/sse/connect", params={"sessionId": "logged"}) as response:
             assert len(await collect(response)) == 10
     [line] = [r for r in caplog.records if r.getMessage().startswith("stream end ")]
