@@ -17,15 +17,15 @@ from typing import Any
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from .envelope import FINISH_EVENT
 from .keys import Keys
 from .redis.connections import RedisClient, pipelines_queue
 from .redis.once import run_once
 from .redis.topology import publish_command
-from .sse import check_field
 
 # KEYS: session, log, run, lease, tombstone.
 # ARGV: channel, event, data, ttl_ms, maxlen, token ('' = no fencing), seq, lease_ms,
-# publish command (SPUBLISH on a cluster: the channel shares the keys' slot).
+# publish command (SPUBLISH on a cluster: the channel shares the keys' slot), finish name.
 # With a token the caller is a producer run: it must still hold the lease and be at `seq`,
 # and its progress advances in the same step as the publish, so no event goes out twice.
 # A retry of a publish whose reply was lost finds `next` already at seq + 1: 'done'.
@@ -49,7 +49,7 @@ end
 local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], '*', 'e', event, 'd', data)
 redis.call('PEXPIRE', log, redis.call('PTTL', session))
 local heard = redis.call(ARGV[9], channel, id .. '\\n' .. event .. '\\n' .. data)
-if event == 'finish' then redis.call('HSET', session, 'finished', id) end
+if event == ARGV[10] then redis.call('HSET', session, 'finished', id) end
 if token ~= '' then
   local next_seq = redis.call('HINCRBY', run, 'next', 1)
   if next_seq >= tonumber(redis.call('HGET', run, 'count')) then
@@ -65,7 +65,7 @@ return {'ok', id}
 
 # KEYS: session, log, tombstone, and the idempotency record when the caller gave a key.
 # ARGV: channel, ttl_ms, maxlen, publish command, require_issued ('1'/'0'), record ttl_ms,
-# request digest, then event name and data for each event of the batch.
+# request digest, finish name, then event name and data for each event of the batch.
 # The publish API's script: the whole batch or nothing, in one step. With a record key, the
 # first run stores the ids it assigned; a later run with the same key (the caller's retry)
 # answers them again instead of publishing, or 'reused' if the request was a different one.
@@ -90,11 +90,11 @@ elseif redis.call('HEXISTS', session, 'finished') == 1 then
   return {'finished', ''}
 end
 local ids = {}
-for i = 8, #ARGV, 2 do
+for i = 9, #ARGV, 2 do
   local event, data = ARGV[i], ARGV[i + 1]
   local id = redis.call('XADD', log, 'MAXLEN', '~', ARGV[3], '*', 'e', event, 'd', data)
   redis.call(ARGV[4], ARGV[1], id .. '\\n' .. event .. '\\n' .. data)
-  if event == 'finish' then redis.call('HSET', session, 'finished', id) end
+  if event == ARGV[8] then redis.call('HSET', session, 'finished', id) end
   ids[#ids + 1] = id
 end
 redis.call('PEXPIRE', log, redis.call('PTTL', session))
@@ -103,7 +103,8 @@ if record then redis.call('SET', record, ARGV[7] .. ' ' .. joined, 'PX', ARGV[6]
 return {'ok', joined}
 """
 
-# KEYS: session, log, run, lease, tombstone. ARGV: channel, data, publish command, ttl_ms.
+# KEYS: session, log, run, lease, tombstone.
+# ARGV: channel, data, publish command, ttl_ms, finish name.
 # Ends a session in one step: a last `finish` goes out to its live streams, its keys go, and
 # a tombstone stays for a session TTL, so that no publish re-creates the session, a resume
 # is answered 204, and a repeated DELETE (a caller's retry) is known to have succeeded.
@@ -112,8 +113,8 @@ if redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then
   if redis.call('EXISTS', KEYS[5]) == 1 then return 'ended' end
   return 'missing'
 end
-local id = redis.call('XADD', KEYS[2], '*', 'e', 'finish', 'd', ARGV[2])
-redis.call(ARGV[3], ARGV[1], id .. '\\n' .. 'finish' .. '\\n' .. ARGV[2])
+local id = redis.call('XADD', KEYS[2], '*', 'e', ARGV[5], 'd', ARGV[2])
+redis.call(ARGV[3], ARGV[1], id .. '\\n' .. ARGV[5] .. '\\n' .. ARGV[2])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 redis.call('SET', KEYS[5], id, 'PX', ARGV[4])
 return 'deleted'
@@ -233,8 +234,7 @@ class Publisher:
     def script_call(
         self, session_id: str, event: str, data: str, fence: Fence | None = None
     ) -> ScriptCall:
-        """What publishing `event` runs in Redis; raises ValueError for a bad event name."""
-        check_field("event", event)
+        """What publishing `event` (a name checked where it entered) runs in Redis."""
         k = self._keys
         return ScriptCall(
             keys=[
@@ -254,6 +254,7 @@ class Publisher:
                 fence.seq if fence else 0,
                 fence.lease_ms if fence else 0,
                 self._publish_command,
+                FINISH_EVENT,
             ],
         )
 
@@ -298,9 +299,10 @@ class Publisher:
             int(require_issued),
             record.ttl_ms if record else 0,
             record.digest if record else "",
+            FINISH_EVENT,
         ]
         for event, data in events:
-            args.extend((check_field("event", event), data))
+            args.extend((event, data))
         reply = await self._run(self._batch_script, ScriptCall(keys, args))
         outcome, ids = (part.decode() if isinstance(part, bytes) else part for part in reply)
         batch = PublishedBatch(BatchOutcome(outcome), ids.split(" ") if ids else [])
@@ -313,7 +315,7 @@ class Publisher:
         k = self._keys
         call = ScriptCall(
             keys=[*k.session_keys(session_id), k.tombstone(session_id)],
-            args=[k.channel(session_id), data, self._publish_command, self._ttl_ms],
+            args=[k.channel(session_id), data, self._publish_command, self._ttl_ms, FINISH_EVENT],
         )
         reply = await self._run(self._end_script, call)
         return SessionEnd(reply.decode() if isinstance(reply, bytes) else reply)

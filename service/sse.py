@@ -22,14 +22,17 @@ from dataclasses import dataclass
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
 _LF, _CR = ord("\n"), ord("\r")
-_FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\x00]")
 
 
-def check_field(name: str, value: str) -> str:
-    """Return `value` if it can stand alone on one field line; raise ValueError otherwise."""
-    if _FORBIDDEN_IN_FIELD.search(value):
+def check_field(name: str, value: bytes) -> None:
+    """Raise ValueError unless `value` can stand alone on one field line (no CR, LF or NUL).
+
+    The one check of the rule: the encoder applies it to every name and id it frames, the
+    publish API refuses such names earlier with a stricter pattern (submission.py).
+    """
+    # Byte values, not one-byte strings, with `in`: many times faster on short bytes.
+    if _LF in value or _CR in value or 0 in value:
         raise ValueError(f"{name} must not contain CR, LF or NUL")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +45,9 @@ class Event:
 
     def __post_init__(self) -> None:
         if self.event is not None:
-            check_field("event", self.event)
+            check_field("event", self.event.encode())
         if self.id is not None:
-            check_field("id", self.id)
+            check_field("id", self.id.encode())
 
     def encode(self) -> bytes:
         """The complete frame, ending with the blank line that dispatches it."""

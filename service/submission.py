@@ -26,17 +26,11 @@ from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationE
 from pydantic_core import ErrorDetails, PydanticCustomError
 from typing_extensions import TypedDict
 
-from .envelope import GAP_EVENT, UNAUTHORIZED_EVENT
+from .envelope import RESERVED_EVENTS
 from .errors import EventTooLarge, InvalidEvent, MalformedJson
 
 MAX_BATCH_EVENTS = 100
 EVENT_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
-# Names only the service sends, and why: a client that publishes one is refused.
-RESERVED_EVENTS = {
-    GAP_EVENT: "the service sends it when a resuming client's history is no longer all in "
-    "the log",
-    UNAUTHORIZED_EVENT: "the service sends it when a subscriber's token expires",
-}
 
 
 def _not_reserved(name: str) -> str:
@@ -54,9 +48,9 @@ EventName = Annotated[
         pattern=EVENT_NAME_PATTERN,
         json_schema_extra={"not": {"enum": list(RESERVED_EVENTS)}},
         description="The event name (EventSource `addEventListener` type). Omit it for an "
-        "unnamed `message` event. `finish` ends the session's streams; "
-        + ", ".join(f"`{name}`" for name in RESERVED_EVENTS)
-        + " are reserved for the service.",
+        "unnamed `message` event. `finish` ends the session's streams. Reserved: "
+        + "; ".join(f"`{name}` ({why})" for name, why in RESERVED_EVENTS.items())
+        + ".",
     ),
     AfterValidator(_not_reserved),
 ]

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as redis
 
 from service import resources as r
+from service.envelope import RESERVED_EVENTS
 from service.keys import Keys
 from service.redis.connections import RedisOpener
 from service.sse import Event
@@ -214,6 +215,24 @@ async def test_a_finish_must_be_the_last_event_of_a_batch(client: AppClient) -> 
     )
     assert response.status == 400
     assert (await response.json())["error"] == "invalid_event"
+    assert (await status(client, session_id))["lastEventId"] is None
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_EVENTS))
+async def test_a_reserved_event_name_is_refused_and_nothing_is_published(
+    client: AppClient, name: str
+) -> None:
+    # `error` and `open` are EventSource's own events: a listener could not tell them apart.
+    session_id = await new_session(client)
+    for body in ({"event": name, "data": "x"}, [{"data": "fine"}, {"event": name, "data": "x"}]):
+        response = await client.post(
+            f"/sse/sessions/{session_id}/events", json=body, headers=AUTH
+        )
+        assert response.status == 400
+        assert response.content_type == "application/json"
+        error = await response.json()
+        assert error["error"] == "invalid_event"
+        assert f"'{name}' is reserved" in error["detail"]
     assert (await status(client, session_id))["lastEventId"] is None
 
 

@@ -75,6 +75,9 @@ def test_serialized_data_counts_towards_the_limit() -> None:
         {"data": "x", "event": None},
         {"data": "x", "event": 5},
         {"data": "x", "event": "gap"},  # the service's own signal of lost history
+        {"data": "x", "event": "unauthorized"},  # the service's own: a token expired
+        {"data": "x", "event": "error"},  # EventSource's own events
+        {"data": "x", "event": "open"},
         [{"data": "x"}, {"data": "y", "event": "gap"}],
         [],
         [{"data": "x"}] * (MAX_BATCH_EVENTS + 1),
