@@ -13,7 +13,6 @@ import re
 
 from aiohttp import web
 
-from . import resources as r
 from .auth import authorize
 from .bodies import decode_body, read_body
 from .envelope import FINISH_EVENT
@@ -29,6 +28,15 @@ from .errors import (
 from .publisher import BatchOutcome, IdempotencyRecord, PublishedBatch, SessionEnd
 from .redis.once import OutcomeUnknown as OutcomeUnknownError
 from .redis.topology import subscriber_count
+from .replies import reply_text
+from .resources import (
+    connection_stats_key,
+    hub_key,
+    keys_key,
+    publisher_key,
+    redis_key,
+    settings_key,
+)
 from .responses import Published, PublishedIds, SessionStatus
 from .sessions import is_valid_session_id
 from .submission import parse_body
@@ -50,13 +58,13 @@ async def publish_events(request: web.Request) -> web.Response:
     a repeated request answers the ids of the first; a request whose outcome Redis left
     unknown is answered 503 `outcome_unknown`, for the caller to repeat with its key.
     """
-    settings = request.app[r.settings_key]
+    settings = request.app[settings_key]
     authorize(request)
     session_id = _session_id(request)
     key = _idempotency_key(request)
     if request.content_type != JSON_TYPE:
         raise UnsupportedMediaType(f"the body must be {JSON_TYPE}")
-    raw = await read_body(request, settings.body_timeout_s, request.app[r.connection_stats_key])
+    raw = await read_body(request, settings.body_timeout_s, request.app[connection_stats_key])
     decoded = decode_body(raw, request.headers.get("Content-Encoding", ""), settings.max_body_bytes)
     submissions, batch = parse_body(decoded, settings.max_event_bytes)
     if any(s.event == FINISH_EVENT for s in submissions[:-1]):
@@ -69,7 +77,7 @@ async def publish_events(request: web.Request) -> web.Response:
         ttl_ms = max(1, round(settings.idempotency_ttl_s * 1000))
         record = IdempotencyRecord(key, _digest(events, batch), ttl_ms)
     try:
-        result = await request.app[r.publisher_key].publish_batch(
+        result = await request.app[publisher_key].publish_batch(
             session_id, events, require_issued=settings.require_issued_session, record=record
         )
     except OutcomeUnknownError:
@@ -142,9 +150,9 @@ async def delete_session(request: web.Request) -> web.Response:
     """
     authorize(request)
     session_id = _session_id(request)
-    keys, redis = request.app[r.keys_key], request.app[r.redis_key]
+    keys, redis = request.app[keys_key], request.app[redis_key]
     try:
-        ended = await request.app[r.publisher_key].end_session(session_id, DELETED_DATA)
+        ended = await request.app[publisher_key].end_session(session_id, DELETED_DATA)
     except OutcomeUnknownError:
         raise OutcomeUnknown(
             "redis did not confirm in time; repeat the request: it answers 204 once the "
@@ -164,9 +172,9 @@ async def session_status(request: web.Request) -> web.Response:
     """TTL left, subscribed workers, local streams, whether it finished, its newest event id."""
     authorize(request)
     session_id = _session_id(request)
-    keys = request.app[r.keys_key]
+    keys = request.app[keys_key]
     channel = keys.channel(session_id)
-    redis = request.app[r.redis_key]
+    redis = request.app[redis_key]
     async with redis.pipeline(transaction=False) as pipe:
         pipe.pttl(keys.session(session_id))
         pipe.hget(keys.session(session_id), "finished")
@@ -179,9 +187,9 @@ async def session_status(request: web.Request) -> web.Response:
         "sessionId": session_id,
         "ttlMs": ttl_ms if ttl_ms >= 0 else None,
         "subscribers": subscribers,
-        "localStreams": request.app[r.hub_key].listeners_of(channel),
+        "localStreams": request.app[hub_key].listeners_of(channel),
         "finished": finished is not None,
-        "lastEventId": _text(newest[0][0]) if newest else None,
+        "lastEventId": reply_text(newest[0][0]) if newest else None,
     }
     return web.json_response(status)
 
@@ -192,6 +200,3 @@ def _session_id(request: web.Request) -> str:
         raise InvalidParameter("'sessionId' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
     return session_id
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -6,7 +6,6 @@ import aiohttp_cors
 from aiohttp import web
 
 from . import api, demo_token, docs_page, handlers, openapi
-from . import resources as r
 from .access_log import access_log_middleware
 from .admission import Admission
 from .connection_stats import ConnectionStats
@@ -16,6 +15,23 @@ from .keys import Keys
 from .protocol import handler_args
 from .rate_limit import RateLimits
 from .redis.connections import RedisOpener, open_redis
+from .resources import (
+    Lifecycle,
+    admission_key,
+    connection_stats_key,
+    drain_streams,
+    hub_ctx,
+    keys_key,
+    lifecycle_key,
+    metrics_ctx,
+    producer_ctx,
+    rate_limits_key,
+    redis_ctx,
+    redis_opener_key,
+    settings_key,
+    stream_services_ctx,
+    tokens_ctx,
+)
 from .response_headers import set_response_headers
 from .settings import Settings
 
@@ -30,21 +46,21 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
         client_max_size=settings.max_body_bytes,
         handler_args=handler_args(),
     )
-    app[r.settings_key] = settings
-    app[r.redis_opener_key] = open_client
-    app[r.keys_key] = Keys(settings.key_prefix)
-    app[r.lifecycle_key] = r.Lifecycle()
-    app[r.admission_key] = Admission(settings.max_connections, settings.max_connections_per_session)
-    app[r.rate_limits_key] = RateLimits.from_settings(settings)
-    app[r.connection_stats_key] = ConnectionStats()
-    app.cleanup_ctx.append(r.tokens_ctx)
-    app.cleanup_ctx.append(r.redis_ctx)
-    app.cleanup_ctx.append(r.hub_ctx)
-    app.cleanup_ctx.append(r.metrics_ctx)
-    app.cleanup_ctx.append(r.stream_services_ctx)
+    app[settings_key] = settings
+    app[redis_opener_key] = open_client
+    app[keys_key] = Keys(settings.key_prefix)
+    app[lifecycle_key] = Lifecycle()
+    app[admission_key] = Admission(settings.max_connections, settings.max_connections_per_session)
+    app[rate_limits_key] = RateLimits.from_settings(settings)
+    app[connection_stats_key] = ConnectionStats()
+    app.cleanup_ctx.append(tokens_ctx)
+    app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(hub_ctx)
+    app.cleanup_ctx.append(metrics_ctx)
+    app.cleanup_ctx.append(stream_services_ctx)
     if settings.producer == "embedded":
-        app.cleanup_ctx.append(r.producer_ctx)
-    app.on_shutdown.append(r.drain_streams)
+        app.cleanup_ctx.append(producer_ctx)
+    app.on_shutdown.append(drain_streams)
     _add_routes(app, settings)
     return app
 

@@ -15,8 +15,8 @@ from enum import Enum
 
 from aiohttp import web
 
-from . import resources as r
 from .errors import PublishingDisabled, Unauthorized
+from .resources import settings_key, token_verifier_key
 from .settings import Settings
 from .tokens import InsufficientScope, Scope
 
@@ -60,7 +60,7 @@ def authorize(request: web.Request) -> None:
 
     The token itself never appears in an error detail or a log line.
     """
-    settings = request.app[r.settings_key]
+    settings = request.app[settings_key]
     policy = access_policy(settings)
     if policy is AccessPolicy.OPEN:
         return
@@ -78,7 +78,7 @@ def authorize(request: web.Request) -> None:
     if token_matches(token, settings.publish_tokens):
         return
     if settings.token_keys_configured and token.count(".") == 2:
-        grant = request.app[r.token_verifier_key].verify(token)  # 401 unless genuine, current
+        grant = request.app[token_verifier_key].verify(token)  # 401 unless genuine, current
         if not grant.covers(Scope.PUBLISH, request.match_info["sessionId"]):
             raise InsufficientScope(Scope.PUBLISH)
         return

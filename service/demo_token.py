@@ -13,8 +13,8 @@ import time
 
 from aiohttp import web
 
-from . import resources as r
 from .errors import InvalidParameter
+from .resources import demo_signer_key, settings_key
 from .responses import DemoToken
 from .sessions import is_valid_session_id
 from .tokens import expiry, mint_token
@@ -25,14 +25,14 @@ DEFAULT_DEMO_TTL_S = 30
 
 async def mint_demo_token(request: web.Request) -> web.Response:
     """A token that may subscribe to one session for `ttlS` seconds."""
-    settings = request.app[r.settings_key]
+    settings = request.app[settings_key]
     session_id = request.query.get("sessionId", "")
     if not is_valid_session_id(session_id):
         raise InvalidParameter("'sessionId' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
     ttl_s = _ttl_s(request.query.get("ttlS"))
     now = time.time()
     token = mint_token(
-        request.app[r.demo_signer_key],
+        request.app[demo_signer_key],
         subscribe=[session_id],
         ttl_s=ttl_s,
         audience=settings.token_audience,

@@ -14,8 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from . import resources as r
 from .openapi import Spec, build_document
+from .resources import settings_key
 from .settings import Settings
 
 _METHODS = ("get", "post", "put", "patch", "delete")
@@ -37,7 +37,7 @@ td { vertical-align: top; }
 
 async def docs(request: web.Request) -> web.Response:
     """The API description as a readable page."""
-    page = render_page(request.app[r.settings_key])
+    page = render_page(request.app[settings_key])
     return web.Response(text=page, content_type="text/html")
 
 

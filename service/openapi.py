@@ -19,7 +19,6 @@ from pydantic import TypeAdapter
 from pydantic.json_schema import GenerateJsonSchema
 
 from . import __version__
-from . import resources as r
 from .api import IDEMPOTENCY_KEY
 from .auth import AccessPolicy, access_policy
 from .bodies import ACCEPTED_ENCODINGS, DecodedBodyTooLarge, UnsupportedEncoding
@@ -55,6 +54,7 @@ from .openapi_text import (
     publish_text,
     stream_text,
 )
+from .resources import settings_key
 from .responses import (
     Alive,
     DemoToken,
@@ -100,7 +100,7 @@ _BODY_TYPES: tuple[Any, ...] = (
 
 async def openapi_json(request: web.Request) -> web.Response:
     """This document, as JSON."""
-    return web.json_response(build_document(request.app[r.settings_key]))
+    return web.json_response(build_document(request.app[settings_key]))
 
 
 @functools.lru_cache(maxsize=4)

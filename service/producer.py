@@ -32,6 +32,7 @@ from .keys import Keys
 from .mailbox import Listener
 from .publisher import Fence, Published, Publisher, PublishOutcome
 from .redis.connections import RedisClient, pipelines_queue
+from .replies import reply_text
 from .runs import request_run
 from .settings import Settings
 from .tasks import cancel_and_wait
@@ -180,7 +181,7 @@ class Producer:
         state = await self._let_go_script(
             keys=[k.lease(session_id), k.run(session_id)], args=[token]
         )
-        active = state is not None and _text(state) == "active"
+        active = state is not None and reply_text(state) == "active"
         if active:
             await request_run(self._redis, k, session_id)
         self._adrift.pop(session_id, None)
@@ -273,7 +274,7 @@ class Producer:
         due: list[tuple[bytes, float]] = await self._redis.zrangebyscore(  # type: ignore[assignment]
             self._keys.runs, "-inf", now_ms, 0, SCAN_BATCH, withscores=True
         )
-        scores = {_text(raw): score for raw, score in due}
+        scores = {reply_text(raw): score for raw, score in due}
         session_ids = [s for s in scores if s not in self._runs]
         if not session_ids:
             return False
@@ -465,6 +466,3 @@ class Producer:
                 log.info("could not renew the lease of session %s: %s", session_id, error)
         await asyncio.sleep(remaining_s)
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

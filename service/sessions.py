@@ -13,6 +13,7 @@ from . import script_queue
 from .envelope import Delivery, decode_log_entry
 from .keys import Keys
 from .redis.connections import RedisClient
+from .replies import reply_text
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # 22 independent base-62 digits from the system CSPRNG: 22 * log2(62) = 130.99 bits.
@@ -154,9 +155,9 @@ class SessionStore:
         )
         status, after, finished, ttl_ms, needs_producer = reply
         return Attachment(
-            status=AttachStatus(_text(status)),
-            replay_after=_text(after),
-            finished_id=_text(finished) or None,
+            status=AttachStatus(reply_text(status)),
+            replay_after=reply_text(after),
+            finished_id=reply_text(finished) or None,
             ttl_ms=int(ttl_ms),
             run_needs_producer=bool(needs_producer),
         )
@@ -183,6 +184,3 @@ class SessionStore:
             )  # type: ignore[assignment]
         return [decode_log_entry(entry_id, fields) for entry_id, fields in entries]
 
-
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

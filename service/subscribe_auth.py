@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from . import resources as r
 from .auth import bearer_token
 from .errors import Unauthorized
+from .resources import settings_key, token_verifier_key
 from .tokens import InsufficientScope, InvalidToken, Scope, TokenExpired, challenge
 
 ACCESS_TOKEN_PARAM = "access_token"
@@ -51,17 +51,17 @@ STOP = StreamAccess(stop=True)
 
 def check_subscriber(request: web.Request, session_id: str) -> StreamAccess:
     """Allow, stop (204) or refuse (raises a 401 or 403 ServiceError) a connect to `session_id`."""
-    if request.app[r.settings_key].subscribe_auth == "open":
+    if request.app[settings_key].subscribe_auth == "open":
         return OPEN
     token = subscriber_token(request)
     if token is None:
         raise Unauthorized(
             "a token is required: Authorization: Bearer, the "
             f"'{ACCESS_TOKEN_PARAM}' query parameter or the "
-            f"'{request.app[r.settings_key].token_cookie}' cookie",
+            f"'{request.app[settings_key].token_cookie}' cookie",
             headers=challenge(),
         )
-    verifier = request.app[r.token_verifier_key]
+    verifier = request.app[token_verifier_key]
     try:
         grant = verifier.verify(token)
     except TokenExpired as expired:
@@ -83,7 +83,7 @@ def subscriber_token(request: web.Request) -> str | None:
         raise InvalidToken(f"the '{ACCESS_TOKEN_PARAM}' query parameter is given more than once")
     if query:
         return query[0]
-    return request.cookies.get(request.app[r.settings_key].token_cookie) or None
+    return request.cookies.get(request.app[settings_key].token_cookie) or None
 
 
 def _from_event_source(request: web.Request) -> bool:
