@@ -19,14 +19,12 @@ from .resources import (
     Lifecycle,
     admission_key,
     connection_stats_key,
+    core_ctx,
     drain_streams,
-    hub_ctx,
     keys_key,
     lifecycle_key,
     metrics_ctx,
-    producer_ctx,
     rate_limits_key,
-    redis_ctx,
     redis_opener_key,
     settings_key,
     stream_services_ctx,
@@ -54,12 +52,9 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
     app[rate_limits_key] = RateLimits.from_settings(settings)
     app[connection_stats_key] = ConnectionStats()
     app.cleanup_ctx.append(tokens_ctx)
-    app.cleanup_ctx.append(redis_ctx)
-    app.cleanup_ctx.append(hub_ctx)
+    app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(metrics_ctx)
     app.cleanup_ctx.append(stream_services_ctx)
-    if settings.producer == "embedded":
-        app.cleanup_ctx.append(producer_ctx)
     app.on_shutdown.append(drain_streams)
     _add_routes(app, settings)
     return app

@@ -15,11 +15,11 @@ from .health_file import keep_fresh
 from .hub import Hub
 from .keys import Keys
 from .producer import Producer
-from .publisher import Publisher
 from .redis.connections import RedisClient, open_redis
 from .settings import Settings
 from .startup import StartupError, producer_line
 from .tasks import cancel_and_wait
+from .wiring import open_core
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +41,12 @@ async def run_producer(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        client = await open_redis(settings)
-        stack.push_async_callback(client.aclose)
-        hub = Hub(
-            client,
-            keys.hub_control,
-            settings.listener_queue_size,
-            timeout_s=settings.redis_timeout_s,
+        core = await stack.enter_async_context(
+            open_core(settings, keys, open_redis, with_producer=True)
         )
-        await hub.start()
-        stack.push_async_callback(hub.close)
-        publisher = Publisher(client, keys, settings.session_ttl_s, settings.log_maxlen)
-        producer = Producer(client, hub, publisher=publisher, keys=keys, settings=settings)
-        await producer.start()
-        stack.push_async_callback(producer.close)
+        client, hub, producer = core.redis, core.hub, core.producer
+        if producer is None:  # with_producer always makes one; this tells the type checker
+            raise StartupError("the demo producer did not start")
         if settings.producer_health_file:
             beat = asyncio.create_task(keep_fresh(
                 Path(settings.producer_health_file),

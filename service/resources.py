@@ -24,6 +24,7 @@ from .sessions import SessionStore
 from .settings import Settings
 from .token_keys import SigningKey, load_key_ring, new_demo_key, verify_key_of
 from .tokens import TokenVerifier
+from .wiring import open_core
 
 settings_key = web.AppKey("settings_key", Settings)
 redis_opener_key = web.AppKey("redis_opener_key", RedisOpener)
@@ -55,48 +56,21 @@ lifecycle_key = web.AppKey("lifecycle_key", Lifecycle)
 log = logging.getLogger(__name__)
 
 
-async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The Redis client, plus the stores that share it."""
+async def core_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Redis client, the shared subscription, the publisher, and the embedded producer."""
     settings = app[settings_key]
     keys = app[keys_key]
-    client = await app[redis_opener_key](settings)
-    app[redis_key] = client
-    app[sessions_key] = SessionStore(
-        client, keys, settings.session_ttl_s, replay_reads=settings.replay_reads
-    )
-    app[publisher_key] = Publisher(client, keys, settings.session_ttl_s, settings.log_maxlen)
-    yield
-    await client.aclose()
-
-
-async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The worker's shared subscription."""
-    settings = app[settings_key]
-    hub = Hub(
-        app[redis_key],
-        app[keys_key].hub_control,
-        settings.listener_queue_size,
-        timeout_s=settings.redis_timeout_s,
-    )
-    await hub.start()
-    app[hub_key] = hub
-    yield
-    await hub.close()
-
-
-async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The in-process demo producer (only when `producer = "embedded"`)."""
-    producer = Producer(
-        app[redis_key],
-        app[hub_key],
-        publisher=app[publisher_key],
-        keys=app[keys_key],
-        settings=app[settings_key],
-    )
-    await producer.start()
-    app[producer_key] = producer
-    yield
-    await producer.close()
+    embedded = settings.producer == "embedded"
+    async with open_core(settings, keys, app[redis_opener_key], with_producer=embedded) as core:
+        app[redis_key] = core.redis
+        app[sessions_key] = SessionStore(
+            core.redis, keys, settings.session_ttl_s, replay_reads=settings.replay_reads
+        )
+        app[publisher_key] = core.publisher
+        app[hub_key] = core.hub
+        if core.producer is not None:
+            app[producer_key] = core.producer
+        yield
 
 
 async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
