@@ -44,6 +44,9 @@ from hypothesis import strategies as st
 from redis_process import free_port
 from stack_processes import Worker, service_env
 
+# Processes or fuzzing for seconds: left out of the quick loop (README, "Test it").
+pytestmark = pytest.mark.slow
+
 TOKEN = "fuzz-bearer-7Qx2LmW9pZr4TnB6"
 READ_TIMEOUT_S = 5.0
 LOG_TIMEOUT_S = 5.0

@@ -38,6 +38,9 @@ from service.submission import MAX_BATCH_EVENTS, parse_body
 
 from app_clients import MakeSettings, StartClient
 
+# Processes or fuzzing for seconds: left out of the quick loop (README, "Test it").
+pytestmark = pytest.mark.slow
+
 TOKEN = "openapi-token-0123456789"
 FUZZ_EXAMPLES = 25
 IGNORED_METHODS = {"HEAD", "OPTIONS"}

@@ -25,6 +25,9 @@ from packaging.version import Version
 from sse_reader import collect
 from stack_processes import ROOT, service_env
 
+# Processes or fuzzing for seconds: left out of the quick loop (README, "Test it").
+pytestmark = pytest.mark.slow
+
 CONSTRAINTS = ROOT / "constraints.txt"
 COMMAND_TIMEOUT_S = 300
 

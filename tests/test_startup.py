@@ -20,6 +20,9 @@ from service.startup import bind_sockets, serving_line
 from redis_process import RedisProcess, free_port, require_redis_server
 from stack_processes import service_env
 
+# Processes or fuzzing for seconds: left out of the quick loop (README, "Test it").
+pytestmark = pytest.mark.slow
+
 PASSWORD = "s3cret-pass-for-tests"
 # A run that exits by itself: every failure below happens before anything would serve.
 RUN_TIMEOUT_S = 30

@@ -22,6 +22,9 @@ from service.settings import build_settings
 from redis_process import RedisProcess, free_port, wait_until
 from stack_processes import service_env
 
+# Processes or fuzzing for seconds: left out of the quick loop (README, "Test it").
+pytestmark = pytest.mark.slow
+
 START_TIMEOUT_S = 20.0
 READ_TIMEOUT_S = 10.0
 
