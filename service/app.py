@@ -11,6 +11,7 @@ from .admission import Admission
 from .connection_stats import ConnectionStats
 from .errors import error_middleware
 from .http_version import http_version_middleware
+from .jitter import jitter_retry_after
 from .keys import Keys
 from .protocol import handler_args
 from .rate_limit import RateLimits
@@ -95,3 +96,4 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
     for route in app.router.add_routes(routes):
         cors.add(route)
     app.on_response_prepare.append(set_response_headers)
+    app.on_response_prepare.append(jitter_retry_after)

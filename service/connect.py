@@ -23,6 +23,7 @@ from .admission import Admission
 from .envelope import parse_event_id
 from .errors import REQUEST_ID_HEADER, SessionNotFound, request_id_of
 from .hub import Hub
+from .jitter import retry_delay_ms
 from .keys import Keys
 from .mailbox import Listener, StreamEnd
 from .metrics import StreamMetrics
@@ -111,7 +112,7 @@ async def _serve(
             replay_after=attachment.replay_after,
             detect_gap=asked.last_event_id is not None,
             ttl_ms=attachment.ttl_ms,
-            retry_ms=settings.retry_ms,
+            retry_ms=retry_delay_ms(settings.retry_ms, settings.retry_spread),
             heartbeat_interval_s=settings.heartbeat_interval_s,
             write_timeout_s=settings.write_timeout_s,
             access_ends_at=asked.access_ends_at,

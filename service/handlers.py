@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,6 +22,7 @@ from .errors import (
     Unavailable,
     request_id_of,
 )
+from .jitter import retry_delay_ms
 from .metrics import CONTENT_TYPE, render
 from .resources import (
     hub_key,
@@ -92,7 +92,8 @@ def _come_back_later(request: web.Request, session_id: str, why: Exception) -> w
     around `retry_ms`, so a crowd turned away together does not come back together.
     """
     app = request.app
-    delay_ms = round(app[settings_key].retry_ms * random.uniform(0.5, 1.5))
+    settings = app[settings_key]
+    delay_ms = retry_delay_ms(settings.retry_ms, settings.retry_spread)
     detail = why.detail if isinstance(why, ServiceError) else str(why)
     log.info(
         "stream of session %s deferred (%s); the client reconnects in %d ms [request %s]",

@@ -46,6 +46,8 @@ class Settings:
     require_issued_session: bool = False
     heartbeat_interval_s: float = 15.0
     retry_ms: int = 2000
+    # Each stream's `retry:` is drawn from retry_ms x (1 +- retry_spread); see jitter.py.
+    retry_spread: float = 0.5
     listener_queue_size: int = 256
     log_maxlen: int = 1000
     max_connections: int = 20000
@@ -154,6 +156,9 @@ class Settings:
             self.workers <= 1 or not self.embedded_redis,
             "above 1 needs a redis_url: the embedded stand-in lives inside one process, "
             "so its workers would not share sessions or events",
+        )
+        _require(
+            "retry_spread", 0 <= self.retry_spread <= 1, "must be between 0 and 1 (a fraction)"
         )
         _require("producer_interval_ms", self.producer_interval_ms >= 0, "must not be negative")
         _require("drain_timeout_s", self.drain_timeout_s >= 0, "must not be negative")

@@ -22,6 +22,8 @@ FAST_SETTINGS: dict[str, Any] = {
     "producer_lease_ms": 1000,
     "session_ttl_s": 30.0,
     "retry_ms": 500,
+    # Exact `retry:` bytes and Retry-After values; test_jitter.py covers the spread.
+    "retry_spread": 0.0,
 }
 
 

@@ -92,7 +92,7 @@ async def test_a_connect_to_an_unresponsive_redis_fails_within_the_redis_timeout
 async def test_a_draining_worker_tells_event_stream_clients_to_come_back_with_jitter(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: Any,
 ) -> None:
-    client = await start_client(make_settings(retry_ms=RETRY_MS), fake_opener)
+    client = await start_client(make_settings(retry_ms=RETRY_MS, retry_spread=0.5), fake_opener)
     await r.drain_streams(client.app)
     delays = [
         await assert_told_to_come_back(await connect(client, f"late{n}", EVENT_STREAM))
