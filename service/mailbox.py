@@ -9,6 +9,7 @@ whether the hub ended its listener or the stream itself stopped, is one `StreamE
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from enum import Enum
 
@@ -83,7 +84,10 @@ class Listener:
     drops further items but still wakes the consumer, and is never a reason to end it.
     """
 
-    __slots__ = ("_coalescing", "_items", "_limit", "_waiter", "direct", "ended", "on_end")
+    __slots__ = (
+        "_coalescing", "_items", "_limit", "_waiter", "direct", "ended", "on_end",
+        "taken_since", "waiting_since",
+    )  # fmt: skip
 
     def __init__(self, limit: int, *, coalescing: bool = False) -> None:
         # A list swapped out whole by `take`: one append per offer, no copy per take.
@@ -95,6 +99,11 @@ class Listener:
         self.ended: StreamEnd | None = None
         # Told once, synchronously, when the listener ends (its consumer may be blocked).
         self.on_end: Callable[[StreamEnd], None] | None = None
+        # When the oldest item still queued arrived (time.monotonic()); None while empty, and
+        # when the oldest item of the last batch taken arrived. Read by the leak metrics only:
+        # one clock read when the inbox stops being empty, none per item.
+        self.waiting_since: float | None = None
+        self.taken_since: float | None = None
 
     def offer(self, item: InboxItem) -> bool:
         """Hand `item` over without waiting; False (and the listener ends) if the inbox is full."""
@@ -108,6 +117,8 @@ class Listener:
                 return True
             self.end(StreamEnd.SLOW)
             return False
+        if not self._items:
+            self.waiting_since = time.monotonic()
         self._items.append(item)
         self._wake()
         return True
@@ -135,6 +146,7 @@ class Listener:
                 self._waiter = None
         items = self._items
         self._items = []
+        self.taken_since, self.waiting_since = self.waiting_since, None
         return items
 
     def _wake(self) -> None:

@@ -27,7 +27,7 @@ PREFIX = "sse"
 
 
 class StreamCounts(Protocol):
-    """What metrics read of a stream: the events it wrote, and how many were replayed."""
+    """What metrics read of a stream: what it wrote, and what waits to reach its client."""
 
     @property
     def events_sent(self) -> int:
@@ -36,6 +36,14 @@ class StreamCounts(Protocol):
     @property
     def events_replayed(self) -> int:
         """Of those, the events read from the session's log."""
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes written for the client that its socket has not sent yet."""
+
+    @property
+    def unsent_since(self) -> float | None:
+        """When the oldest event not yet written arrived (time.monotonic()), if any."""
 
 
 class StreamMetrics:
@@ -67,6 +75,10 @@ class StreamMetrics:
     def deferred_count(self) -> int:
         """Stream requests told to come back later."""
         return self._deferred
+
+    def open_streams(self) -> tuple[StreamCounts, ...]:
+        """The streams open now (a copy: scrapes may run while streams come and go)."""
+        return tuple(self._open)
 
     @property
     def open_count(self) -> int:

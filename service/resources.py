@@ -14,6 +14,7 @@ from .connect import StreamServices
 from .connection_stats import ConnectionStats
 from .hub import Hub
 from .keys import Keys
+from .leak_metrics import LeakCollector
 from .mailbox import StreamEnd
 from .metrics import ServiceCollector, StreamMetrics, build_registry
 from .producer import Producer
@@ -77,10 +78,12 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     """This app's own metrics registry, reading the hub's, publisher's and streams' counters."""
     streams = StreamMetrics()
     app[stream_metrics_key] = streams
-    app[metrics_registry_key] = build_registry(
+    registry = build_registry(
         ServiceCollector(streams, app[hub_key], app[publisher_key], app[connection_stats_key])
     )
-    app[metrics_registry_key].register(RateLimitCollector(app[rate_limits_key]))
+    registry.register(RateLimitCollector(app[rate_limits_key]))
+    registry.register(LeakCollector(streams))
+    app[metrics_registry_key] = registry
     yield
 
 

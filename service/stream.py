@@ -112,6 +112,8 @@ class EventStream:
         self._expires_at = time.monotonic() + plan.ttl_ms / 1000
         self.events_sent = 0
         self.events_replayed = 0
+        # When the oldest event of the batch being written arrived; None between batches.
+        self._relaying_since: float | None = None
 
     async def run(self) -> StreamEnd:
         """Replay what the client missed, then relay live events; return why it ended."""
@@ -127,6 +129,23 @@ class EventStream:
             if self._connection is not None:
                 self._connection.abort()
             return StreamEnd.SLOW
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes written for this client that its socket has not sent yet (leak metrics)."""
+        transport = self._connection
+        if transport is None or transport.is_closing():
+            return 0
+        return transport.get_write_buffer_size()
+
+    @property
+    def unsent_since(self) -> float | None:
+        """When the oldest event not yet written arrived (in the inbox or being written)."""
+        since = self._relaying_since
+        waiting = self._listener.waiting_since
+        if since is None or (waiting is not None and waiting < since):
+            return waiting
+        return since
 
     @property
     def dropped_as_slow(self) -> bool:
@@ -169,7 +188,9 @@ class EventStream:
                 await self._write(UNAUTHORIZED_FRAME)
                 return StreamEnd.UNAUTHORIZED
             if items:
+                self._relaying_since = listener.taken_since
                 await self._relay(items)
+                self._relaying_since = None
             elif self._listener.ended is not None:
                 return self._listener.ended
             elif time.monotonic() >= self._expires_at:
