@@ -19,6 +19,7 @@ from .redis.connections import RedisOpener, open_redis
 from .resources import (
     Lifecycle,
     admission_key,
+    canary_ctx,
     connection_stats_key,
     core_ctx,
     drain_streams,
@@ -55,6 +56,7 @@ def create_app(settings: Settings, open_client: RedisOpener = open_redis) -> web
     app.cleanup_ctx.append(tokens_ctx)
     app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(metrics_ctx)
+    app.cleanup_ctx.append(canary_ctx)
     app.cleanup_ctx.append(stream_services_ctx)
     app.on_shutdown.append(drain_streams)
     _add_routes(app, settings)

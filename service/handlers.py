@@ -25,6 +25,7 @@ from .errors import (
 from .jitter import retry_delay_ms
 from .metrics import CONTENT_TYPE, render
 from .resources import (
+    canary_key,
     hub_key,
     lifecycle_key,
     metrics_registry_key,
@@ -190,7 +191,8 @@ async def serve_metrics(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: Redis answers, the shared subscription is connected, the producer runs."""
+    """Readiness: Redis answers, the shared subscription is connected and delivers (the
+    canary's latest round), the producer runs."""
     hub = request.app[hub_key]
     problems = []
     try:
@@ -201,6 +203,9 @@ async def readyz(request: web.Request) -> web.Response:
         log.warning("readiness: redis did not answer its ping: %s", error)
     if not hub.connected:
         problems.append("shared subscription is not connected")
+    canary = request.app.get(canary_key)
+    if canary is not None and (problem := canary.problem) is not None:
+        problems.append(problem)
     producer = request.app.get(producer_key)
     if producer is not None and (problem := producer.problem) is not None:
         problems.append(problem)

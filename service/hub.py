@@ -41,6 +41,8 @@ class _Channel:
     listeners: set[Listener] = field(default_factory=set)
     # Being subscribed on another node: its streams replay once that is confirmed.
     moving: bool = False
+    # The worker's own check (the readiness canary), left out of the counts of client channels.
+    probe: bool = False
 
 
 @dataclass(slots=True)
@@ -133,8 +135,12 @@ class Hub:
 
     @property
     def channel_count(self) -> int:
-        """Channels this worker is subscribed to for listeners (excluding the control channel)."""
-        return len(self._channels) - (self._control_channel in self._channels)
+        """Channels this worker is subscribed to for listeners (not the control channel, nor
+        a probe's)."""
+        return sum(
+            1 for name, state in self._channels.items()
+            if not state.probe and name != self._control_channel
+        )  # fmt: skip
 
     @property
     def link_count(self) -> int:
@@ -142,9 +148,18 @@ class Hub:
         return len(self._links)
 
     @property
+    def link_nodes(self) -> list[str]:
+        """The nodes this worker holds a running pub/sub connection to (the canary's targets)."""
+        return [name for name, link in self._links.items() if link.running]
+
+    def node_for(self, channel: str) -> str:
+        """The node whose pub/sub connection carries `channel`."""
+        return self._topology.node_for(channel.encode())
+
+    @property
     def listener_count(self) -> int:
-        """Local listeners across all channels."""
-        return sum(len(c.listeners) for c in self._channels.values())
+        """Local listeners across all channels (a probe's left out)."""
+        return sum(len(c.listeners) for c in self._channels.values() if not c.probe)
 
     def listeners_of(self, channel: str) -> int:
         """Local listeners of one channel."""
@@ -152,19 +167,22 @@ class Hub:
         return len(state.listeners) if state else 0
 
     @contextlib.asynccontextmanager
-    async def listen(self, channel: str, *, coalescing: bool = False) -> AsyncIterator[Listener]:
+    async def listen(
+        self, channel: str, *, coalescing: bool = False, probe: bool = False
+    ) -> AsyncIterator[Listener]:
         """A listener on `channel` whose subscription is live when the block starts.
 
         `coalescing`: for wake-up channels (see `Listener`); such a listener is never dropped
-        as slow. Raises HubClosedError when the hub is closing or failed, or when the
-        connection that must carry the channel is down (the caller answers 503 and the
-        client retries).
+        as slow. `probe`: the worker's own check on the channel, not counted as a client's.
+        Raises HubClosedError when the hub is closing or failed, or when the connection that
+        must carry the channel is down (the caller answers 503 and the client retries).
         """
         if self._closing or self._failed:
             raise HubClosedError("the shared subscription is not running")
         name = channel.encode()
         listener = Listener(self._inbox_limit, coalescing=coalescing)
         state = self._channels.get(name) or await self._open_channel(name)
+        state.probe = state.probe or probe
         state.listeners.add(listener)
         try:
             await _confirmed(state.ready)

@@ -63,6 +63,10 @@ class Keys:
         """Channel that tells producers a run is waiting (they also poll `runs`)."""
         return f"{self.prefix}:producer:wake"
 
+    def canary(self, tag: str) -> str:
+        """Channel a worker publishes its delivery checks to; the tag picks its cluster slot."""
+        return f"{self.prefix}:canary:{{{tag}}}"
+
     @property
     def hub_control(self) -> str:
         """Channel every worker's hub always holds, so its connection is never unsubscribed."""

@@ -10,6 +10,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from .admission import Admission
+from .canary import Canary, CanaryCollector
 from .connect import StreamServices
 from .connection_stats import ConnectionStats
 from .hub import Hub
@@ -42,6 +43,7 @@ token_verifier_key = web.AppKey("token_verifier_key", TokenVerifier)
 demo_signer_key = web.AppKey("demo_signer_key", SigningKey)
 rate_limits_key = web.AppKey("rate_limits_key", RateLimits)
 connection_stats_key = web.AppKey("connection_stats_key", ConnectionStats)
+canary_key = web.AppKey("canary_key", Canary)
 stream_services_key = web.AppKey("stream_services_key", StreamServices)
 
 
@@ -85,6 +87,23 @@ async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
     registry.register(LeakCollector(streams))
     app[metrics_registry_key] = registry
     yield
+
+
+async def canary_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The delivery check behind readiness, and its metrics (after the hub and the registry)."""
+    settings = app[settings_key]
+    canary = Canary(
+        app[hub_key],
+        app[redis_key],
+        app[keys_key],
+        interval_s=settings.canary_interval_s,
+        timeout_s=settings.canary_timeout_s,
+    )
+    await canary.start()
+    app[canary_key] = canary
+    app[metrics_registry_key].register(CanaryCollector(canary))
+    yield
+    await canary.close()
 
 
 async def stream_services_ctx(app: web.Application) -> AsyncIterator[None]:

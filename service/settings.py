@@ -75,6 +75,9 @@ class Settings:
     run_idle_timeout_s: float = 5.0
     producer_health_file: str = ""
     drain_timeout_s: float = 10.0
+    # Readiness proves delivery: a canary through each pub/sub connection (see canary.py).
+    canary_interval_s: float = 2.0
+    canary_timeout_s: float = 1.0
     log_level: str = "INFO"
     log_format: str = "plain"
     event_loop: str = "auto"
@@ -124,6 +127,8 @@ class Settings:
             "header_timeout_s",
             "keepalive_timeout_s",
             "body_timeout_s",
+            "canary_interval_s",
+            "canary_timeout_s",
         ):
             _require(name, getattr(self, name) > 0, "must be positive")
         _require(
