@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from .app import create_app
 from .cores import usable_cores
+from .drain_pacing import shutdown_grace_s
 from .logs import configure_logging
 from .loops import new_event_loop
 from .open_files import ConnectionBudget, connection_budget, raise_open_file_limit
@@ -135,7 +136,7 @@ def _serve(settings: Settings) -> int:
         # reconnect at once after another worker drains; the kernel caps it at somaxconn.
         backlog=LISTEN_BACKLOG,
         max_client_connections=budget.connections,
-        shutdown_timeout_s=settings.drain_timeout_s,
+        shutdown_timeout_s=shutdown_grace_s(settings),
         # Called once every socket accepts connections: our one start-up line.
         on_serving=lambda: _say_serving(settings, sockets, loop, budget),
     )
@@ -184,7 +185,7 @@ def _pool_worker(
             sockets=pool[index],
             backlog=LISTEN_BACKLOG,
             max_client_connections=budget.connections,
-            shutdown_timeout_s=settings.drain_timeout_s,
+            shutdown_timeout_s=shutdown_grace_s(settings),
             on_serving=link.serving,
         )
     except (StartupError, RedisError) as error:

@@ -46,21 +46,32 @@ class StreamCounts(Protocol):
         """When the oldest event not yet written arrived (time.monotonic()), if any."""
 
 
+class OpenStream(StreamCounts, Protocol):
+    """An open stream as the worker keeps it: counted, and ended one by one on a drain."""
+
+    @property
+    def session_id(self) -> str:
+        """The session whose events the stream writes."""
+
+    def drain(self, farewell: bytes) -> None:
+        """End the stream for shutdown after what it holds, `farewell` its last frame."""
+
+
 class StreamMetrics:
     """Open streams, and totals of the streams that already ended."""
 
     def __init__(self) -> None:
-        self._open: set[StreamCounts] = set()
+        self._open: set[OpenStream] = set()
         self._ended: Counter[StreamEnd] = Counter()
         self._deferred = 0
         self._delivered_by_ended = 0
         self._replayed_by_ended = 0
 
-    def opened(self, stream: StreamCounts) -> None:
+    def opened(self, stream: OpenStream) -> None:
         """A stream started writing to its client."""
         self._open.add(stream)
 
-    def closed(self, stream: StreamCounts, reason: StreamEnd) -> None:
+    def closed(self, stream: OpenStream, reason: StreamEnd) -> None:
         """A stream ended; fold its counts into the totals."""
         self._open.discard(stream)
         self._ended[reason] += 1
@@ -76,7 +87,7 @@ class StreamMetrics:
         """Stream requests told to come back later."""
         return self._deferred
 
-    def open_streams(self) -> tuple[StreamCounts, ...]:
+    def open_streams(self) -> tuple[OpenStream, ...]:
         """The streams open now (a copy: scrapes may run while streams come and go)."""
         return tuple(self._open)
 

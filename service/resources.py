@@ -13,6 +13,7 @@ from .admission import Admission
 from .canary import Canary, CanaryCollector
 from .connect import StreamServices
 from .connection_stats import ConnectionStats
+from .drain_pacing import farewell_frame, finished_first, finished_sessions, pace
 from .hub import Hub
 from .keys import Keys
 from .leak_metrics import LeakCollector
@@ -142,15 +143,26 @@ async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def drain_streams(app: web.Application) -> None:
-    """On shutdown (after the listening sockets closed): end every open stream now.
+    """On shutdown (after the listening sockets closed): end every open stream, paced.
 
-    Each stream returns after what it already queued, its response ends cleanly, and its
-    client reconnects (after the `retry:` it was sent first) to another worker, resuming with
-    Last-Event-ID. Requests that still slip in are refused with 503 (see `Lifecycle`).
+    Each stream returns after what it already queued, writes its own `retry:` and ends
+    cleanly; its client reconnects to another worker, resuming with Last-Event-ID. The
+    streams end one after another over `drain_spread` x `drain_timeout_s`, so the other
+    workers do not get them all back in one instant (see drain_pacing.py). Requests that
+    still slip in are refused with 503 (see `Lifecycle`).
     """
     app[lifecycle_key].draining = True
+    settings = app[settings_key]
+    streams = app[stream_metrics_key].open_streams() if stream_metrics_key in app else ()
+    window_s = settings.drain_spread * settings.drain_timeout_s
+    log.info("draining: ending %d open streams over %.1fs", len(streams), window_s)
+    finished: set[str] = set()
+    if streams and redis_key in app:
+        finished = await finished_sessions(
+            app[redis_key], app[keys_key], {s.session_id for s in streams},
+            settings.redis_timeout_s,
+        )  # fmt: skip
+    await pace(finished_first(streams, finished), window_s, lambda: farewell_frame(settings))
     hub = app.get(hub_key)
-    if hub is not None:
-        # Streams, not hub listeners: the producer's wake-up subscription is one of those.
-        log.info("draining: ending %d open streams", app[stream_metrics_key].open_count)
+    if hub is not None:  # streams still being set up, and the worker's own listeners
         hub.end_listeners(StreamEnd.SHUTDOWN)

@@ -16,6 +16,7 @@ from .sentinel_url import SCHEME as SENTINEL_SCHEME
 from .sentinel_url import is_sentinel_url, parse_sentinel_url
 
 ENV_PREFIX = "SSE_"
+MAX_DRAIN_SPREAD = 0.9
 # Open files a worker needs besides client connections, at the very least: the listening
 # sockets, the event loop's own, standard streams, a few Redis connections.
 MIN_FD_RESERVE = 32
@@ -75,6 +76,10 @@ class Settings:
     run_idle_timeout_s: float = 5.0
     producer_health_file: str = ""
     drain_timeout_s: float = 10.0
+    # Paced drain (drain_pacing.py): the part of drain_timeout_s over which streams are ended,
+    # and the event, if any, each stream gets last.
+    drain_spread: float = 0.5
+    drain_event: str = ""
     # Readiness proves delivery: a canary through each pub/sub connection (see canary.py).
     canary_interval_s: float = 2.0
     canary_timeout_s: float = 1.0
@@ -167,6 +172,20 @@ class Settings:
         )
         _require("producer_interval_ms", self.producer_interval_ms >= 0, "must not be negative")
         _require("drain_timeout_s", self.drain_timeout_s >= 0, "must not be negative")
+        _require(
+            "drain_spread",
+            0 <= self.drain_spread <= MAX_DRAIN_SPREAD,
+            f"must be between 0 and {MAX_DRAIN_SPREAD} (the rest of drain_timeout_s is left "
+            "for the last streams to finish)",
+        )
+        _require(
+            "drain_event",
+            self.drain_event == ""
+            or (_EVENT_NAME.fullmatch(self.drain_event) is not None
+                and self.drain_event not in _NOT_DRAIN_EVENTS),
+            "must be empty (none) or an event name of 1-64 of A-Z, a-z, 0-9, '_', '-', '.', "
+            f"other than {', '.join(sorted(_NOT_DRAIN_EVENTS))}",
+        )
         _require("run_idle_timeout_s", self.run_idle_timeout_s >= 0, "must not be negative")
         _require("producer", self.producer in ("embedded", "off"), "must be 'embedded' or 'off'")
         _require("log_format", self.log_format in ("plain", "json"), "must be 'plain' or 'json'")
@@ -333,6 +352,10 @@ def _check_edge(settings: Settings) -> None:
 # An origin as browsers send it: scheme://host[:port], no path, no trailing slash.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@]+")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_EVENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# A drain event must not pass for an application's message, an EventSource event of its own,
+# or an event the service gives a meaning (finish, gap, unauthorized).
+_NOT_DRAIN_EVENTS = frozenset({"message", "open", "error", "finish", "gap", "unauthorized"})
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 
 

@@ -114,12 +114,17 @@ class EventStream:
         self.events_replayed = 0
         # When the oldest event of the batch being written arrived; None between batches.
         self._relaying_since: float | None = None
+        # The last frame when the worker drains (set by `drain`).
+        self._farewell: bytes | None = None
 
     async def run(self) -> StreamEnd:
         """Replay what the client missed, then relay live events; return why it ended."""
         self._listener.on_end = self._on_listener_end
         try:
-            return await self._run()
+            end = await self._run()
+            if end is StreamEnd.SHUTDOWN and self._farewell is not None:
+                await self._write(self._farewell)
+            return end
         except SlowClientError:
             log.info(
                 "session %s: a write did not drain within %gs; dropping the client as slow",
@@ -129,6 +134,16 @@ class EventStream:
             if self._connection is not None:
                 self._connection.abort()
             return StreamEnd.SLOW
+
+    @property
+    def session_id(self) -> str:
+        """The session whose events this stream writes."""
+        return self._plan.session_id
+
+    def drain(self, farewell: bytes) -> None:
+        """End the stream for shutdown after what it holds; `farewell` is its last frame."""
+        self._farewell = farewell
+        self._listener.end(StreamEnd.SHUTDOWN)
 
     @property
     def buffered_bytes(self) -> int:

@@ -31,8 +31,11 @@ from waiting import wait_for
 async def test_shutdown_ends_open_streams_cleanly_and_at_once(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
-    # One event a minute: only the drain can end these streams within the test.
-    client = await start_client(make_settings(producer_interval_ms=60_000), fake_opener)
+    # One event a minute: only the drain can end these streams within the test. No pacing:
+    # test_drain_pacing.py covers that.
+    client = await start_client(
+        make_settings(producer_interval_ms=60_000, drain_spread=0.0), fake_opener
+    )
     responses = [
         await client.get("/sse/connect", params={"sessionId": f"drain-{n}"}) for n in range(5)
     ]
