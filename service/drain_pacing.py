@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -30,6 +31,12 @@ log = logging.getLogger(__name__)
 
 # Streams are ended in slices at most this far apart: one timer per slice, not per stream.
 TICK_S = 0.01
+# A drain that fell behind its schedule (its loop busy) ends streams at most CATCH_UP times
+# faster than planned until it has caught up, and at once no more than the plan ends in
+# BURST_S: so in any 100 ms it ends at most twice what the plan does, and the reconnects of
+# its clients arrive spread the same way.
+CATCH_UP = 1.5
+BURST_S = 0.05
 
 
 class Drainable(Protocol):
@@ -53,8 +60,13 @@ def farewell_frame(settings: Settings) -> bytes:
 
 
 def shutdown_grace_s(settings: Settings) -> float:
-    """What is left of `drain_timeout_s` after the pacing window: the last streams' time to end."""
-    return settings.drain_timeout_s * (1 - settings.drain_spread)
+    """Half of what `drain_timeout_s` leaves after the pacing window.
+
+    A worker too busy to keep its schedule may take the first half to end its last streams
+    (`pace`'s `finish_by_s`), the runner gives their handlers the second: the drain as a
+    whole never takes longer than `drain_timeout_s`.
+    """
+    return settings.drain_timeout_s * (1 - settings.drain_spread) / 2
 
 
 def drain_schedule(count: int, window_s: float) -> list[float]:
@@ -102,17 +114,33 @@ async def pace(
     window_s: float,
     farewell: Callable[[], bytes],
     *,
+    finish_by_s: float = math.inf,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
-    """End `streams` in their order, spread evenly over `window_s` seconds."""
-    schedule = drain_schedule(len(streams), window_s)
-    started = clock()
+    """End `streams` in their order, spread evenly over `window_s` seconds, all of them by
+    `finish_by_s`.
+
+    A worker too busy to keep the schedule (its loop late) catches up at no more than
+    CATCH_UP times the planned rate, never by ending every overdue stream in one go: that
+    burst is what pacing is there to prevent. The tail may slide past the window, up to
+    `finish_by_s`, when whatever is left is ended at once.
+    """
+    count = len(streams)
+    schedule = drain_schedule(count, window_s)
+    rate = count / window_s if window_s > 0 else math.inf
+    started = last = clock()
     done = 0
-    while done < len(streams):
-        elapsed = clock() - started
-        while done < len(streams) and schedule[done] <= elapsed:
+    allowance = burst = max(1.0, rate * BURST_S)
+    while done < count:
+        now = clock()
+        allowance = min(allowance + (now - last) * rate * CATCH_UP, burst)
+        last = now
+        if now - started >= finish_by_s:
+            allowance = math.inf
+        while done < count and schedule[done] <= now - started and allowance >= 1:
             streams[done].drain(farewell())
             done += 1
-        if done < len(streams):
+            allowance -= 1
+        if done < count:
             await sleep(min(TICK_S, max(0.0, schedule[done] - (clock() - started))))

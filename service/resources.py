@@ -13,7 +13,13 @@ from .admission import Admission
 from .canary import Canary, CanaryCollector
 from .connect import StreamServices
 from .connection_stats import ConnectionStats
-from .drain_pacing import farewell_frame, finished_first, finished_sessions, pace
+from .drain_pacing import (
+    farewell_frame,
+    finished_first,
+    finished_sessions,
+    pace,
+    shutdown_grace_s,
+)
 from .hub import Hub
 from .keys import Keys
 from .leak_metrics import LeakCollector
@@ -162,7 +168,10 @@ async def drain_streams(app: web.Application) -> None:
             app[redis_key], app[keys_key], {s.session_id for s in streams},
             settings.redis_timeout_s,
         )  # fmt: skip
-    await pace(finished_first(streams, finished), window_s, lambda: farewell_frame(settings))
+    await pace(
+        finished_first(streams, finished), window_s, lambda: farewell_frame(settings),
+        finish_by_s=window_s + shutdown_grace_s(settings),
+    )  # fmt: skip
     hub = app.get(hub_key)
     if hub is not None:  # streams still being set up, and the worker's own listeners
         hub.end_listeners(StreamEnd.SHUTDOWN)

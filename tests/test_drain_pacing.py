@@ -72,6 +72,40 @@ async def test_pace_ends_each_stream_at_its_time_with_its_own_farewell() -> None
     assert len({s.farewells[0] for s in streams}) == 101  # one draw per stream
 
 
+async def test_a_drain_that_falls_behind_catches_up_without_a_burst() -> None:
+    now = [0.0]
+    stalls = [0.5]  # the worker's loop is busy for half a second once
+
+    async def sleep(seconds: float) -> None:
+        now[0] += stalls.pop() if stalls else max(seconds, 0.001)
+
+    streams = [FakeStream(f"s{n}", clock=now) for n in range(1001)]
+    await pace(streams, 1.0, lambda: b"retry: 1\n", sleep=sleep, clock=lambda: now[0])
+    ends = sorted(s.ended_at for s in streams if s.ended_at is not None)
+    assert len(ends) == 1001
+    # Planned: 1000 a second, 100 per 100 ms. After the stall, 500 are overdue: they go at
+    # one and a half times the pace, never all at once.
+    per_100ms = [0] * 20
+    for end in ends:
+        per_100ms[int(end * 10 + 1e-9)] += 1
+    assert max(per_100ms) <= 2 * 100 + 1, per_100ms
+    assert max(ends) <= 1.0 + 0.5 + 0.02  # caught up at half the pace again
+
+
+async def test_a_drain_far_behind_ends_the_rest_at_its_deadline() -> None:
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        del seconds
+        now[0] += 0.25  # the loop is starved
+
+    streams = [FakeStream(f"s{n}", clock=now) for n in range(1000)]
+    await pace(streams, 1.0, lambda: b"retry: 1\n", finish_by_s=1.5, sleep=sleep,
+               clock=lambda: now[0])  # fmt: skip
+    ends = [s.ended_at for s in streams]
+    assert all(end is not None and end <= 1.5 for end in ends), max(e or 0 for e in ends)
+
+
 def test_the_farewell_is_a_spread_retry_and_the_drain_event_when_set() -> None:
     quiet = build_settings({"retry_ms": 1000, "retry_spread": 0.5})
     frames = {farewell_frame(quiet) for _ in range(200)}
