@@ -1,4 +1,4 @@
-"""Command line: `python -m bench churn|capacity|fanout|broadcast|seed|all|table [options]`."""
+"""Command line: `python -m bench churn|capacity|fanout|broadcast|seed|all|table|drain [...]`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from . import procs
 from .capacity import run_capacity
 from .churn import run_churn
 from .delivery import DeliveryStep, run_step
+from .drain import MODES, DrainSpec, print_drain, run_drain
 from .nchan import nginx_binary
 from .procs import Pinning
 from .progress import Progress
@@ -65,7 +66,7 @@ def _rates(text: str) -> list[float]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("scenario", choices=[*SCENARIOS, "all", "table"])
+    parser.add_argument("scenario", choices=[*SCENARIOS, "all", "table", "drain"])
     parser.add_argument(
         "--targets",
         default=",".join(CONTESTANTS),
@@ -84,7 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_ints,
         default=None,
         help="capacity: levels (default 1000,5000,10000); fanout/broadcast: "
-        "streams (default 1000); seed: sessions (default 2000)",
+        "streams (default 1000); seed: sessions (default 2000); drain: streams on the "
+        "drained worker (default 5000)",
     )
     parser.add_argument(
         "--rates",
@@ -154,6 +156,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=10000,
         help="maxclients of the redis-server the bench starts (default 10000)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="drain: the workers' drain_timeout_s (default 10, the service's default)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     parser.add_argument(
@@ -403,12 +411,25 @@ async def _seed(run: Run) -> list[dict[str, Any]]:
     return results
 
 
+async def _drain(run: Run) -> list[dict[str, Any]]:
+    # The service's own drain, old behaviour against new: no other contestant drains.
+    results = []
+    for streams in run.connections([5000]):
+        for mode in MODES:
+            spec = DrainSpec(mode, streams, run.redis_url, run.args.worker_loop, run.pinning,
+                             drain_timeout_s=run.args.drain_timeout)
+            results.append(await run_drain(spec, run.client, run.log_dir, run.progress))
+            await run.client.flushall()
+    return results
+
+
 _RUNNERS: dict[str, Callable[[Run], Awaitable[list[dict[str, Any]]]]] = {
     "churn": _churn,
     "capacity": _capacity,
     "fanout": _fanout,
     "broadcast": _broadcast,
     "seed": _seed,
+    "drain": _drain,
 }
 
 
@@ -428,13 +449,17 @@ def main(argv: list[str] | None = None) -> int:
     started, load_before = time.time(), _load_average()
     with asyncio.Runner(loop_factory=factory) as runner:
         outcome = runner.run(run(args, progress))
-    results = outcome.results
+    drained = [r for r in outcome.results if r["scenario"] == "drain"]
+    results = [r for r in outcome.results if r["scenario"] != "drain"]
     print_tables(results, use_rich=progress.mode == "rich")
     found = {**ratios(results), **sustained_ratios(results)}
     print_ratios(found)
+    if drained:
+        found.update(print_drain(drained))
     summary = summarise(results)
-    print(f"\nsummary ({_runs(args.repeat)}; {outcome.pinning.describe()}):")
-    print("\n".join(table_lines(summary)))
+    if results:
+        print(f"\nsummary ({_runs(args.repeat)}; {outcome.pinning.describe()}):")
+        print("\n".join(table_lines(summary)))
     for target, why in outcome.skipped.items():
         print(f"{target} skipped: {why}")
     if args.json:
@@ -449,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                         "versions": {**outcome.versions, **_nginx_versions()}},
             "pinning": {**outcome.pinning.as_dict(), "redis_pinned": outcome.redis_pinned},
             "skipped": outcome.skipped,
-            "results": results,
+            "results": results + drained,
             "ratios": found,
             "summary": summary,
         })  # fmt: skip

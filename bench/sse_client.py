@@ -25,6 +25,7 @@ class SSEStream(asyncio.Protocol):
         self.tag = tag
         self.status = 0
         self.events = 0
+        self.retry_ms: int | None = None  # the last `retry:` the server sent
         self.headers_received: asyncio.Future[int] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self._request = request
@@ -133,6 +134,8 @@ class SSEStream(asyncio.Protocol):
                     self._id = value
                 elif name == b"event":
                     self._event = value
+                elif name == b"retry" and value.isdigit():
+                    self.retry_ms = int(value)
 
 
 def get_request(path: str, port: int) -> bytes:

@@ -144,6 +144,8 @@ class WorkerConfig:
     demo_interval_ms: int = 1000
     loop: str = "asyncio"  # or "uvloop": the Python contestants always run on the same loop
     processes: int = 1  # server worker processes (nginx workers; the service's, if it can)
+    # The service's own settings for this scenario, as (key, value) over the bench's defaults.
+    settings: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -209,6 +211,7 @@ def service_env(redis_url: str, port: int, config: WorkerConfig) -> dict[str, st
         SSE_LOG_LEVEL="WARNING",
         SSE_EVENT_LOOP=config.loop,
     )
+    env.update({f"SSE_{key.upper()}": value for key, value in config.settings})
     if "workers" in {f.name for f in fields(Settings)}:
         env["SSE_WORKERS"] = str(config.processes)
     elif config.processes != 1:

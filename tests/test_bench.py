@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from bench import procs
 from bench.__main__ import rotated
 from bench.churn import Batcher, Counts, one_cycle
+from bench.drain import nginx_conf as drain_nginx_conf
+from bench.drain import peak_per_bucket
 from bench.nchan import nchan_missing, nginx_binary, nginx_config, redis_server_line
 from bench.publish import HttpReplies
 from bench.stack import NAIVE, Worker
@@ -145,6 +147,57 @@ def test_nchan_in_both_stores_runs_every_table_scenario_and_is_compared(
     assert len(summary) == 8
     for entry in summary.values():
         assert set(entry["ratio_to"]["sse-fanout"]) == {"nchan-memory", "nchan-redis"}, entry
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(180)
+def test_the_drain_scenario_compares_all_at_once_with_paced_and_loses_nothing(
+    redis_url: str, tmp_path: Path
+) -> None:
+    require_tool(nginx_binary(), "nginx is not installed (apt-get install nginx)")
+    document = run_bench(
+        ["drain", "--redis-url", redis_url, "--drain-timeout", "2", "--no-pin"],
+        tmp_path / "bench.json",
+    )
+    drains = {r["mode"]: r for r in document["results"] if r["scenario"] == "drain"}
+    assert set(drains) == {"all-at-once", "paced"}
+    for result in drains.values():
+        assert "failure" not in result, result
+        assert result["streams"] == 20
+        assert (result["lost"], result["duplicates"], result["unexpected"]) == (0, 0, 0), result
+        assert result["never_resumed"] == 0, result
+        assert result["all_resumed_s"] <= result["deadline_s"], result
+        assert sum(result["reconnects_per_100ms"]) == result["reconnect_attempts"] >= 20
+    old, new = drains["all-at-once"], drains["paced"]
+    assert old["settings"]["drain_spread"] == "0"
+    assert old["peak_reconnects_per_100ms"] > new["peak_reconnects_per_100ms"], (old, new)
+    ratio = document["ratios"]["drain peak reconnects per 100 ms: all-at-once/paced"]
+    assert ratio == pytest.approx(
+        old["peak_reconnects_per_100ms"] / new["peak_reconnects_per_100ms"], abs=0.006
+    )
+    assert "all-at-once/paced" in document["stdout"]
+
+
+def test_reconnects_are_counted_per_100_ms_from_the_signal() -> None:
+    peak, buckets = peak_per_bucket([10.0, 10.05, 10.12, 10.13, 10.14, 10.35], start=10.0)
+    assert buckets == [2, 3, 0, 1]
+    assert peak == 3
+    assert peak_per_bucket([], start=0.0) == (0, [])
+
+
+def test_nginx_accepts_the_drain_scenario_config(tmp_path: Path) -> None:
+    nginx = require_tool(nginx_binary(), "nginx is not installed (apt-get install nginx)")
+    config = tmp_path / "nginx.conf"
+    config.write_text(drain_nginx_conf([18001, 18002, 18003], 18000))
+    text = config.read_text()
+    assert text.count("server 127.0.0.1:1800") == 3
+    assert "access_log off;" in text
+    checked = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(config), "-e", "stderr",
+         "-g", f"pid {tmp_path / 'nginx.pid'};"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
 
 
 def test_repetitions_rotate_the_contestants_so_none_always_goes_first() -> None:
