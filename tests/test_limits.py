@@ -10,7 +10,7 @@ import fakeredis
 import pytest
 
 from service.redis.connections import RedisOpener
-from service.resources import admission_key
+from service.resources import admission_key, redis_key
 from service.submission import MAX_BATCH_EVENTS
 
 from app_clients import AppClient, MakeSettings, StartClient
@@ -164,6 +164,8 @@ async def test_redis_down_is_503_with_retry_after(
     client: AppClient, fake_server: fakeredis.FakeServer
 ) -> None:
     fake_server.connected = False
+    # As when a real server stops: the connections the app holds are gone too.
+    await client.app[redis_key].connection_pool.disconnect()
     try:
         for response in [
             await client.post(EVENTS, json={"data": "x"}, headers=AUTH),

@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 
 from service.openapi import Spec, build_document
 from service.redis.connections import RedisOpener
+from service.resources import redis_key
 
 from app_clients import AppClient, MakeSettings, StartClient
 from signing import HS_SECRET, claims, hs256_key, sign
@@ -61,8 +62,12 @@ class Harness:
         settings = self.make_settings(**{**BASE, **overrides})
         return await self.start_client(settings, self.opener)
 
-    def redis_down(self) -> None:
+    async def redis_down(self, client: Any) -> None:
+        """Redis refuses connections, and those the app holds are gone, as when a real
+        server stops (a warm pooled connection would otherwise take the command and fail
+        after sending it: outcome unknown, not unavailable)."""
         self.server.connected = False
+        await client.app[redis_key].connection_pool.disconnect()
 
 
 # A witness returns the answer: an aiohttp client response, or a `_Raw` read off a socket.
@@ -126,7 +131,7 @@ def session_api_witnesses(operation: str, method: str, path: str, body: dict[str
     @witness(operation, 503, "unavailable")
     async def unavailable(h: Harness) -> Any:
         client = await h.client()
-        h.redis_down()
+        await h.redis_down(client)
         return await client.request(method, path, headers=AUTH, **body)
 
 
@@ -230,7 +235,7 @@ async def too_many_ids(h: Harness) -> Any:
 @witness("getSessionId", 503, "unavailable")
 async def no_redis_for_ids(h: Harness) -> Any:
     client = await h.client()
-    h.redis_down()
+    await h.redis_down(client)
     return await client.get("/sse/getSessionId")
 
 
@@ -277,7 +282,7 @@ async def worker_full(h: Harness) -> Any:
 @witness("connect", 503, "unavailable")
 async def no_redis_for_streams(h: Harness) -> Any:
     client = await h.client()
-    h.redis_down()
+    await h.redis_down(client)
     return await connect(client)
 
 

@@ -33,6 +33,8 @@ class NeverEmpty:
         self.direct = None
         self.on_end = None
         self.taken = 0
+        self.waiting_since: float | None = None
+        self.taken_since: float | None = None
 
     async def take(self, timeout_s: float) -> list[Incoming]:
         del timeout_s
