@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from redis.exceptions import RedisError
 
-from .connections import RedisClient
 from .hub import Hub
 from .keys import Keys
 from .mailbox import Incoming, Listener
 from .metrics import PREFIX
+from .redis.connections import RedisClient
+from .redis.topology import publish_command
 from .tasks import cancel_and_wait
-from .topology import publish_command
 
 log = logging.getLogger(__name__)
 

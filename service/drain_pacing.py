@@ -22,9 +22,9 @@ from typing import Protocol
 from redis.exceptions import RedisError
 
 from . import sse
-from .redis.connections import RedisClient
 from .jitter import retry_delay_ms
 from .keys import Keys
+from .redis.connections import RedisClient
 from .settings import Settings
 
 log = logging.getLogger(__name__)

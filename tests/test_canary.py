@@ -15,11 +15,13 @@ from redis.asyncio.cluster import RedisCluster
 
 from service import resources as r
 from service.canary import Canary
-from service.connections import RedisClient, RedisOpener
 from service.hub import Hub
+from service.redis.connections import RedisClient, RedisOpener
 
-from conftest import MakeSettings, RedisTarget, StartClient, wait_for
+from app_clients import MakeSettings, StartClient
+from redis_state import RedisTarget
 from sse_reader import STREAM_OPENED
+from waiting import wait_for
 
 # No demo producer: its wake-up channel would be one more to count.
 FAST_CANARY = {
@@ -58,7 +60,7 @@ async def test_a_worker_is_ready_once_a_canary_came_back_and_reports_its_round_t
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
     client = await start_client(make_settings(**FAST_CANARY), fake_opener)
-    canary: Canary = client.server.app[r.canary_key]
+    canary: Canary = client.app[r.canary_key]
     # The first round runs before the worker serves: ready from the first probe on.
     assert canary.latest is not None
     assert canary.latest.ok
@@ -78,7 +80,7 @@ async def test_readyz_reads_the_latest_round_and_never_publishes_itself(
 ) -> None:
     settings = make_settings(**{**FAST_CANARY, "canary_interval_s": 60.0})
     client = await start_client(settings, fake_opener)
-    canary: Canary = client.server.app[r.canary_key]
+    canary: Canary = client.app[r.canary_key]
     rounds = canary.rounds
     for _ in range(50):
         assert (await readiness(client))[0] == 200
@@ -89,7 +91,7 @@ async def test_readiness_goes_stale_when_the_rounds_stop(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
     client = await start_client(make_settings(**FAST_CANARY), fake_opener)
-    canary: Canary = client.server.app[r.canary_key]
+    canary: Canary = client.app[r.canary_key]
     assert (await readiness(client))[0] == 200
     await canary.close()  # as if its task had died
     body = await until_ready(client, ready=False, timeout_s=5)
@@ -111,7 +113,7 @@ async def start_on(
 ) -> tuple[Any, Hub, Canary, list[Any]]:
     """A worker on `target`; on a cluster, with streams on every shard (a link each)."""
     client = await start_client(make_settings(**target.settings, **FAST_CANARY))
-    app = client.server.app
+    app = client.app
     hub, canary = app[r.hub_key], app[r.canary_key]
     streams = await open_streams(client, 30) if target.cluster else []
     links = 3 if target.cluster else 1
@@ -147,7 +149,7 @@ async def test_readiness_fails_while_redis_pauses_and_returns_after(
             "CLIENT", "PAUSE", "2000", "WRITE", target_nodes=RedisCluster.PRIMARIES
         )
     else:
-        await target_client.execute_command("CLIENT", "PAUSE", "2000", "WRITE")
+        await target_client.client_pause(2000, all=False)
     body = await until_ready(client, ready=False, timeout_s=5)
     assert "delivery check" in body
     assert hub.connected  # what readiness looked at before: still green

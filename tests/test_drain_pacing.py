@@ -19,10 +19,10 @@ from service.drain_pacing import drain_schedule, farewell_frame, finished_first,
 from service.keys import Keys
 from service.settings import SettingsError, build_settings, load_settings
 
-from conftest import wait_for
 from redis_process import free_port
 from sse_reader import STREAM_OPENED, SSEParser
 from stack_processes import Worker, service_env
+from waiting import wait_for
 
 
 def test_the_schedule_spreads_ends_evenly_over_the_window() -> None:

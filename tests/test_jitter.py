@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from service import resources as r
-from service.connections import RedisOpener
 from service.jitter import retry_after_s, retry_delay_ms
+from service.redis.connections import RedisOpener
 from service.settings import SettingsError, load_settings
 
-from conftest import MakeSettings, StartClient
+from app_clients import MakeSettings, StartClient
 from sse_reader import STREAM_OPENED, SSEParser
 
 DRAWS = 20_000
@@ -110,7 +110,7 @@ async def test_503s_of_a_draining_worker_carry_spread_retry_afters(
     spread: float, expected: set[str],
 ) -> None:
     client = await start_client(make_settings(retry_spread=spread), fake_opener)
-    await r.drain_streams(client.server.app)
+    await r.drain_streams(client.app)
     seen = set()
     for n in range(60):
         response = await client.get("/sse/connect", params={"sessionId": f"late-{n}"})

@@ -19,10 +19,10 @@ from service.keys import Keys
 from service.leak_metrics import open_fd_count
 from service.publisher import Publisher
 
-from conftest import wait_for
 from redis_process import free_port
 from sse_reader import STREAM_OPENED
 from stack_processes import Worker, service_env
+from waiting import wait_for
 
 pytestmark = pytest.mark.redis
 

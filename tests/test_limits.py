@@ -8,6 +8,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+from redis.asyncio import Redis
 
 from service.redis.connections import RedisOpener
 from service.resources import admission_key, redis_key
@@ -165,7 +166,9 @@ async def test_redis_down_is_503_with_retry_after(
 ) -> None:
     fake_server.connected = False
     # As when a real server stops: the connections the app holds are gone too.
-    await client.app[redis_key].connection_pool.disconnect()
+    redis_client = client.app[redis_key]
+    assert isinstance(redis_client, Redis)
+    await redis_client.connection_pool.disconnect()
     try:
         for response in [
             await client.post(EVENTS, json={"data": "x"}, headers=AUTH),
