@@ -98,4 +98,4 @@ def _add_routes(app: web.Application, settings: Settings) -> None:
     for route in app.router.add_routes(routes):
         cors.add(route)
     app.on_response_prepare.append(set_response_headers)
-    app.on_response_prepare.append(jitter_retry_after)
+    app.on_response_prepare.append(jitter_retry_after(settings.retry_spread))

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import resources as r
+ResponseHook = Callable[[web.Request, web.StreamResponse], Awaitable[None]]
 
 RETRY_AFTER_HEADER = "Retry-After"
 # The statuses whose Retry-After says "come back later" rather than a redirect's wait.
@@ -38,17 +39,22 @@ def retry_after_s(declared_s: int, spread: float, rng: random.Random | None = No
     return low if high == low else (rng or _RANDOM).randint(low, high)
 
 
-async def jitter_retry_after(request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare` hook: spread the Retry-After of every 429 and 503 answer.
+def jitter_retry_after(spread: float) -> ResponseHook:
+    """An `on_response_prepare` hook: spread the Retry-After of every 429 and 503 answer.
 
     One place for all of them (admission, drain, Redis away, rate limits, publishes whose
-    outcome is unknown), so no code path hands a crowd one common wait.
+    outcome is unknown), so no code path hands a crowd one common wait. The spread is
+    given by the app factory, so this module needs nothing of the app's resources.
     """
-    declared = response.headers.get(RETRY_AFTER_HEADER)
-    if response.status not in _SPREAD_STATUSES or declared is None or not declared.isdigit():
-        return  # an HTTP date, or none: left as it is
-    spread = request.app[r.settings_key].retry_spread
-    response.headers[RETRY_AFTER_HEADER] = str(retry_after_s(int(declared), spread))
+
+    async def spread_retry_after(request: web.Request, response: web.StreamResponse) -> None:
+        del request
+        declared = response.headers.get(RETRY_AFTER_HEADER)
+        if response.status not in _SPREAD_STATUSES or declared is None or not declared.isdigit():
+            return  # an HTTP date, or none: left as it is
+        response.headers[RETRY_AFTER_HEADER] = str(retry_after_s(int(declared), spread))
+
+    return spread_retry_after
 
 
 # Draws need no secrecy, only independence between clients; tests pass a seeded generator.
