@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as redis
 
 from service.drain_pacing import drain_schedule, farewell_frame, finished_first, pace
+from service.envelope import FINISH_EVENT, RESERVED_EVENTS
 from service.keys import Keys
 from service.settings import SettingsError, build_settings, load_settings
 
@@ -131,6 +132,15 @@ def test_the_farewell_is_a_spread_retry_and_the_drain_event_when_set() -> None:
 def test_bad_drain_settings_name_the_key(environ: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         load_settings(None, environ)
+
+
+@pytest.mark.parametrize("name", sorted({*RESERVED_EVENTS, FINISH_EVENT, "message"}))
+def test_a_drain_event_is_none_of_the_names_the_service_or_eventsource_give_a_meaning(
+    name: str,
+) -> None:
+    # Settings sit below the event model, so they keep their own list; this holds it to it.
+    with pytest.raises(SettingsError, match="'drain_event'"):
+        build_settings({"drain_event": name})
 
 
 # --- a real worker process --------------------------------------------------------------
