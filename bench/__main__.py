@@ -286,9 +286,7 @@ async def run(args: argparse.Namespace, progress: Progress) -> Outcome:
                             results.append(result)
         finally:
             await client.aclose()
-    return Outcome(
-        results, skipped, pinning, bool(pinning.active and not args.redis_url), versions
-    )
+    return Outcome(results, skipped, pinning, bool(pinning.active and not args.redis_url), versions)
 
 
 async def _versions(client: redis.Redis) -> dict[str, str]:
@@ -416,8 +414,14 @@ async def _drain(run: Run) -> list[dict[str, Any]]:
     results = []
     for streams in run.connections([5000]):
         for mode in MODES:
-            spec = DrainSpec(mode, streams, run.redis_url, run.args.worker_loop, run.pinning,
-                             drain_timeout_s=run.args.drain_timeout)
+            spec = DrainSpec(
+                mode,
+                streams,
+                run.redis_url,
+                run.args.worker_loop,
+                run.pinning,
+                drain_timeout_s=run.args.drain_timeout,
+            )
             results.append(await run_drain(spec, run.client, run.log_dir, run.progress))
             await run.client.flushall()
     return results

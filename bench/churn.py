@@ -79,9 +79,7 @@ class Batcher:
 async def one_cycle(worker: Worker, batcher: Batcher, counts: Counts) -> None:
     """One connect → first event → close."""
     session_id = secrets.token_hex(8)
-    first: asyncio.Future[tuple[bytes, bytes, bytes]] = (
-        asyncio.get_running_loop().create_future()
-    )
+    first: asyncio.Future[tuple[bytes, bytes, bytes]] = asyncio.get_running_loop().create_future()
 
     def sink(stream: SSEStream, event_id: bytes, event: bytes, data: bytes) -> None:
         del stream

@@ -152,6 +152,7 @@ class Client:
         if self.resumed_at is None or self.awaited is None or self.awaited not in self.arrived:
             return None
         return max(self.resumed_at, self.arrived[self.awaited])
+
     stream: SSEStream | None = None
 
 
@@ -199,8 +200,8 @@ class Crowd:
             stream = client.stream
             if stream is not None:
                 await stream.closed
-                client.retry_ms = stream.retry_ms if stream.retry_ms is not None else (
-                    client.retry_ms
+                client.retry_ms = (
+                    stream.retry_ms if stream.retry_ms is not None else (client.retry_ms)
                 )
             if self.stopping:
                 return
@@ -212,7 +213,8 @@ class Crowd:
                 async with asyncio.timeout(30):
                     _, fresh = await loop.create_connection(
                         functools.partial(SSEStream, request, self.sink, tag),
-                        "127.0.0.1", nginx_port,
+                        "127.0.0.1",
+                        nginx_port,
                     )
                     status = await fresh.headers_received
             except (OSError, TimeoutError):
@@ -359,7 +361,12 @@ async def run_drain(
 
 
 async def _drain_one(
-    spec: DrainSpec, crowd: Crowd, victim: Worker, nginx_port: int, *, client: redis.Redis,
+    spec: DrainSpec,
+    crowd: Crowd,
+    victim: Worker,
+    nginx_port: int,
+    *,
+    client: redis.Redis,
     progress: Progress,
 ) -> dict[str, Any]:
     failed = {"scenario": "drain", "target": SERVICE, "mode": spec.mode, "streams": spec.streams}
@@ -387,9 +394,7 @@ async def _drain_one(
     for c in crowd.clients:
         c.awaited = expected[c.session_id][-1]
     with progress.step(f"drain {spec.mode}: clients resuming", spec.streams) as bar:
-        exited = await crowd.until_all_resumed(
-            victim, signalled + spec.deadline_s + GRACE_S, bar
-        )
+        exited = await crowd.until_all_resumed(victim, signalled + spec.deadline_s + GRACE_S, bar)
     if exited is None:
         exited = await asyncio.to_thread(_wait_exit, victim.process, 15.0)
     await publish_round(publisher, crowd, expected, 3)
@@ -448,4 +453,3 @@ def print_drain(results: list[dict[str, Any]]) -> dict[str, float]:
     for name, value in out.items():
         print(f"  {name}: {value}")
     return out
-

@@ -237,7 +237,12 @@ class _HttpWire:
     def command(self, session_id: str, event: bytes, data: bytes) -> bytes:
         named = b"X-EventSource-Event: %b\r\n" % event if event else b""
         return b"%b%b%bContent-Length: %d\r\n%b\r\n%b" % (
-            self._head, session_id.encode(), self._host, len(data), named, data
+            self._head,
+            session_id.encode(),
+            self._host,
+            len(data),
+            named,
+            data,
         )
 
     def replies(self) -> _Replies:
@@ -442,9 +447,7 @@ async def _publish(publishing: _Publishing, stdin: asyncio.StreamReader) -> Repo
         publishing.ended = True
         publishing.arrived.set()
 
-    helper = asyncio.create_task(
-        read_session_ids() if publishing.plan.stream else show_progress()
-    )
+    helper = asyncio.create_task(read_session_ids() if publishing.plan.stream else show_progress())
     cpu_before = time.process_time()
     report.started_ns = time.monotonic_ns()
     start = report.started_ns / 1e9

@@ -133,9 +133,7 @@ def summarise(results: list[Result]) -> dict[str, Any]:
             continue
         ratios = {
             t: {
-                ref: ratio(value, medians[ref])
-                for ref in REFERENCES
-                if ref in medians and ref != t
+                ref: ratio(value, medians[ref]) for ref in REFERENCES if ref in medians and ref != t
             }
             for t, value in medians.items()
         }
@@ -198,9 +196,7 @@ def table_lines(summary: dict[str, Any]) -> list[str]:
         "|---|" + "---:|" * len(targets),
     ]
     for entry in summary.values():
-        lines.append(
-            f"| {entry['label']} | " + " | ".join(_cell(entry, t) for t in targets) + " |"
-        )
+        lines.append(f"| {entry['label']} | " + " | ".join(_cell(entry, t) for t in targets) + " |")
     references = [r for r in REFERENCES if r in targets]
     if references and len(targets) > 1:
         lines += [

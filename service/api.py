@@ -199,4 +199,3 @@ def _session_id(request: web.Request) -> str:
     if not is_valid_session_id(session_id):
         raise InvalidParameter("'sessionId' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
     return session_id
-

@@ -91,8 +91,10 @@ def _operation(document: Spec, path: str, method: str, op: Spec, shared: list[Sp
         )
     parameters = [_resolve(document, p) for p in [*shared, *op.get("parameters", [])]]
     if parameters:
-        parts.append("<table><tr><th>Parameter</th><th>In</th><th>Required</th><th>Schema</th>"
-                     "<th>Description</th></tr>")
+        parts.append(
+            "<table><tr><th>Parameter</th><th>In</th><th>Required</th><th>Schema</th>"
+            "<th>Description</th></tr>"
+        )
         parts.extend(
             f"<tr><td><code>{_e(p['name'])}</code></td><td>{_e(p['in'])}</td>"
             f"<td>{'yes' if p.get('required') else 'no'}</td>"

@@ -240,8 +240,12 @@ class Hub:
             # while it was leaving): the hub finishes the job, or the channel would stay
             # subscribed for as long as the connection lives.
             if not _running(self._unsubscribes.get(name)):
-                _own_task(self._unsubscribes, name, self._unsubscribe_unused(name, state.link),
-                          "hub-unsubscribe")
+                _own_task(
+                    self._unsubscribes,
+                    name,
+                    self._unsubscribe_unused(name, state.link),
+                    "hub-unsubscribe",
+                )
             raise
 
     async def _unsubscribe_unused(self, name: bytes, link: PubSubLink) -> None:

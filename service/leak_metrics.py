@@ -40,9 +40,7 @@ def open_file_limit() -> int:
 class LeakCollector:
     """Reads the leak gauges from the open streams and the process at scrape time."""
 
-    def __init__(
-        self, streams: StreamMetrics, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, streams: StreamMetrics, clock: Callable[[], float] = time.monotonic) -> None:
         self._streams = streams
         self._clock = clock
 

@@ -27,7 +27,7 @@ def new_event_loop(choice: str) -> asyncio.AbstractEventLoop:
     "uvloop" is asked for and not installed."""
     if choice == "uvloop" and not uvloop_installed():
         raise StartupError(
-            'setting \'event_loop\' is "uvloop" but uvloop is not installed '
+            "setting 'event_loop' is \"uvloop\" but uvloop is not installed "
             '(pip install uvloop, or set event_loop = "auto")'
         )
     if choice == "uvloop" or (choice == "auto" and uvloop_installed()):

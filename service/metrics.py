@@ -163,9 +163,7 @@ class ServiceCollector:
             "Pub/sub messages the shared subscription received for local listeners",
             hub.stats.messages_received,
         )
-        yield _gauge(
-            "hub_channels", "Channels subscribed for local listeners", hub.channel_count
-        )
+        yield _gauge("hub_channels", "Channels subscribed for local listeners", hub.channel_count)
         yield _gauge(
             "hub_connected", "1 while the shared subscription is connected", int(hub.connected)
         )

@@ -241,8 +241,11 @@ def _get_session_id(settings: Settings) -> Spec:
                 },
             },
             **_errors(
-                (RateLimited, "this client address asked this worker for session ids faster "
-                 f"than {_rate(settings, 'session')}."),
+                (
+                    RateLimited,
+                    "this client address asked this worker for session ids faster "
+                    f"than {_rate(settings, 'session')}.",
+                ),
                 _UNAVAILABLE,
             ),
         },
@@ -291,29 +294,44 @@ def _connect(settings: Settings) -> Spec:
                     "X-Request-Id": _ref("headers", "RequestId"),
                     "Cache-Control": _ref("headers", "NoStore"),
                 },
-                "content": {
-                    "text/event-stream": {"schema": _ref("schemas", StreamEvent.__name__)}
-                },
+                "content": {"text/event-stream": {"schema": _ref("schemas", StreamEvent.__name__)}},
             },
             "204": {
                 "description": finished_text(token_mode),
                 "headers": {"Cache-Control": _ref("headers", "NoStore")},
             },
             **_errors(
-                (InvalidParameter, "`sessionId` missing, repeated or malformed, or a "
-                 "malformed resume point."),
+                (
+                    InvalidParameter,
+                    "`sessionId` missing, repeated or malformed, or a malformed resume point.",
+                ),
                 *(_SUBSCRIBER_ERRORS if token_mode else ()),
-                (SessionNotFound, "a fresh connect to an id that was not issued or has "
-                 "expired (only with `require_issued_session`)."),
-                (TooManyForSession, "this session already has "
-                 f"{settings.max_connections_per_session} streams on this worker."),
-                (RateLimited, "a fresh connect from a client address that started demo runs "
-                 f"on this worker faster than {_rate(settings, 'run')} (resumes are never "
-                 "limited)."),
-                (TooManyConnections, f"this worker holds {settings.max_connections} streams "
-                 "(only to clients that do not ask for `text/event-stream`)."),
-                (Unavailable, "Redis is unreachable or the worker is shutting down (only to "
-                 "clients that do not ask for `text/event-stream`)."),
+                (
+                    SessionNotFound,
+                    "a fresh connect to an id that was not issued or has "
+                    "expired (only with `require_issued_session`).",
+                ),
+                (
+                    TooManyForSession,
+                    "this session already has "
+                    f"{settings.max_connections_per_session} streams on this worker.",
+                ),
+                (
+                    RateLimited,
+                    "a fresh connect from a client address that started demo runs "
+                    f"on this worker faster than {_rate(settings, 'run')} (resumes are never "
+                    "limited).",
+                ),
+                (
+                    TooManyConnections,
+                    f"this worker holds {settings.max_connections} streams "
+                    "(only to clients that do not ask for `text/event-stream`).",
+                ),
+                (
+                    Unavailable,
+                    "Redis is unreachable or the worker is shutting down (only to "
+                    "clients that do not ask for `text/event-stream`).",
+                ),
             ),
         },
     }
@@ -375,7 +393,7 @@ def _publish(settings: Settings, body: Spec) -> Spec:
         "responses": {
             "202": {
                 "description": "Published (or, for a repeated `Idempotency-Key`, published "
-                "before). A single event answers `{\"id\"}`, a batch `{\"ids\"}` in the "
+                'before). A single event answers `{"id"}`, a batch `{"ids"}` in the '
                 "order given.",
                 "headers": {
                     "Idempotent-Replayed": {
@@ -396,31 +414,54 @@ def _publish(settings: Settings, body: Spec) -> Spec:
             },
             **_errors(
                 (InvalidParameter, "malformed `sessionId` or `Idempotency-Key`."),
-                (MalformedBody, "the body cannot be read or decoded with its "
-                 "`Content-Encoding`."),
+                (MalformedBody, "the body cannot be read or decoded with its `Content-Encoding`."),
                 (MalformedJson, "the body is not UTF-8 JSON, or holds a number out of range."),
-                (InvalidEvent, "wrong shape, an unknown field, a client-chosen `id`, a bad or "
-                 f"reserved event name, a batch size outside 1-{MAX_BATCH_EVENTS}, or a "
-                 f"`{FINISH_EVENT}` that is not last. A bad batch publishes nothing."),
+                (
+                    InvalidEvent,
+                    "wrong shape, an unknown field, a client-chosen `id`, a bad or "
+                    f"reserved event name, a batch size outside 1-{MAX_BATCH_EVENTS}, or a "
+                    f"`{FINISH_EVENT}` that is not last. A bad batch publishes nothing.",
+                ),
                 *_SESSION_API_ERRORS,
-                (SessionNotFound, "the session was deleted, or (only with "
-                 "`require_issued_session`) never issued or expired."),
-                (RequestTimeout, f"the body did not arrive within {settings.body_timeout_s:g} "
-                 "s; the connection is closed."),
-                (SessionFinished, "the session has finished; nothing published now could "
-                 "reach a stream."),
-                (DecodedBodyTooLarge, f"the body exceeds {settings.max_body_bytes} bytes (also "
-                 "once decoded)."),
-                (EventTooLarge, f"an event's data exceeds {settings.max_event_bytes} bytes "
-                 "(UTF-8, after serializing non-string data)."),
+                (
+                    SessionNotFound,
+                    "the session was deleted, or (only with "
+                    "`require_issued_session`) never issued or expired.",
+                ),
+                (
+                    RequestTimeout,
+                    f"the body did not arrive within {settings.body_timeout_s:g} "
+                    "s; the connection is closed.",
+                ),
+                (
+                    SessionFinished,
+                    "the session has finished; nothing published now could reach a stream.",
+                ),
+                (
+                    DecodedBodyTooLarge,
+                    f"the body exceeds {settings.max_body_bytes} bytes (also once decoded).",
+                ),
+                (
+                    EventTooLarge,
+                    f"an event's data exceeds {settings.max_event_bytes} bytes "
+                    "(UTF-8, after serializing non-string data).",
+                ),
                 (UnsupportedMediaType, "the body is not `application/json`."),
-                (UnsupportedEncoding, "its `Content-Encoding` is not one of "
-                 f"{ACCEPTED_ENCODINGS} (`Accept-Encoding` lists those)."),
-                (IdempotencyKeyReused, "the `Idempotency-Key` was used for a different "
-                 "request to this session."),
+                (
+                    UnsupportedEncoding,
+                    "its `Content-Encoding` is not one of "
+                    f"{ACCEPTED_ENCODINGS} (`Accept-Encoding` lists those).",
+                ),
+                (
+                    IdempotencyKeyReused,
+                    "the `Idempotency-Key` was used for a different request to this session.",
+                ),
                 (Unavailable, "Redis is unreachable, nothing was published."),
-                (OutcomeUnknown, "Redis did not confirm in time, the events may or may not "
-                 "have been published (repeat with the same `Idempotency-Key` to find out)."),
+                (
+                    OutcomeUnknown,
+                    "Redis did not confirm in time, the events may or may not "
+                    "have been published (repeat with the same `Idempotency-Key` to find out).",
+                ),
             ),
         },
     }
@@ -434,15 +475,20 @@ def _delete_session(settings: Settings) -> Spec:
         "description": DELETE_TEXT,
         "security": _security(settings),
         "responses": {
-            "204": {"description": "The session ended and its data is gone (or it was "
-                    "deleted a moment ago)."},
+            "204": {
+                "description": "The session ended and its data is gone (or it was "
+                "deleted a moment ago)."
+            },
             **_errors(
                 (InvalidParameter, "malformed `sessionId`."),
                 *_SESSION_API_ERRORS,
                 (SessionNotFound, "no such session (never existed or expired)."),
                 (Unavailable, "Redis is unreachable, nothing was done."),
-                (OutcomeUnknown, "Redis did not confirm in time (repeat the request: it "
-                 "answers 204 once the session is gone)."),
+                (
+                    OutcomeUnknown,
+                    "Redis did not confirm in time (repeat the request: it "
+                    "answers 204 once the session is gone).",
+                ),
             ),
         },
     }
@@ -508,21 +554,29 @@ def _security(settings: Settings) -> list[Spec]:
 
 _TOKEN_REFUSED: tuple[Reason, ...] = (
     (Unauthorized, "no token, or not a valid static one."),
-    (InvalidToken, "a signed token that is malformed, forged, not yet valid, for another "
-     "audience or issuer, or signed with an unknown key or algorithm. `WWW-Authenticate` "
-     'says the same in RFC 6750 terms (`error="invalid_token"`, `error_description`).'),
+    (
+        InvalidToken,
+        "a signed token that is malformed, forged, not yet valid, for another "
+        "audience or issuer, or signed with an unknown key or algorithm. `WWW-Authenticate` "
+        'says the same in RFC 6750 terms (`error="invalid_token"`, `error_description`).',
+    ),
     (TokenExpired, "a genuine token whose `exp` (plus the leeway) has passed."),
 )
 _SESSION_API_ERRORS: tuple[Reason, ...] = (
     *_TOKEN_REFUSED,
-    (PublishingDisabled, "no publish token or token key is configured and Redis is external, "
-     "so the session API is off."),
+    (
+        PublishingDisabled,
+        "no publish token or token key is configured and Redis is external, "
+        "so the session API is off.",
+    ),
     (InsufficientScope, "a genuine signed token whose `sse.publish` does not name the session."),
 )
 _SUBSCRIBER_ERRORS: tuple[Reason, ...] = (
     *_TOKEN_REFUSED,
-    (InsufficientScope, "a genuine, current token whose `sse.subscribe` does not name the "
-     "session."),
+    (
+        InsufficientScope,
+        "a genuine, current token whose `sse.subscribe` does not name the session.",
+    ),
 )
 _SUBSCRIBER_SECURITY: list[Spec] = [
     {"subscriberBearer": []},
@@ -558,8 +612,10 @@ def _demo_token() -> Spec:
         "responses": {
             "200": _json_answer(DemoToken.__doc__ or "", DemoToken),
             **_errors(
-                (InvalidParameter, "a malformed `sessionId`, or `ttlS` outside "
-                 f"1-{MAX_DEMO_TTL_S}."),
+                (
+                    InvalidParameter,
+                    f"a malformed `sessionId`, or `ttlS` outside 1-{MAX_DEMO_TTL_S}.",
+                ),
             ),
         },
     }

@@ -59,12 +59,18 @@ def connect_text(settings: Settings, token_mode: bool) -> str:
         "when the session itself is gone, when the session expires "
         f"(TTL {settings.session_ttl_s:g} s from the last fresh connect), when the client is "
         "too slow to keep up, or when the worker shuts down"
-        + (f", and when the subscriber's token expires (after an `{UNAUTHORIZED_EVENT}` "
-           "event).\n\n" if token_mode else ".\n\n")
+        + (
+            f", and when the subscriber's token expires (after an `{UNAUTHORIZED_EVENT}` "
+            "event).\n\n"
+            if token_mode
+            else ".\n\n"
+        )
         + "A fresh connect (no resume point) renews the session's TTL"
-        + (" and starts a demo run of "
-           f"{settings.producer_event_count} events when none is active."
-           if settings.demo_runs else ".")
+        + (
+            f" and starts a demo run of {settings.producer_event_count} events when none is active."
+            if settings.demo_runs
+            else "."
+        )
     )
 
 
@@ -90,10 +96,13 @@ def finished_text(token_mode: bool) -> str:
         "A resume (a resume point was given) of a session that has nothing more to send: "
         f"the resume point is at or after its `{FINISH_EVENT}`, or the session no longer "
         "exists (expired, deleted, lost with Redis' data). EventSource stops reconnecting."
-        + (" Also the answer to an EventSource (`Accept: text/event-stream`) whose token is "
-           "genuine and names the session but has expired: the reconnect after an "
-           f"`{UNAUTHORIZED_EVENT}` event. Open a new EventSource with a fresh token."
-           if token_mode else "")
+        + (
+            " Also the answer to an EventSource (`Accept: text/event-stream`) whose token is "
+            "genuine and names the session but has expired: the reconnect after an "
+            f"`{UNAUTHORIZED_EVENT}` event. Open a new EventSource with a fresh token."
+            if token_mode
+            else ""
+        )
     )
 
 

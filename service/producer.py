@@ -465,4 +465,3 @@ class Producer:
             except RedisError as error:
                 log.info("could not renew the lease of session %s: %s", session_id, error)
         await asyncio.sleep(remaining_s)
-

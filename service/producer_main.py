@@ -59,9 +59,7 @@ async def run_producer(settings: Settings) -> None:
         log.info("producer stopping")
 
 
-async def _can_deliver(
-    client: RedisClient, hub: Hub, producer: Producer, timeout_s: float
-) -> bool:
+async def _can_deliver(client: RedisClient, hub: Hub, producer: Producer, timeout_s: float) -> bool:
     """The claim loop runs, the shared subscription (its wake-ups) is up and Redis answers."""
     if producer.problem is not None or not hub.connected:
         return False

@@ -140,11 +140,11 @@ async def tokens_ctx(app: web.Application) -> AsyncIterator[None]:
         app[demo_signer_key] = new_demo_key()
         extra.append(verify_key_of(app[demo_signer_key]))
         if settings.subscribe_auth == "token":
-            log.warning("embedded mode: POST /dev/token mints subscriber tokens for anyone; "
-                        "use a real redis_url for anything but a demo")
-    app[token_verifier_key] = TokenVerifier.from_settings(
-        settings, load_key_ring(settings, extra)
-    )
+            log.warning(
+                "embedded mode: POST /dev/token mints subscriber tokens for anyone; "
+                "use a real redis_url for anything but a demo"
+            )
+    app[token_verifier_key] = TokenVerifier.from_settings(settings, load_key_ring(settings, extra))
     yield
 
 

@@ -183,4 +183,3 @@ class SessionStore:
                 self._keys.log(session_id), min=start, max="+", count=count
             )  # type: ignore[assignment]
         return [decode_log_entry(entry_id, fields) for entry_id, fields in entries]
-

@@ -156,8 +156,7 @@ class Settings:
         _require(
             "replay_reads",
             self.replay_reads == 1 or self.replay_reads <= self.redis_max_connections - 2,
-            "must leave a Redis connection for attaches: 1, or at most "
-            "redis_max_connections - 2",
+            "must leave a Redis connection for attaches: 1, or at most redis_max_connections - 2",
         )
         _require("retry_ms", self.retry_ms >= 0, "must not be negative")
         _require("workers", self.workers >= 0, "must not be negative (0: one per usable core)")
@@ -181,8 +180,10 @@ class Settings:
         _require(
             "drain_event",
             self.drain_event == ""
-            or (_EVENT_NAME.fullmatch(self.drain_event) is not None
-                and self.drain_event not in _NOT_DRAIN_EVENTS),
+            or (
+                _EVENT_NAME.fullmatch(self.drain_event) is not None
+                and self.drain_event not in _NOT_DRAIN_EVENTS
+            ),
             "must be empty (none) or an event name of 1-64 of A-Z, a-z, 0-9, '_', '-', '.', "
             f"other than {', '.join(sorted(_NOT_DRAIN_EVENTS))}",
         )
@@ -281,7 +282,8 @@ def key_entries(settings: Settings) -> list[KeyEntry]:
         alg, sep, path = rest.partition(":")
         _require(
             "token_public_keys",
-            bool(sep and path) and KEY_ID_PATTERN.fullmatch(kid) is not None
+            bool(sep and path)
+            and KEY_ID_PATTERN.fullmatch(kid) is not None
             and alg in ASYMMETRIC_ALGORITHMS,
             f"entries must read 'kid:ALG:path/to/public.pem' with ALG one of "
             f"{', '.join(ASYMMETRIC_ALGORITHMS)}, got {text!r}",

@@ -189,8 +189,11 @@ class EventStream:
                 # under, can swallow a cancellation (CPython gh-86296); without this check
                 # such a stream would wait for its next heartbeat to notice.
                 return StreamEnd.CLIENT_GONE
-            wait_s = min(plan.heartbeat_interval_s, self._expires_at - time.monotonic(),
-                         access_ends_at - time.monotonic())
+            wait_s = min(
+                plan.heartbeat_interval_s,
+                self._expires_at - time.monotonic(),
+                access_ends_at - time.monotonic(),
+            )
             listener.direct = direct
             try:
                 items = await listener.take(max(0.0, wait_s))

@@ -161,9 +161,7 @@ def _finite_float(text: str) -> float:
 def _refusal(item: Any, problems: list[ErrorDetails], where: str) -> InvalidEvent:
     """The one rule an event broke that the answer names, the first in the order below."""
     if not isinstance(item, dict):
-        return InvalidEvent(
-            f"event{where} must be a JSON object with 'data' and optional 'event'"
-        )
+        return InvalidEvent(f"event{where} must be a JSON object with 'data' and optional 'event'")
     if "id" in item:
         return InvalidEvent(
             f"event{where}: 'id' cannot be chosen by the client; event ids are log positions "

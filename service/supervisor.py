@@ -214,8 +214,9 @@ class Supervisor:
         how = _describe(wait_status)
         if self._stopping:
             if os.waitstatus_to_exitcode(wait_status) != 0:
-                log.warning("worker %d (pid %d) ended its drain with %s",
-                            worker.index + 1, worker.pid, how)
+                log.warning(
+                    "worker %d (pid %d) ended its drain with %s", worker.index + 1, worker.pid, how
+                )
                 self._status = 1
             return
         now = time.monotonic()
@@ -223,12 +224,16 @@ class Supervisor:
         if not worker.serving:
             worker.failures += 1
             if not self._pool_served:
-                self._give_up(worker.reason or f"worker {worker.index + 1} of "
-                              f"{len(self._workers)} {how} before it served")
+                self._give_up(
+                    worker.reason
+                    or f"worker {worker.index + 1} of {len(self._workers)} {how} before it served"
+                )
                 return
             if worker.failures >= MAX_START_FAILURES:
-                self._give_up(f"worker {worker.index + 1} failed to start {worker.failures} "
-                              f"times in a row (last: {worker.reason or how})")
+                self._give_up(
+                    f"worker {worker.index + 1} failed to start {worker.failures} "
+                    f"times in a row (last: {worker.reason or how})"
+                )
                 return
         elif lived_s >= STABLE_S:
             worker.delay_s = FIRST_RESTART_DELAY_S
@@ -313,8 +318,12 @@ class Supervisor:
         if self._stop_deadline_s is None or time.monotonic() < self._stop_deadline_s:
             return
         for pid, worker in list(self._by_pid.items()):
-            log.warning("worker %d (pid %d) still running %.0fs after the signal; killing it",
-                        worker.index + 1, pid, self._stop_after_s)
+            log.warning(
+                "worker %d (pid %d) still running %.0fs after the signal; killing it",
+                worker.index + 1,
+                pid,
+                self._stop_after_s,
+            )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
@@ -323,8 +332,14 @@ class Supervisor:
             self._status = 1
 
     def _own_fds(self) -> list[int]:
-        return [self._wake_r, self._wake_w, self._report_r, self._report_w,
-                self._lifeline_r, self._lifeline_w]
+        return [
+            self._wake_r,
+            self._wake_w,
+            self._report_r,
+            self._report_w,
+            self._lifeline_r,
+            self._lifeline_w,
+        ]
 
 
 def _wake_only(signum: int, frame: object) -> None:

@@ -48,9 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "--publish", action="store_true",
         help="grant publishing to the sessions (instead of subscribing, unless --subscribe)",
     )  # fmt: skip
-    parser.add_argument(
-        "--subscribe", action="store_true", help="grant subscribing (the default)"
-    )
+    parser.add_argument("--subscribe", action="store_true", help="grant subscribing (the default)")
     parser.add_argument(
         "--key", type=Path, metavar="PEM",
         help="sign with this private key file instead of an HS256 secret of the settings",

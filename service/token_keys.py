@@ -104,8 +104,10 @@ def load_key_ring(settings: Settings, extra: list[VerifyKey] | None = None) -> K
         jwks = JwksFile(Path(settings.token_jwks_path), settings.token_jwks_check_s)
         overlap = sorted(set(jwks.keys()) & {key.kid for key in static})
         if overlap:
-            log.warning("key ids %s are both configured and in the JWKS file; the configured "
-                        "keys win", overlap)
+            log.warning(
+                "key ids %s are both configured and in the JWKS file; the configured keys win",
+                overlap,
+            )
     return KeyRing(static, jwks)
 
 
@@ -132,9 +134,7 @@ def _load_entry(entry: KeyEntry) -> VerifyKey:
     try:
         public = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as error:
-        raise KeyConfigError(
-            f"{where}: {entry.value} is not a PEM public key ({error})"
-        ) from None
+        raise KeyConfigError(f"{where}: {entry.value} is not a PEM public key ({error})") from None
     _check_key_type(public, entry.alg, where)
     return VerifyKey(entry.kid, entry.alg, public)
 
@@ -245,8 +245,12 @@ class JwksFile:
             stamp = _stamp(self._path)
         except OSError as error:
             if not self._missing_logged:
-                log.warning("%s cannot be read (%s); keeping its %d keys of the last version",
-                            self._where, error.strerror, len(self._keys))
+                log.warning(
+                    "%s cannot be read (%s); keeping its %d keys of the last version",
+                    self._where,
+                    error.strerror,
+                    len(self._keys),
+                )
                 self._missing_logged = True
             return
         self._missing_logged = False
@@ -256,12 +260,18 @@ class JwksFile:
         try:
             keys = parse_jwks(self._path.read_bytes(), self._where)
         except OSError as error:
-            log.warning("%s cannot be read (%s); keeping the last version's keys",
-                        self._where, error.strerror)
+            log.warning(
+                "%s cannot be read (%s); keeping the last version's keys",
+                self._where,
+                error.strerror,
+            )
             return
         except KeyConfigError as error:
-            log.warning("%s changed but is not valid, keeping the last version's keys: %s",
-                        self._where, error)
+            log.warning(
+                "%s changed but is not valid, keeping the last version's keys: %s",
+                self._where,
+                error,
+            )
             return
         log.info("%s reloaded: key ids %s", self._where, sorted(keys))
         self._keys = keys

@@ -65,7 +65,9 @@ end
 
 
 async def wait_until(
-    condition: Callable[[], bool | Awaitable[bool]], timeout_s: float, what: str,
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout_s: float,
+    what: str,
     interval_s: float = 0.05,
 ) -> None:
     """Poll `condition` until it holds; AssertionError naming `what` after `timeout_s`."""
@@ -129,8 +131,7 @@ class Deployment:
         async def written() -> bool:
             infos = await self.on_each_node("INFO", "persistence")
             return all(
-                info["aof_enabled"] == 1 and info["aof_rewrite_in_progress"] == 0
-                for info in infos
+                info["aof_enabled"] == 1 and info["aof_rewrite_in_progress"] == 0 for info in infos
             )
 
         await wait_until(written, 10, "the append-only files")
@@ -264,10 +265,16 @@ class ChaosStack:
         for n in range(self.workers):
             port = free_port()
             role = self.roles[n] if n < len(self.roles) else {}
-            env = service_env(**{**self.common, "host": "127.0.0.1", "port": port,
-                                 "producer": producer, **role})
-            worker = Worker(f"worker{n}", [sys.executable, "-m", "service", "serve"], env,
-                            self.workdir / f"worker{n}.log", port=port)
+            env = service_env(
+                **{**self.common, "host": "127.0.0.1", "port": port, "producer": producer, **role}
+            )
+            worker = Worker(
+                f"worker{n}",
+                [sys.executable, "-m", "service", "serve"],
+                env,
+                self.workdir / f"worker{n}.log",
+                port=port,
+            )
             self.worker_processes.append(worker)
             self.children.append(worker)
             worker.start()
@@ -285,16 +292,23 @@ class ChaosStack:
     def add_producer(self) -> Child:
         """Start one more separate producer process (wait for it with `wait_producer`)."""
         n = len(self.producer_processes)
-        child = Child(f"producer{n}", [sys.executable, "-m", "service", "producer"],
-                      service_env(**self.common), self.workdir / f"producer{n}.log")
+        child = Child(
+            f"producer{n}",
+            [sys.executable, "-m", "service", "producer"],
+            service_env(**self.common),
+            self.workdir / f"producer{n}.log",
+        )
         self.producer_processes.append(child)
         self.children.append(child)
         child.start()
         return child
 
     async def _wait_producer(self, child: Child) -> None:
-        await wait_until(lambda: _running_or_fail(child) and "producer running" in child.log_text(),
-                         START_TIMEOUT_S, f"{child.name} to run")
+        await wait_until(
+            lambda: _running_or_fail(child) and "producer running" in child.log_text(),
+            START_TIMEOUT_S,
+            f"{child.name} to run",
+        )
 
     wait_producer = _wait_producer
 
@@ -304,8 +318,12 @@ class ChaosStack:
         prefix.mkdir(exist_ok=True)
         conf = local_nginx_conf([w.port for w in self.worker_processes], self.nginx_port)
         (prefix / "nginx.conf").write_text(conf)
-        nginx = Child("nginx", nginx_argv(binary, prefix, directives="daemon off;"),
-                      dict(os.environ), self.workdir / "nginx.log")
+        nginx = Child(
+            "nginx",
+            nginx_argv(binary, prefix, directives="daemon off;"),
+            dict(os.environ),
+            self.workdir / "nginx.log",
+        )
         self.children.append(nginx)
         nginx.start()
 
@@ -350,14 +368,17 @@ async def metric(http: aiohttp.ClientSession, worker: Worker, name: str) -> floa
     for line in text.splitlines():
         if line.startswith(f"{name} "):
             return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics of {worker.name} "
-                         f"({response.status}): {text[:300]!r}")
+    raise AssertionError(
+        f"{name} not in /metrics of {worker.name} ({response.status}): {text[:300]!r}"
+    )
 
 
 async def idle_state(http: aiohttp.ClientSession, worker: Worker) -> tuple[float, float]:
     """Open streams and subscribed channels (an embedded producer holds one of its own)."""
-    return (await metric(http, worker, "sse_open_streams"),
-            await metric(http, worker, "sse_hub_channels"))
+    return (
+        await metric(http, worker, "sse_open_streams"),
+        await metric(http, worker, "sse_hub_channels"),
+    )
 
 
 # Worker roles: one runs demo runs with its embedded producer, one serves the publish API.
@@ -385,8 +406,9 @@ class Lab:
 
     async def cluster(self) -> Deployment:
         """A three-primary cluster of this test's own."""
-        cluster = RedisClusterProcesses(self.redis_binary,
-                                        self.workdir / f"cluster{len(self.clusters)}")
+        cluster = RedisClusterProcesses(
+            self.redis_binary, self.workdir / f"cluster{len(self.clusters)}"
+        )
         self.clusters.append(cluster)
         await asyncio.to_thread(cluster.start)
         return Deployment(cluster.nodes, cluster=True)

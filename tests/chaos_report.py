@@ -155,16 +155,20 @@ class FaultRow:
     recovery_s: float | None
     note: str = ""
 
-    HEADER = (f"{'fault':<54} {'clients':>7} {'expected':>8} {'received':>8} {'missing':>7} "
-              f"{'dup':>4} {'order':>5} {'gap':>4} {'recovery':>8}  ended / note")
+    HEADER = (
+        f"{'fault':<54} {'clients':>7} {'expected':>8} {'received':>8} {'missing':>7} "
+        f"{'dup':>4} {'order':>5} {'gap':>4} {'recovery':>8}  ended / note"
+    )
 
     def line(self) -> str:
         t = self.tally
         recovery = "never" if self.recovery_s is None else f"{self.recovery_s:.2f}s"
         ended = ", ".join(f"{how}:{n}" for how, n in sorted(t.ended.items()))
-        return (f"{self.fault:<54} {t.clients:>7} {t.expected:>8} {t.received:>8} "
-                f"{t.missing:>7} {t.duplicated:>4} {t.out_of_order:>5} {t.gap_clients:>4} "
-                f"{recovery:>8}  {ended}{'; ' + self.note if self.note else ''}")
+        return (
+            f"{self.fault:<54} {t.clients:>7} {t.expected:>8} {t.received:>8} "
+            f"{t.missing:>7} {t.duplicated:>4} {t.out_of_order:>5} {t.gap_clients:>4} "
+            f"{recovery:>8}  {ended}{'; ' + self.note if self.note else ''}"
+        )
 
 
 REPORT: list[FaultRow] = []

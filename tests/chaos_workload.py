@@ -77,8 +77,9 @@ class ReadinessProbe:
         started = time.monotonic()
         status = 0
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with self.http.get(f"{self.worker.url}/readyz",
-                                     timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as r:
+            async with self.http.get(
+                f"{self.worker.url}/readyz", timeout=aiohttp.ClientTimeout(total=self.timeout_s)
+            ) as r:
                 status = r.status
         self.samples.append(Sample(started, time.monotonic(), status))
 
@@ -93,7 +94,8 @@ class ReadinessProbe:
         """The probes answered between `start` and `end`: sent at (s after start), status, took."""
         return ", ".join(
             f"{s.started - start:+.1f}s:{s.status or 'none'}/{s.answered - s.started:.1f}s"
-            for s in self.samples if start <= s.answered <= end
+            for s in self.samples
+            if start <= s.answered <= end
         )
 
     def not_ready_after(self, t: float) -> list[Sample]:
@@ -154,16 +156,21 @@ class Workload:
     async def start(self, demo: int, api: int) -> None:
         """`demo` clients spread over `demo_urls`, `api` clients on `api_url`, all at once."""
         await self.watch(self.stack.worker_processes)
-        self.demo = [EventSourceClient(self.demo_urls[n % len(self.demo_urls)], new_session_id())
-                     for n in range(demo)]
+        self.demo = [
+            EventSourceClient(self.demo_urls[n % len(self.demo_urls)], new_session_id())
+            for n in range(demo)
+        ]
         self.api = [EventSourceClient(self.api_url, new_session_id()) for _ in range(api)]
         if api:
             self.publisher = ApiPublisher(self.http, self.api_url)
         self._tasks += await run_clients(self.http, self.clients)
         for client in self.api:
             assert self.publisher is not None
-            self._feeders.append(asyncio.create_task(
-                self.publisher.feed(client.session_id, self.api_events, API_INTERVAL_S)))
+            self._feeders.append(
+                asyncio.create_task(
+                    self.publisher.feed(client.session_id, self.api_events, API_INTERVAL_S)
+                )
+            )
 
     async def watch(self, workers: Iterable[Worker]) -> None:
         """Sample these workers' readiness from now on; note their idle memory and channels."""
@@ -198,8 +205,9 @@ class Workload:
     ) -> None:
         """Wait until `holds` for every client that has not ended; note it if it never does."""
         try:
-            await wait_until(lambda: all(holds(c) or c.ended for c in self.clients),
-                             timeout_s, what)
+            await wait_until(
+                lambda: all(holds(c) or c.ended for c in self.clients), timeout_s, what
+            )
         except AssertionError as error:
             behind = sum(1 for c in self.clients if not (holds(c) or c.ended))
             self.problems.append(f"{error} ({behind} clients behind)")
@@ -224,8 +232,9 @@ class Workload:
         for feeder in self._feeders:
             feeder.cancel()
 
-    async def account(self, deployment: Deployment,
-                      lost: Callable[[str], bool] = lambda _: False) -> Tally:
+    async def account(
+        self, deployment: Deployment, lost: Callable[[str], bool] = lambda _: False
+    ) -> Tally:
         """Count every client's events against what its session should have delivered."""
         tally = Tally()
         client = deployment.client()
@@ -270,11 +279,19 @@ class Workload:
         unlogged = len(set(accepted) - set(logged))
         if es.resumed_from:  # a client that came with a Last-Event-ID wants what followed it
             after = parse_event_id(es.resumed_from)
-            logged = [fields[b"d"].decode() for entry_id, fields in entries
-                      if parse_event_id(entry_id.decode()) > after]
+            logged = [
+                fields[b"d"].decode()
+                for entry_id, fields in entries
+                if parse_event_id(entry_id.decode()) > after
+            ]
             accepted = logged
-        return Truth(logged, len(accepted), "data",
-                     logged_twice=len(logged) - len(set(logged)), unlogged=unlogged)
+        return Truth(
+            logged,
+            len(accepted),
+            "data",
+            logged_twice=len(logged) - len(set(logged)),
+            unlogged=unlogged,
+        )
 
     def readiness_problems(self, grace_s: float) -> list[str]:
         """`/readyz` must say "not ready" while the workers cannot deliver, "ready" after."""
@@ -289,15 +306,21 @@ class Workload:
                 if end - start >= 0.5:
                     lies = probe.lies_during(start, end)
                     if lies:
-                        problems.append(f"{name}: 'ready' {len(lies)}x while Redis was away: "
-                                        f"{probe.describe(self.outage[0], end + grace_s)}")
+                        problems.append(
+                            f"{name}: 'ready' {len(lies)}x while Redis was away: "
+                            f"{probe.describe(self.outage[0], end + grace_s)}"
+                        )
                     if not probe.not_ready_during(start, end + grace_s):
-                        problems.append(f"{name}: never said 'not ready' during the outage: "
-                                        f"{probe.describe(self.outage[0], end + grace_s)}")
+                        problems.append(
+                            f"{name}: never said 'not ready' during the outage: "
+                            f"{probe.describe(self.outage[0], end + grace_s)}"
+                        )
             late = probe.not_ready_after(max(self.healed, self.injected) + READY_AGAIN_S)
             if late:
-                problems.append(f"{name}: 'not ready' {len(late)}x after the fault healed "
-                                f"(statuses {sorted({s.status for s in late})})")
+                problems.append(
+                    f"{name}: 'not ready' {len(late)}x after the fault healed "
+                    f"(statuses {sorted({s.status for s in late})})"
+                )
             last = probe.samples[-1].status if probe.samples else 0
             if silenced and last == 200:
                 problems.append(f"{name}: says 'ready' while {silenced} clients hear nothing")
@@ -317,8 +340,11 @@ class Workload:
         self.rss_growth = 0
         for worker in live:
             try:
-                await wait_until(functools.partial(self._back_to_idle, worker), timeout_s,
-                                 f"{worker.name} to hold no stream")
+                await wait_until(
+                    functools.partial(self._back_to_idle, worker),
+                    timeout_s,
+                    f"{worker.name} to hold no stream",
+                )
             except AssertionError as error:
                 streams, channels = await idle_state(self.http, worker)
                 problems.append(f"{error}: {streams:.0f} streams, {channels:.0f} channels")

@@ -35,10 +35,14 @@ LAUNCH_TIMEOUT_MS = 10_000
 
 def require_chromium() -> str:
     """The Chromium path, when Playwright is there to drive it (see require_tool)."""
-    require_tool("playwright" if HAVE_PLAYWRIGHT else None,
-                 "playwright is not installed (pip install -e '.[test]')")
-    return require_tool(str(CHROMIUM) if CHROMIUM.exists() else None,
-                        f"{CHROMIUM} is missing (apt-get install chromium)")
+    require_tool(
+        "playwright" if HAVE_PLAYWRIGHT else None,
+        "playwright is not installed (pip install -e '.[test]')",
+    )
+    return require_tool(
+        str(CHROMIUM) if CHROMIUM.exists() else None,
+        f"{CHROMIUM} is missing (apt-get install chromium)",
+    )
 
 
 @asynccontextmanager
@@ -47,7 +51,9 @@ async def headless_chromium() -> AsyncIterator[Browser]:
     executable = require_chromium()
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
-            executable_path=executable, args=CHROMIUM_ARGS, headless=True,
+            executable_path=executable,
+            args=CHROMIUM_ARGS,
+            headless=True,
             timeout=LAUNCH_TIMEOUT_MS,
         )
         try:

@@ -30,9 +30,11 @@ PROJECT = f"{PROJECT_PREFIX}{os.getpid()}"
 PROJECT_LABEL = f"label=com.docker.compose.project={PROJECT}"
 IMAGE = f"localhost/sse-fanout:test-{os.getpid()}"
 NEEDED = ("podman", "runc", "docker-compose", "debootstrap", "unshare", "nsenter", "ip")
-APT_PACKAGES = ("podman runc containernetworking-plugins "
-                "golang-github-containernetworking-plugin-dnsname debootstrap docker-compose "
-                "iproute2")
+APT_PACKAGES = (
+    "podman runc containernetworking-plugins "
+    "golang-github-containernetworking-plugin-dnsname debootstrap docker-compose "
+    "iproute2"
+)
 # podman 4.3 runs HEALTHCHECKs from systemd timers; without systemd nothing would run them.
 HEALTH_PUMP_INTERVAL_S = 2.0
 PODMAN_NPROC = 32768
@@ -45,8 +47,9 @@ def engine_problem() -> str | None:
     missing = [tool for tool in NEEDED if shutil.which(tool) is None]
     if missing:
         return f"{', '.join(missing)} not installed (apt-get install {APT_PACKAGES})"
-    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, text=True,
-                           timeout=30, check=False)
+    probe = subprocess.run(
+        ["unshare", "--net", "true"], capture_output=True, text=True, timeout=30, check=False
+    )
     if probe.returncode != 0:
         return f"cannot make a network namespace: {probe.stderr.strip()}"
     return None
@@ -96,8 +99,9 @@ class Podman:
     def env(self) -> dict[str, str]:
         return {**os.environ, "CONTAINERS_CONF": str(self.conf), "BUILDAH_FORMAT": "docker"}
 
-    def run(self, *args: str, timeout_s: float = 120, check: bool = True
-            ) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, timeout_s: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         """`podman ARGS`; its output is also appended to the log."""
         return _run(["podman", *args], self.env, self.log, timeout_s, check)
 
@@ -107,21 +111,44 @@ class Podman:
 
     def build(self) -> None:
         """The project's Dockerfile, as `docker build` would build it (host network for pip)."""
-        self.run("build", "--pull=never", "--network=host", "--format=docker",
-                 "--tag", IMAGE, str(ROOT), timeout_s=900)
+        self.run(
+            "build",
+            "--pull=never",
+            "--network=host",
+            "--format=docker",
+            "--tag",
+            IMAGE,
+            str(ROOT),
+            timeout_s=900,
+        )
 
     def containers(self, service: str) -> list[str]:
         """Ids of the running containers of a compose service of this project."""
-        listed = self.run("ps", "--quiet", "--filter", PROJECT_LABEL,
-                          "--filter", f"label=com.docker.compose.service={service}")
+        listed = self.run(
+            "ps",
+            "--quiet",
+            "--filter",
+            PROJECT_LABEL,
+            "--filter",
+            f"label=com.docker.compose.service={service}",
+        )
         return listed.stdout.split()
 
     def forget_leftovers(self) -> None:
         """Remove what runs of this test whose process is gone left behind."""
-        listed = self.run("ps", "--all", "--filter", "label=com.docker.compose.project",
-                          "--format", '{{.ID}} {{index .Labels "com.docker.compose.project"}}')
-        stale = {project for _, project in (line.split() for line in listed.stdout.splitlines())
-                 if project.startswith(PROJECT_PREFIX) and not _alive(project)}
+        listed = self.run(
+            "ps",
+            "--all",
+            "--filter",
+            "label=com.docker.compose.project",
+            "--format",
+            '{{.ID}} {{index .Labels "com.docker.compose.project"}}',
+        )
+        stale = {
+            project
+            for _, project in (line.split() for line in listed.stdout.splitlines())
+            if project.startswith(PROJECT_PREFIX) and not _alive(project)
+        }
         for project in stale:
             self.forget(project)
 
@@ -160,9 +187,18 @@ class ApiService:
         self.socket.unlink(missing_ok=True)
         with self.podman.log.open("ab") as log:
             self.process = subprocess.Popen(
-                ["unshare", "--net", "--", "sh", "-c",
-                 f'ip link set lo up && exec podman system service --time=0 "unix://{self.socket}"'],
-                env=self.podman.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                [
+                    "unshare",
+                    "--net",
+                    "--",
+                    "sh",
+                    "-c",
+                    f'ip link set lo up && exec podman system service --time=0 "unix://{self.socket}"',
+                ],
+                env=self.podman.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
             )
         deadline = time.monotonic() + 30
         while not self.socket.exists():
@@ -195,13 +231,28 @@ class Compose:
     env_file: Path
     log: Path
 
-    def __call__(self, *args: str, timeout_s: float = 300, check: bool = True
-                 ) -> subprocess.CompletedProcess[str]:
-        argv = ["docker-compose", "--project-name", PROJECT, "--project-directory", str(ROOT),
-                "--file", str(ROOT / "docker-compose.yml"), "--file", str(self.override),
-                "--env-file", str(self.env_file), *args]
-        env = {**self.api.podman.env, "DOCKER_HOST": f"unix://{self.api.socket}",
-               "COMPOSE_HTTP_TIMEOUT": "300"}
+    def __call__(
+        self, *args: str, timeout_s: float = 300, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [
+            "docker-compose",
+            "--project-name",
+            PROJECT,
+            "--project-directory",
+            str(ROOT),
+            "--file",
+            str(ROOT / "docker-compose.yml"),
+            "--file",
+            str(self.override),
+            "--env-file",
+            str(self.env_file),
+            *args,
+        ]
+        env = {
+            **self.api.podman.env,
+            "DOCKER_HOST": f"unix://{self.api.socket}",
+            "COMPOSE_HTTP_TIMEOUT": "300",
+        }
         return _run(argv, env, self.log, timeout_s, check)
 
 
@@ -227,13 +278,21 @@ class HealthPump:
         while not self._stop.wait(self.interval_s):
             listed = subprocess.run(
                 ["podman", "ps", "--filter", PROJECT_LABEL, "--format", "{{.ID}} {{.Status}}"],
-                env=self.podman.env, capture_output=True, text=True, timeout=60, check=False,
+                env=self.podman.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
             )
             checks = [
-                subprocess.Popen(["podman", "healthcheck", "run", line.split()[0]],
-                                 env=self.podman.env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-                for line in listed.stdout.splitlines() if "(" in line  # "Up 3s (healthy)"
+                subprocess.Popen(
+                    ["podman", "healthcheck", "run", line.split()[0]],
+                    env=self.podman.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for line in listed.stdout.splitlines()
+                if "(" in line  # "Up 3s (healthy)"
             ]
             for check in checks:
                 try:
@@ -243,13 +302,23 @@ class HealthPump:
                     check.wait()
 
 
-def _run(argv: list[str], env: dict[str, str], log: Path, timeout_s: float, check: bool
-         ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                            text=True, timeout=timeout_s, check=False)
+def _run(
+    argv: list[str], env: dict[str, str], log: Path, timeout_s: float, check: bool
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
     with log.open("a") as out:
         out.write(f"$ {' '.join(argv)}\n{result.stdout}{result.stderr}[exit {result.returncode}]\n")
     if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:3])} failed ({result.returncode}):\n"
-                           f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(argv[:3])} failed ({result.returncode}):\n"
+            f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
     return result

@@ -247,7 +247,9 @@ class DeliveryAudit:
             counts["missing"] += len(missing)
             counts["missing_without_gap"] += 0 if log.told_of_gap else len(missing)
             if (
-                (missing and not log.told_of_gap) or not log.finished or log.broken
+                (missing and not log.told_of_gap)
+                or not log.finished
+                or log.broken
                 or len(seqs) != len(set(seqs))
             ):
                 problems.append(self._problem(log, sorted(missing), started, fault_at))
@@ -272,10 +274,14 @@ class DeliveryAudit:
         )  # fmt: skip
 
     def _problem(
-        self, log: StreamLog, missing: list[int], started: dict[tuple[str, int], float],
+        self,
+        log: StreamLog,
+        missing: list[int],
+        started: dict[tuple[str, int], float],
         fault_at: float,
     ) -> str:
         """One stream's story around the fault: what it got, missed, and when."""
+
         def at(seq: int) -> str:
             return f"{seq}@{started.get((log.session_id, seq), fault_at) - fault_at:+.2f}s"
 

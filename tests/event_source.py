@@ -159,8 +159,10 @@ class NonReader:
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, (host, int(port)))
         resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
-        request = (f"GET /sse/connect?sessionId={session_id} HTTP/1.1\r\nHost: {host}\r\n"
-                   f"Accept: text/event-stream\r\n{resume}\r\n")
+        request = (
+            f"GET /sse/connect?sessionId={session_id} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Accept: text/event-stream\r\n{resume}\r\n"
+        )
         await loop.sock_sendall(sock, request.encode())
 
     def close(self) -> None:
@@ -183,8 +185,9 @@ class ApiPublisher:
     retries: Counter[str] = field(default_factory=Counter)
     request_timeout_s: float = 5.0
 
-    async def publish(self, session_id: str, data: str, event: str = "",
-                      timeout_s: float = 20.0) -> None:
+    async def publish(
+        self, session_id: str, data: str, event: str = "", timeout_s: float = 20.0
+    ) -> None:
         body = {"data": data, **({"event": event} if event else {})}
         headers = {**AUTH, "Idempotency-Key": f"{session_id}-{data}"}
         url = f"{self.base_url}/sse/sessions/{session_id}/events"
@@ -192,15 +195,18 @@ class ApiPublisher:
         while time.monotonic() < deadline:
             try:
                 async with self.http.post(
-                    url, json=body, headers=headers,
+                    url,
+                    json=body,
+                    headers=headers,
                     timeout=aiohttp.ClientTimeout(total=self.request_timeout_s),
                 ) as response:
                     if response.status == 202:
                         self.accepted.setdefault(session_id, []).append(data)
                         return
                     if response.status != 503:
-                        raise AssertionError(f"publish refused: {response.status} "
-                                             f"{await response.text()}")
+                        raise AssertionError(
+                            f"publish refused: {response.status} {await response.text()}"
+                        )
                     self.retries["503"] += 1
             except (aiohttp.ClientError, TimeoutError) as error:
                 self.retries[type(error).__name__] += 1

@@ -123,14 +123,29 @@ class RedisProcess:
 
     def argv(self) -> list[str]:
         # A replica's first sync starts at once, not after the default 5 s wait for others.
-        return [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--repl-diskless-sync-delay", "0",
-                "--dir", str(self.workdir), *self.extra_args]
+        return [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--repl-diskless-sync-delay",
+            "0",
+            "--dir",
+            str(self.workdir),
+            *self.extra_args,
+        ]
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            self.argv(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -191,29 +206,54 @@ class RedisClusterProcesses:
             raise RuntimeError("redis-cli is needed to create a cluster")
         for index in range(self.size * (1 + self.replicas)):
             node = RedisProcess(
-                self.binary, self.workdir / f"node{index}", port=free_cluster_port(),
-                extra_args=("--cluster-enabled", "yes",
-                            "--cluster-config-file", f"nodes-{index}.conf",
-                            "--cluster-node-timeout", str(self.node_timeout_ms)),
+                self.binary,
+                self.workdir / f"node{index}",
+                port=free_cluster_port(),
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{index}.conf",
+                    "--cluster-node-timeout",
+                    str(self.node_timeout_ms),
+                ),
             )
             node.start()
             self.nodes.append(node)
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas),
-             "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
+            [
+                cli,
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
         )
-        wait_until(lambda: all(self._state_ok(cli, node.port) for node in self.nodes),
-                   "the cluster reaches cluster_state:ok", START_TIMEOUT_S)
-        wait_until(lambda: len(self.replicas_of_primaries()) == self.size * self.replicas,
-                   "every replica is linked to its primary", START_TIMEOUT_S)
+        wait_until(
+            lambda: all(self._state_ok(cli, node.port) for node in self.nodes),
+            "the cluster reaches cluster_state:ok",
+            START_TIMEOUT_S,
+        )
+        wait_until(
+            lambda: len(self.replicas_of_primaries()) == self.size * self.replicas,
+            "every replica is linked to its primary",
+            START_TIMEOUT_S,
+        )
 
     @staticmethod
     def _state_ok(cli: str, port: int) -> bool:
         info = subprocess.run(
             [cli, "-p", str(port), "cluster", "info"],
-            check=False, capture_output=True, text=True, timeout=5,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return "cluster_state:ok" in info.stdout
 
@@ -311,22 +351,33 @@ class RedisSentinelProcesses:
         primary = RedisProcess(self.binary, self.workdir / "server0")
         primary.start()
         self.servers.append(primary)
-        replica = RedisProcess(self.binary, self.workdir / "server1",
-                               extra_args=("--replicaof", "127.0.0.1", str(primary.port)))
+        replica = RedisProcess(
+            self.binary,
+            self.workdir / "server1",
+            extra_args=("--replicaof", "127.0.0.1", str(primary.port)),
+        )
         replica.start()
         self.servers.append(replica)
-        wait_until(lambda: replica_linked_to(replica.port) == primary.port,
-                   "the replica is linked to the primary", START_TIMEOUT_S)
+        wait_until(
+            lambda: replica_linked_to(replica.port) == primary.port,
+            "the replica is linked to the primary",
+            START_TIMEOUT_S,
+        )
         for index in range(3):
             sentinel = SentinelProcess(
-                self.sentinel_binary, self.workdir / f"sentinel{index}",
-                service_name=self.service_name, primary_port=primary.port,
+                self.sentinel_binary,
+                self.workdir / f"sentinel{index}",
+                service_name=self.service_name,
+                primary_port=primary.port,
                 down_after_ms=self.down_after_ms,
             )
             sentinel.start()
             self.sentinels.append(sentinel)
-        wait_until(lambda: all(s.sees(replicas=1, other_sentinels=2) for s in self.sentinels),
-                   "every Sentinel knows the replica and the other Sentinels", 20.0)
+        wait_until(
+            lambda: all(s.sees(replicas=1, other_sentinels=2) for s in self.sentinels),
+            "every Sentinel knows the replica and the other Sentinels",
+            20.0,
+        )
 
     def primary(self) -> RedisProcess:
         """The server every Sentinel names as primary now."""
@@ -344,9 +395,12 @@ class RedisSentinelProcesses:
     def wait_for_primary(self, server: RedisProcess, timeout_s: float = 20.0) -> None:
         """Until every Sentinel names `server` as primary and it says it is one."""
         wait_until(
-            lambda: all(s.primary_port_now() == server.port for s in self.sentinels)
-            and is_primary(server.port),
-            f"the Sentinels fail over to port {server.port}", timeout_s,
+            lambda: (
+                all(s.primary_port_now() == server.port for s in self.sentinels)
+                and is_primary(server.port)
+            ),
+            f"the Sentinels fail over to port {server.port}",
+            timeout_s,
         )
 
     def stop(self) -> None:

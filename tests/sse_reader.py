@@ -83,7 +83,10 @@ async def read_events(
 
 
 async def collect(
-    response: aiohttp.ClientResponse, *, until: int | None = None, timeout_s: float = 15.0,
+    response: aiohttp.ClientResponse,
+    *,
+    until: int | None = None,
+    timeout_s: float = 15.0,
     parser: SSEParser | None = None,
 ) -> list[ReceivedEvent]:
     """Read events until the stream ends, `until` events arrived, or the deadline passes."""

@@ -56,8 +56,16 @@ def local_nginx_conf(worker_ports: list[int], listen_port: int) -> str:
 def nginx_argv(binary: str, prefix: Path, *options: str, directives: str = "") -> list[str]:
     """nginx on `prefix`/nginx.conf, logging to stderr, its pid file inside `prefix`."""
     return [
-        binary, "-e", "stderr", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-        "-g", f"pid {prefix / 'nginx.pid'}; {directives}", *options,
+        binary,
+        "-e",
+        "stderr",
+        "-p",
+        str(prefix),
+        "-c",
+        str(prefix / "nginx.conf"),
+        "-g",
+        f"pid {prefix / 'nginx.pid'}; {directives}",
+        *options,
     ]
 
 
@@ -69,8 +77,9 @@ def service_env(**settings: object) -> dict[str, str]:
     pools.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_")}
-    env.update({f"SSE_{key.upper()}": str(value) for key, value in
-                {"workers": 1, **settings}.items()})
+    env.update(
+        {f"SSE_{key.upper()}": str(value) for key, value in {"workers": 1, **settings}.items()}
+    )
     return env
 
 
@@ -88,8 +97,12 @@ class Child:
     def start(self) -> None:
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
-            self.argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT,
+            self.argv,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     @property
@@ -150,12 +163,19 @@ class Stack:
         for n in range(self.worker_count):
             port = free_port()
             env = service_env(**common, host="127.0.0.1", port=port, producer="off")
-            self.workers.append(Worker(
-                f"worker{n}", [sys.executable, "-m", "service", "serve"], env,
-                self.workdir / f"worker{n}.log", port=port,
-            ))
+            self.workers.append(
+                Worker(
+                    f"worker{n}",
+                    [sys.executable, "-m", "service", "serve"],
+                    env,
+                    self.workdir / f"worker{n}.log",
+                    port=port,
+                )
+            )
         producer = Child(
-            "producer", [sys.executable, "-m", "service", "producer"], service_env(**common),
+            "producer",
+            [sys.executable, "-m", "service", "producer"],
+            service_env(**common),
             self.workdir / "producer.log",
         )
         self.nginx_port = free_port()
@@ -165,8 +185,10 @@ class Stack:
             local_nginx_conf([w.port for w in self.workers], self.nginx_port)
         )
         nginx = Child(
-            "nginx", nginx_argv(self.nginx_binary, prefix, directives="daemon off;"),
-            dict(os.environ), self.workdir / "nginx.log",
+            "nginx",
+            nginx_argv(self.nginx_binary, prefix, directives="daemon off;"),
+            dict(os.environ),
+            self.workdir / "nginx.log",
         )
         self.children = [*self.workers, producer, nginx]
         for child in self.children:

@@ -56,8 +56,9 @@ class Client:
             if not self.finished:
                 await asyncio.sleep((parser.retry_ms or 500) / 1000)
 
-    async def _connect(self, http: aiohttp.ClientSession, url: str, headers: dict[str, str],
-                       parser: SSEParser) -> None:
+    async def _connect(
+        self, http: aiohttp.ClientSession, url: str, headers: dict[str, str], parser: SSEParser
+    ) -> None:
         params = {"sessionId": self.session_id}
         async with http.get(f"{url}/sse/connect", params=params, headers=headers) as response:
             self.connects += 1
@@ -103,8 +104,11 @@ async def publish(url: str, token: str) -> dict[str, int]:
         session_id = await _session_id(http, url)
         target = f"{url}/sse/sessions/{session_id}/events"
         body = {"event": "note", "data": "from the container test"}
-        for name, headers in (("none", {}), ("wrong", {"Authorization": "Bearer " + "x" * 24}),
-                              ("configured", {"Authorization": f"Bearer {token}"})):
+        for name, headers in (
+            ("none", {}),
+            ("wrong", {"Authorization": "Bearer " + "x" * 24}),
+            ("configured", {"Authorization": f"Bearer {token}"}),
+        ):
             async with http.post(target, json=body, headers=headers) as response:
                 statuses[name] = response.status
     return statuses

@@ -155,7 +155,9 @@ def _payload() -> str:
 
 @pytest.mark.redis
 async def test_payload_arrives_byte_exact_at_two_subscribers_on_two_instances(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
     settings = make_settings(redis_url=redis_url, publish_tokens=[TOKEN], demo_runs=False)
@@ -197,9 +199,7 @@ async def test_publishing_after_finish_is_refused_and_logs_nothing(
     inspector = await fake_opener(make_settings())
     logged_before = await inspector.xlen(Keys().log(session_id))
     for body in ({"data": "too late"}, [{"data": "a"}, {"event": "finish", "data": "b"}]):
-        response = await client.post(
-            f"/sse/sessions/{session_id}/events", json=body, headers=AUTH
-        )
+        response = await client.post(f"/sse/sessions/{session_id}/events", json=body, headers=AUTH)
         assert response.status == 409
         assert (await response.json())["error"] == "session_finished"
     assert await inspector.xlen(Keys().log(session_id)) == logged_before
@@ -225,9 +225,7 @@ async def test_a_reserved_event_name_is_refused_and_nothing_is_published(
     # `error` and `open` are EventSource's own events: a listener could not tell them apart.
     session_id = await new_session(client)
     for body in ({"event": name, "data": "x"}, [{"data": "fine"}, {"event": name, "data": "x"}]):
-        response = await client.post(
-            f"/sse/sessions/{session_id}/events", json=body, headers=AUTH
-        )
+        response = await client.post(f"/sse/sessions/{session_id}/events", json=body, headers=AUTH)
         assert response.status == 400
         assert response.content_type == "application/json"
         error = await response.json()

@@ -52,8 +52,11 @@ async def guarded(
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/sse/sessions/abc/events"), ("GET", "/sse/sessions/abc"),
-     ("DELETE", "/sse/sessions/abc")],
+    [
+        ("POST", "/sse/sessions/abc/events"),
+        ("GET", "/sse/sessions/abc"),
+        ("DELETE", "/sse/sessions/abc"),
+    ],
 )
 async def test_missing_token_is_401_with_challenge(
     guarded: AppClient, method: str, path: str
@@ -98,8 +101,11 @@ async def test_external_redis_without_tokens_disables_the_api(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
     client = await start_client(make_settings(redis_url=EXTERNAL), fake_opener)
-    for method, path in [("POST", "/sse/sessions/abc/events"), ("GET", "/sse/sessions/abc"),
-                         ("DELETE", "/sse/sessions/abc")]:
+    for method, path in [
+        ("POST", "/sse/sessions/abc/events"),
+        ("GET", "/sse/sessions/abc"),
+        ("DELETE", "/sse/sessions/abc"),
+    ]:
         response = await client.request(method, path, json=BODY)
         assert response.status == 403
         assert (await response.json())["error"] == "publishing_disabled"
@@ -139,8 +145,9 @@ async def signed(
     return await start_client(settings, fake_opener)
 
 
-def publisher_token(*sessions: str, scope: str = "publish", ttl_s: float = 60,
-                    secret: str = SECRET) -> str:
+def publisher_token(
+    *sessions: str, scope: str = "publish", ttl_s: float = 60, secret: str = SECRET
+) -> str:
     body = claims(**{scope: list(sessions)}, ttl_s=ttl_s)
     return sign(hs256_key("pub", secret), body)
 
@@ -156,8 +163,11 @@ def test_token_keys_alone_guard_the_api(make_settings: MakeSettings) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("POST", "/sse/sessions/room-1/events", 202), ("GET", "/sse/sessions/room-1", 200),
-     ("DELETE", "/sse/sessions/room-1", 204)],
+    [
+        ("POST", "/sse/sessions/room-1/events", 202),
+        ("GET", "/sse/sessions/room-1", 200),
+        ("DELETE", "/sse/sessions/room-1", 204),
+    ],
 )
 async def test_a_publish_token_for_the_session_is_accepted(
     signed: AppClient, method: str, path: str, status: int

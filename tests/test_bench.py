@@ -108,9 +108,7 @@ def test_every_scenario_runs_against_the_service_and_the_naive_design(
     assert set(summary) >= {"churn_cycles_per_s", "idle_stream_pss_kib", "fanout_clean_max"}
     for entry in summary.values():
         ours, theirs = entry["median"]["sse-fanout"], entry["median"]["naive"]
-        assert entry["ratio_to"]["sse-fanout"]["naive"] == pytest.approx(
-            ours / theirs, abs=0.006
-        )
+        assert entry["ratio_to"]["sse-fanout"]["naive"] == pytest.approx(ours / theirs, abs=0.006)
     assert "pinned" in document["pinning"]
     assert document["machine"]["versions"]["redis_server"]
     assert "churn" in document["stdout"]
@@ -218,9 +216,7 @@ def test_a_contestant_that_cannot_run_is_skipped_with_its_reason(
     assert "nchan-nonesuch" in document["skipped"]
     assert "unknown contestant" in document["skipped"]["nchan-nonesuch"]
     assert "nchan-nonesuch skipped" in document["stdout"]
-    assert [(r["target"], r["repeat"]) for r in document["results"]] == [
-        ("naive", 0), ("naive", 1)
-    ]
+    assert [(r["target"], r["repeat"]) for r in document["results"]] == [("naive", 0), ("naive", 1)]
     # With repetitions, the summary gives each run's value and their median.
     memory = document["summary"]["idle_stream_pss_kib"]
     assert len(memory["runs"]["naive"]) == 2
@@ -364,9 +360,13 @@ def test_the_summary_takes_medians_over_repeats_then_their_ratios() -> None:
     results = [
         *(churn("sse-fanout", k, v) for k, v in enumerate([100.0, 300.0, 200.0])),
         *(churn("nchan-memory", k, v) for k, v in enumerate([1000.0, 900.0, 1100.0])),
-        churn("naive", 0, 50.0), churn("naive", 1, 60.0, missing=1), churn("naive", 2, 40.0),
-        fanout("sse-fanout", 4000, 3990, 0), fanout("sse-fanout", 0, 50000, 3),
-        fanout("naive", 4000, 3995, 0), fanout("naive", 0, 20000, 0),
+        churn("naive", 0, 50.0),
+        churn("naive", 1, 60.0, missing=1),
+        churn("naive", 2, 40.0),
+        fanout("sse-fanout", 4000, 3990, 0),
+        fanout("sse-fanout", 0, 50000, 3),
+        fanout("naive", 4000, 3995, 0),
+        fanout("naive", 0, 20000, 0),
     ]
     summary = summarise(results)
     cycles = summary["churn_cycles_per_s"]
@@ -461,9 +461,7 @@ def test_pinning_reaches_every_thread_of_every_process(process_tree: Any) -> Non
     target = frozenset(usable[-1:])
     pinned = procs.pin_tree(parent, target)
     tasks = [
-        int(task.name)
-        for pid in (parent, child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
+        int(task.name) for pid in (parent, child) for task in Path(f"/proc/{pid}/task").iterdir()
     ]
     assert pinned == len(tasks) >= 3  # the parent's two threads and the child
     assert all(os.sched_getaffinity(task) == target for task in tasks)

@@ -60,15 +60,17 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-def start_service(
-    aiohttp_server: Any, make_settings: MakeSettings, redis_url: str
-) -> StartService:
+def start_service(aiohttp_server: Any, make_settings: MakeSettings, redis_url: str) -> StartService:
     """Serve the production app on a real loopback port, recording what it answers."""
 
     async def start(**overrides: Any) -> Service:
         settings = make_settings(
-            **{"redis_url": redis_url, "retry_ms": RETRY_MS, "producer_interval_ms": 50,
-               **overrides}
+            **{
+                "redis_url": redis_url,
+                "retry_ms": RETRY_MS,
+                "producer_interval_ms": 50,
+                **overrides,
+            }
         )
         return await serve(aiohttp_server, settings)
 
@@ -220,7 +222,12 @@ async def test_page_resumes_after_a_dropped_connection(
 
     check_demo_run(events, session_id)
     assert await page.evaluate("window.statusStates") == [
-        "requesting", "connecting", "open", "reconnecting", "open", "finished",
+        "requesting",
+        "connecting",
+        "open",
+        "reconnecting",
+        "open",
+        "finished",
     ]
     first, resumed = service.connects()
     assert first.last_event_id is None
@@ -367,14 +374,15 @@ CREDENTIALED_STREAM = """url => new Promise(resolve => {
 
 @pytest.mark.parametrize("allow_credentials", [True, False], ids=["allowed", "not-allowed"])
 async def test_a_credentialed_event_source_from_another_origin(
-    browser: Browser, start_service: StartService, page_server: str, page_errors: list[str],
+    browser: Browser,
+    start_service: StartService,
+    page_server: str,
+    page_errors: list[str],
     allow_credentials: bool,
 ) -> None:
     # `withCredentials` makes Chromium require the exact origin and Allow-Credentials.
     page_origin = "/".join(page_server.split("/")[:3])
-    service = await start_service(
-        cors_origins=[page_origin], cors_credentials=allow_credentials
-    )
+    service = await start_service(cors_origins=[page_origin], cors_credentials=allow_credentials)
     context = await browser.new_context(viewport=PHONE)
     page = await context.new_page()
     watch(page, page_errors)
@@ -437,8 +445,9 @@ async def test_a_token_cookie_authorizes_a_credentialed_event_source_from_anothe
     await page.goto(page_server)
 
     def stream(base: str, session_id: str, credentials: bool = True) -> Any:
-        return page.evaluate(COOKIE_STREAM, [f"{base}sse/connect?sessionId={session_id}",
-                                             credentials])
+        return page.evaluate(
+            COOKIE_STREAM, [f"{base}sse/connect?sessionId={session_id}", credentials]
+        )
 
     seen = await stream(service.url, "c-1")
     assert [name for name, _ in seen] == ["message"] * 9 + ["finish"]

@@ -25,7 +25,10 @@ from waiting import wait_for
 
 # No demo producer: its wake-up channel would be one more to count.
 FAST_CANARY = {
-    "canary_interval_s": 0.1, "canary_timeout_s": 0.5, "demo_runs": False, "producer": "off",
+    "canary_interval_s": 0.1,
+    "canary_timeout_s": 0.5,
+    "demo_runs": False,
+    "producer": "off",
 }
 
 
@@ -119,8 +122,10 @@ async def start_on(
     links = 3 if target.cluster else 1
 
     async def every_link_checked() -> bool:
-        return hub.link_count == links and canary.latest is not None and (
-            canary.latest.links == links and canary.latest.ok
+        return (
+            hub.link_count == links
+            and canary.latest is not None
+            and (canary.latest.links == links and canary.latest.ok)
         )
 
     await wait_for(every_link_checked, timeout_s=10)
@@ -137,8 +142,10 @@ def assert_names_no_server(body: str, target: RedisTarget) -> None:
 
 @pytest.mark.redis
 async def test_readiness_fails_while_redis_pauses_and_returns_after(
-    redis_target: RedisTarget, target_client: RedisClient,
-    start_client: StartClient, make_settings: MakeSettings,
+    redis_target: RedisTarget,
+    target_client: RedisClient,
+    start_client: StartClient,
+    make_settings: MakeSettings,
 ) -> None:
     client, hub, canary, streams = await start_on(redis_target, start_client, make_settings)
     failures = canary.failures
@@ -164,7 +171,9 @@ async def test_readiness_fails_while_redis_pauses_and_returns_after(
 
 @pytest.mark.redis
 async def test_readiness_fails_when_a_subscription_is_dropped_behind_the_hubs_back(
-    redis_target: RedisTarget, start_client: StartClient, make_settings: MakeSettings,
+    redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
 ) -> None:
     client, hub, _, streams = await start_on(redis_target, start_client, make_settings)
     link = next(iter(hub._links.values()))

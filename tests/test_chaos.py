@@ -70,8 +70,13 @@ async def mixed_workload(lab: Lab, deployment: Deployment) -> Workload:
 
 
 async def conclude(
-    lab: Lab, work: Workload, deployment: Deployment, fault: str, *,
-    lost: Callable[[str], bool] = lambda _: False, note: str = "",
+    lab: Lab,
+    work: Workload,
+    deployment: Deployment,
+    fault: str,
+    *,
+    lost: Callable[[str], bool] = lambda _: False,
+    note: str = "",
     extra: list[str] | None = None,
 ) -> None:
     """Let the clients finish, count, print the row and apply the pass rule."""
@@ -82,15 +87,19 @@ async def conclude(
     await work.stop_probes()
     problems += work.readiness_problems(READINESS_GRACE_S)
     note = "; ".join([f"rss +{work.rss_growth / 2**20:.0f} MiB", *([note] if note else [])])
-    row = report(FaultRow(f"{fault} [{deployment_name(deployment)}]", tally,
-                          recovery_s(work.clients, work.injected), note))
+    row = report(
+        FaultRow(
+            f"{fault} [{deployment_name(deployment)}]",
+            tally,
+            recovery_s(work.clients, work.injected),
+            note,
+        )
+    )
     verdict(row, problems, lab.logs)
 
 
 def deployment_name(deployment: Deployment) -> str:
     return "cluster" if deployment.cluster else "single"
-
-
 
 
 # --- Redis faults ---
@@ -102,12 +111,18 @@ async def test_redis_sigkill_and_restart_with_its_data(lab: Lab, target: str) ->
     await deployment.persist()
     work = await mixed_workload(lab, deployment)
     work.fault_started()
-    restarted = await deployment.kill_and_restart(deployment.nodes[:1], keep_data=True,
-                                                  down_s=0.5 if deployment.cluster else 2.5)
+    restarted = await deployment.kill_and_restart(
+        deployment.nodes[:1], keep_data=True, down_s=0.5 if deployment.cluster else 2.5
+    )
     # One node of three down is a partial outage: readiness is only held to "ready" after.
     work.fault_ended(outage_until=None if deployment.cluster else restarted)
-    await conclude(lab, work, deployment, "redis SIGKILL, restart with data",
-                   note="1 of 3 nodes" if deployment.cluster else "")
+    await conclude(
+        lab,
+        work,
+        deployment,
+        "redis SIGKILL, restart with data",
+        note="1 of 3 nodes" if deployment.cluster else "",
+    )
 
 
 @TARGETS
@@ -116,16 +131,23 @@ async def test_redis_sigkill_and_restart_empty(lab: Lab, target: str) -> None:
     work = await mixed_workload(lab, deployment)
     # On a cluster, the node that also holds the index of runs in progress.
     victim = await deployment.node_of_key(KEYS.runs)
-    on_victim = {c.session_id for c in work.clients
-                 if await deployment.node_of(c.session_id) is victim}
+    on_victim = {
+        c.session_id for c in work.clients if await deployment.node_of(c.session_id) is victim
+    }
     work.fault_started()
-    restarted = await deployment.kill_and_restart([victim], keep_data=False,
-                                                  down_s=0.5 if deployment.cluster else 2.5)
+    restarted = await deployment.kill_and_restart(
+        [victim], keep_data=False, down_s=0.5 if deployment.cluster else 2.5
+    )
     work.fault_ended(outage_until=None if deployment.cluster else restarted)
     where = "the node of the runs index; " if deployment.cluster else ""
-    await conclude(lab, work, deployment, "redis SIGKILL, restart empty",
-                   lost=on_victim.__contains__,
-                   note=f"{where}{len(on_victim)} sessions lost their data")
+    await conclude(
+        lab,
+        work,
+        deployment,
+        "redis SIGKILL, restart empty",
+        lost=on_victim.__contains__,
+        note=f"{where}{len(on_victim)} sessions lost their data",
+    )
 
 
 @TARGETS
@@ -156,8 +178,9 @@ async def test_redis_kills_every_pubsub_connection(lab: Lab, target: str) -> Non
     work.fault_started()
     killed = await deployment.kill_pubsub()
     work.fault_ended()
-    await conclude(lab, work, deployment, "CLIENT KILL TYPE pubsub",
-                   note=f"{killed} connections cut")
+    await conclude(
+        lab, work, deployment, "CLIENT KILL TYPE pubsub", note=f"{killed} connections cut"
+    )
 
 
 # --- Process faults ---
@@ -170,8 +193,9 @@ async def test_worker_killed_mid_run_behind_nginx(
     lab: Lab, signum: signal.Signals, target: str
 ) -> None:
     deployment = await deployment_for(lab, target)
-    stack = await lab.stack(deployment, workers=3, embedded_producer=False, producers=1,
-                            nginx_binary=require_nginx())
+    stack = await lab.stack(
+        deployment, workers=3, embedded_producer=False, producers=1, nginx_binary=require_nginx()
+    )
     work = Workload(stack, lab.http(), demo_urls=[stack.url])
     await work.start(demo=CLIENTS, api=0)
     await work.midway()
@@ -182,8 +206,14 @@ async def test_worker_killed_mid_run_behind_nginx(
     await wait_until(lambda: not victim.running, 15, f"{victim.name} to exit")
     work.fault_ended()
     extra = [] if streams else [f"{victim.name} held no stream when it was signalled"]
-    await conclude(lab, work, deployment, f"worker {signum.name} mid-run (nginx)",
-                   note=f"victim held {streams} streams", extra=extra)
+    await conclude(
+        lab,
+        work,
+        deployment,
+        f"worker {signum.name} mid-run (nginx)",
+        note=f"victim held {streams} streams",
+        extra=extra,
+    )
 
 
 async def _open_streams(work: Workload, worker: Worker) -> int:
@@ -224,8 +254,13 @@ async def test_burst_of_simultaneous_fresh_connects(lab: Lab, target: str) -> No
     # Sessions that start after the burst must run as well.
     later = [EventSourceClient(stack.url, new_session_id()) for _ in range(CLIENTS)]
     await work.add_clients(later)
-    await conclude(lab, work, deployment, f"burst of {BURST} fresh connects",
-                   note=f"then {CLIENTS} more sessions")
+    await conclude(
+        lab,
+        work,
+        deployment,
+        f"burst of {BURST} fresh connects",
+        note=f"then {CLIENTS} more sessions",
+    )
 
 
 STORM = 100
@@ -237,23 +272,34 @@ LOG_EVENT_BYTES = 2048
 @TARGETS
 async def test_storm_of_resumes_of_a_full_log(lab: Lab, target: str) -> None:
     deployment = await deployment_for(lab, target)
-    stack = await lab.stack(deployment, workers=1, roles=[API_ROLE],
-                            settings={"log_maxlen": 2 * LOG_EVENTS,
-                                      "max_connections_per_session": 10 * STORM})
+    stack = await lab.stack(
+        deployment,
+        workers=1,
+        roles=[API_ROLE],
+        settings={"log_maxlen": 2 * LOG_EVENTS, "max_connections_per_session": 10 * STORM},
+    )
     http = lab.http()
     # A first storm raises the allocator's high-water mark once; the counted one after it
     # must leave the worker's memory where the first did (more would be held per storm).
     warm_up = Workload(stack, http, api_url=stack.url)
     await _storm(warm_up, stack.url)
     await warm_up.settle(SETTLE_S)
-    extra = [f"first storm: {n} clients ended as {how}"
-             for how, n in Counter(c.ended or "silenced" for c in warm_up.api).items()
-             if how != "finish"]
+    extra = [
+        f"first storm: {n} clients ended as {how}"
+        for how, n in Counter(c.ended or "silenced" for c in warm_up.api).items()
+        if how != "finish"
+    ]
     work = Workload(stack, http, api_url=stack.url)
     await work.watch(stack.worker_processes)
     await _storm(work, stack.url)
-    await conclude(lab, work, deployment, f"{STORM} resumes of a {LOG_EVENTS}x2KB log",
-                   note="after a first storm", extra=extra)
+    await conclude(
+        lab,
+        work,
+        deployment,
+        f"{STORM} resumes of a {LOG_EVENTS}x2KB log",
+        note="after a first storm",
+        extra=extra,
+    )
 
 
 async def _storm(work: Workload, url: str) -> None:
@@ -265,8 +311,9 @@ async def _storm(work: Workload, url: str) -> None:
     work.api = [EventSourceClient(url, session_id, last_event_id=first_id) for _ in range(STORM)]
     work.fault_started()
     await work.add_api_clients()
-    await work.wait_for(lambda c: len(c.content()) >= LOG_EVENTS - 1, SETTLE_S,
-                        "every resume to replay the log")
+    await work.wait_for(
+        lambda c: len(c.content()) >= LOG_EVENTS - 1, SETTLE_S, "every resume to replay the log"
+    )
     work.fault_ended()
     await publisher.publish(session_id, "end", "finish")
 
@@ -275,14 +322,16 @@ def _padded(k: int, size: int) -> str:
     return f"{k}:".ljust(size, "x")
 
 
-async def _fill_log(http: aiohttp.ClientSession, url: str, session_id: str, count: int,
-                    size: int) -> str:
+async def _fill_log(
+    http: aiohttp.ClientSession, url: str, session_id: str, count: int, size: int
+) -> str:
     """Publish `count` events of `size` bytes in batches; the first event's id."""
     ids: list[str] = []
     for start in range(0, count, 100):
         batch = [{"data": _padded(k, size)} for k in range(start, min(count, start + 100))]
-        async with http.post(f"{url}/sse/sessions/{session_id}/events",
-                             json=batch, headers=AUTH) as response:
+        async with http.post(
+            f"{url}/sse/sessions/{session_id}/events", json=batch, headers=AUTH
+        ) as response:
             assert response.status == 202, await response.text()
             ids += (await response.json())["ids"]
     return ids[0]
@@ -290,8 +339,12 @@ async def _fill_log(http: aiohttp.ClientSession, url: str, session_id: str, coun
 
 async def test_clients_that_never_read(lab: Lab) -> None:
     deployment = await lab.single()
-    stack = await lab.stack(deployment, workers=2, roles=[DEMO_ROLE, API_ROLE],
-                            settings={"write_timeout_s": WRITE_TIMEOUT_S})
+    stack = await lab.stack(
+        deployment,
+        workers=2,
+        roles=[DEMO_ROLE, API_ROLE],
+        settings={"write_timeout_s": WRITE_TIMEOUT_S},
+    )
     demo, api = stack.worker_processes
     http = lab.http()
     replayed, live = new_session_id(), new_session_id()
@@ -311,8 +364,13 @@ async def test_clients_that_never_read(lab: Lab) -> None:
         assert work.publisher is not None
         for session_id in (replayed, live):
             await work.publisher.publish(session_id, "end", "finish")
-        await conclude(lab, work, deployment, "20 clients that never read",
-                       note=f"api worker peak {peak / 2**20:.0f} MiB")
+        await conclude(
+            lab,
+            work,
+            deployment,
+            "20 clients that never read",
+            note=f"api worker peak {peak / 2**20:.0f} MiB",
+        )
     finally:
         for reader in stalled:
             reader.close()
@@ -324,9 +382,12 @@ FLOOD = 1000
 @TARGETS
 async def test_publish_flood_to_one_session(lab: Lab, target: str) -> None:
     deployment = await deployment_for(lab, target)
-    stack = await lab.stack(deployment, workers=1, roles=[API_ROLE],
-                            settings={"log_maxlen": 5 * FLOOD,
-                                      "max_connections_per_session": 10 * CLIENTS})
+    stack = await lab.stack(
+        deployment,
+        workers=1,
+        roles=[API_ROLE],
+        settings={"log_maxlen": 5 * FLOOD, "max_connections_per_session": 10 * CLIENTS},
+    )
     http = lab.http()
     session_id = new_session_id()
     publisher = ApiPublisher(http, stack.url)
@@ -345,5 +406,10 @@ async def test_publish_flood_to_one_session(lab: Lab, target: str) -> None:
     await asyncio.gather(*(sender() for _ in range(32)))
     work.fault_ended()
     await publisher.publish(session_id, "end", "finish")
-    await conclude(lab, work, deployment, f"flood of {FLOOD} API publishes, 1 session",
-                   note=f"{sum(publisher.retries.values())} publish retries")
+    await conclude(
+        lab,
+        work,
+        deployment,
+        f"flood of {FLOOD} API publishes, 1 session",
+        note=f"{sum(publisher.retries.values())} publish retries",
+    )

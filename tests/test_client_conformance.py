@@ -190,9 +190,15 @@ class HttpxSseRun:
                             records.append({"kind": "stopped", "reason": "204"})
                             return
                         async for event in source.aiter_sse():
-                            records.append({"kind": "event", "type": event.event,
-                                            "data": event.data, "id": event.id,
-                                            "retry": event.retry})
+                            records.append(
+                                {
+                                    "kind": "event",
+                                    "type": event.event,
+                                    "data": event.data,
+                                    "id": event.id,
+                                    "retry": event.retry,
+                                }
+                            )
                             last_id = event.id
                             retry_ms = event.retry if event.retry is not None else retry_ms
                             if close_on_finish and event.event == "finish":
@@ -234,8 +240,10 @@ def require_node_clients() -> str:
         (CLIENTS_DIR / "node_modules" / package / "package.json").exists()
         for package in ("eventsource", "@microsoft/fetch-event-source")
     )
-    require_tool("installed" if installed else None,
-                 "the Node SSE clients are not installed (npm ci --prefix tests/clients)")
+    require_tool(
+        "installed" if installed else None,
+        "the Node SSE clients are not installed (npm ci --prefix tests/clients)",
+    )
     return node
 
 
@@ -266,15 +274,25 @@ async def client(request: pytest.FixtureRequest) -> AsyncIterator[Client]:
             async def start_node(url: str, *, close_on_finish: bool) -> Run:
                 mode = "close-on-finish" if close_on_finish else "keep-open"
                 process = await asyncio.create_subprocess_exec(
-                    node, str(NODE_DRIVER), name, url, mode, cwd=CLIENTS_DIR,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                    node,
+                    str(NODE_DRIVER),
+                    name,
+                    url,
+                    mode,
+                    cwd=CLIENTS_DIR,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
                 )
                 return await started(NodeRun(process))
 
             fetch_event_source = name == "fetch-event-source"
-            yield Client(name, "" if fetch_event_source else "message",
-                         reports_retry=fetch_event_source, start=start_node)
+            yield Client(
+                name,
+                "" if fetch_event_source else "message",
+                reports_retry=fetch_event_source,
+                start=start_node,
+            )
         else:
 
             async def start_httpx(url: str, *, close_on_finish: bool) -> Run:
@@ -289,14 +307,16 @@ StartService = Callable[..., Awaitable[Service]]
 
 
 @pytest.fixture
-def start_service(
-    aiohttp_server: Any, make_settings: MakeSettings, redis_url: str
-) -> StartService:
+def start_service(aiohttp_server: Any, make_settings: MakeSettings, redis_url: str) -> StartService:
     async def start(**overrides: Any) -> Service:
         settings = make_settings(
-            **{"redis_url": redis_url, "retry_ms": RETRY_MS,
-               "heartbeat_interval_s": HEARTBEAT_S, "producer_interval_ms": EVENT_INTERVAL_MS,
-               **overrides}
+            **{
+                "redis_url": redis_url,
+                "retry_ms": RETRY_MS,
+                "heartbeat_interval_s": HEARTBEAT_S,
+                "producer_interval_ms": EVENT_INTERVAL_MS,
+                **overrides,
+            }
         )
         return await serve(aiohttp_server, settings)
 
@@ -304,9 +324,10 @@ def start_service(
 
 
 async def new_session(service: Service) -> str:
-    async with aiohttp.ClientSession() as http, http.get(
-        service.url + "sse/getSessionId"
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(service.url + "sse/getSessionId") as response,
+    ):
         assert response.status == 200
         return await response.text()
 
@@ -394,9 +415,15 @@ async def test_cut_stream_resumes_with_every_event_once(
     session_id = await new_session(service)
     publisher = service.app[publisher_key]
     sent = [
-        ("", "one"), ("note", "two\r\nlines"), ("", ""),  # before the cut
-        ("", "结束 four"), ("", "five"), ("note", "six\nseven"),  # while the client is away
-        ("", "eight"), ("", "{\"json\": [9]}"), ("finish", "done"),  # after it resumed
+        ("", "one"),
+        ("note", "two\r\nlines"),
+        ("", ""),  # before the cut
+        ("", "结束 four"),
+        ("", "five"),
+        ("note", "six\nseven"),  # while the client is away
+        ("", "eight"),
+        ("", '{"json": [9]}'),
+        ("finish", "done"),  # after it resumed
     ]
     run = await client.start(stream_url(service, session_id), close_on_finish=True)
     await until(run, lambda rs: any(r["kind"] == "open" for r in rs))
@@ -426,7 +453,8 @@ async def test_cut_stream_resumes_with_every_event_once(
     assert surfaced(before_cut) == expected[:3]
     check_retry_reports(client, records, connections=2)
     assert [(s.last_event_id, s.status) for s in service.connects()] == [
-        (None, 200), (expected[2][2], 200)
+        (None, 200),
+        (expected[2][2], 200),
     ]
 
 
@@ -445,5 +473,6 @@ async def test_client_that_stays_open_after_finish_is_stopped_by_204(
     check_retry_reports(client, records, connections=1)
     # It came back once, after `finish`, was told 204, and stopped for good.
     assert [(s.last_event_id, s.status) for s in service.connects()] == [
-        (None, 200), (expected[-1][2], 204)
+        (None, 200),
+        (expected[-1][2], 204),
     ]

@@ -31,32 +31,41 @@ async def node_id(client: RedisCluster, node: ClusterNode) -> str:
     return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
-async def move_slot(client: RedisCluster, slot: int, source: ClusterNode,
-                    target: ClusterNode) -> None:
+async def move_slot(
+    client: RedisCluster, slot: int, source: ClusterNode, target: ClusterNode
+) -> None:
     """Migrate one hash slot with its keys, the way redis-cli --cluster reshard does."""
     source_id, target_id = await node_id(client, source), await node_id(client, target)
-    await client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id,
-                                 target_nodes=target)
-    await client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id,
-                                 target_nodes=source)
-    while keys := await client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100,
-                                               target_nodes=source):
-        await client.execute_command("MIGRATE", target.host, target.port, "", 0, 5000,
-                                     "KEYS", *keys, target_nodes=source)
+    await client.execute_command(
+        "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id, target_nodes=target
+    )
+    await client.execute_command(
+        "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id, target_nodes=source
+    )
+    while keys := await client.execute_command(
+        "CLUSTER", "GETKEYSINSLOT", slot, 100, target_nodes=source
+    ):
+        await client.execute_command(
+            "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys, target_nodes=source
+        )
     for node in client.get_primaries():
-        await client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id,
-                                     target_nodes=node)
+        await client.execute_command(
+            "CLUSTER", "SETSLOT", slot, "NODE", target_id, target_nodes=node
+        )
 
 
 async def test_a_stream_keeps_receiving_when_its_slot_moves_to_another_shard(
-    start_client: StartClient, make_settings: MakeSettings, redis_cluster: RedisClusterProcesses,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_cluster: RedisClusterProcesses,
 ) -> None:
     cluster_client = RedisCluster.from_url(redis_cluster.url)
     try:
         await cluster_client.initialize()
         await cluster_client.flushall(target_nodes=RedisCluster.PRIMARIES)
-        settings = make_settings(redis_url=redis_cluster.url, redis_cluster=True,
-                                 demo_runs=False, producer="off")
+        settings = make_settings(
+            redis_url=redis_cluster.url, redis_cluster=True, demo_runs=False, producer="off"
+        )
         client = await start_client(settings)
         hub = client.app[hub_key]
         response = await client.get("/sse/connect", params={"sessionId": "moving"})
@@ -80,7 +89,9 @@ async def test_a_stream_keeps_receiving_when_its_slot_moves_to_another_shard(
         await publisher.publish("moving", "finish", "end")
         events = await reading
         assert [(e.event, e.data) for e in events] == [
-            ("message", "before"), ("message", "after"), ("finish", "end"),
+            ("message", "before"),
+            ("message", "after"),
+            ("finish", "end"),
         ]
         assert hub.connected
     finally:
@@ -104,7 +115,9 @@ def sessions_on_every_shard(client: RedisCluster, per_shard: int) -> dict[str, l
 
 
 async def test_killed_pubsub_connections_on_every_shard_resubscribe_every_stream(
-    start_client: StartClient, make_settings: MakeSettings, redis_cluster: RedisClusterProcesses,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_cluster: RedisClusterProcesses,
 ) -> None:
     cluster_client = RedisCluster.from_url(redis_cluster.url)
     try:
@@ -113,8 +126,12 @@ async def test_killed_pubsub_connections_on_every_shard_resubscribe_every_stream
         by_node = sessions_on_every_shard(cluster_client, SESSIONS_PER_SHARD)
         session_ids = [sid for ids in by_node.values() for sid in ids]
         # The embedded producer keeps its wake-up channel on one of the links as well.
-        settings = make_settings(redis_url=redis_cluster.url, redis_cluster=True,
-                                 demo_runs=False, heartbeat_interval_s=0.5)
+        settings = make_settings(
+            redis_url=redis_cluster.url,
+            redis_cluster=True,
+            demo_runs=False,
+            heartbeat_interval_s=0.5,
+        )
         client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
         hub = client.app[hub_key]
         responses = [
@@ -152,7 +169,8 @@ async def test_killed_pubsub_connections_on_every_shard_resubscribe_every_stream
 
 
 async def test_commands_cut_off_by_a_client_reset_fail_as_redis_errors(
-    make_settings: MakeSettings, redis_cluster: RedisClusterProcesses,
+    make_settings: MakeSettings,
+    redis_cluster: RedisClusterProcesses,
 ) -> None:
     # redis-py resets its whole cluster client when a node answers CLUSTERDOWN, also closing
     # the connections of commands in flight; each of those must fail as a Redis error (the
@@ -185,7 +203,8 @@ async def test_commands_cut_off_by_a_client_reset_fail_as_redis_errors(
 
 
 async def test_commands_whose_idle_connection_is_closed_under_them_fail_as_redis_errors(
-    make_settings: MakeSettings, redis_cluster: RedisClusterProcesses,
+    make_settings: MakeSettings,
+    redis_cluster: RedisClusterProcesses,
 ) -> None:
     # After a connection error or a slot-table refresh (a failover), redis-py closes each
     # node's idle connections while a command may just have taken one; that command must

@@ -44,8 +44,9 @@ SESSIONS_PER_SHARD = 10
 @pytest.fixture
 def cluster_with_replicas(tmp_path: Path) -> Iterator[RedisClusterProcesses]:
     """Three primaries with a replica each; a silent primary is failed over in about 2 s."""
-    cluster = RedisClusterProcesses(require_redis_server(), tmp_path / "cluster",
-                                    replicas=1, node_timeout_ms=1000)
+    cluster = RedisClusterProcesses(
+        require_redis_server(), tmp_path / "cluster", replicas=1, node_timeout_ms=1000
+    )
     try:
         cluster.start()
         yield cluster
@@ -67,8 +68,10 @@ def sessions_by_shard(client: RedisCluster, per_shard: int, prefix: str) -> dict
 
 
 async def test_a_killed_primary_fails_over_and_every_stream_resumes(
-    start_client: StartClient, make_settings: MakeSettings,
-    cluster_with_replicas: RedisClusterProcesses, record_property: Callable[[str, Any], None],
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    cluster_with_replicas: RedisClusterProcesses,
+    record_property: Callable[[str, Any], None],
 ) -> None:
     cluster = cluster_with_replicas
     # The worker's seed node is the primary that dies: it must find the others on its own.
@@ -98,7 +101,8 @@ async def test_a_killed_primary_fails_over_and_every_stream_resumes(
         try:
             await audit.open()
             times = await audit.play(
-                readiness, lambda: crash_with_unreplicated_writes(admin, cluster, victim, audit),
+                readiness,
+                lambda: crash_with_unreplicated_writes(admin, cluster, victim, audit),
                 promoted,
             )
         finally:
@@ -124,7 +128,9 @@ async def test_a_killed_primary_fails_over_and_every_stream_resumes(
 
 
 async def crash_with_unreplicated_writes(
-    admin: RedisCluster, cluster: RedisClusterProcesses, victim: RedisProcess,
+    admin: RedisCluster,
+    cluster: RedisClusterProcesses,
+    victim: RedisProcess,
     audit: DeliveryAudit,
 ) -> float:
     """SIGKILL `victim` right after a round of events only it acknowledged; the kill's time.

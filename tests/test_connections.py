@@ -62,12 +62,19 @@ async def test_a_replica_named_as_primary_is_refused_and_the_sentinels_asked_aga
 ) -> None:
     primary, _ = servers
     pool, sentinels = pool_and_sentinels
-    replica = RedisProcess(require_redis_server(), tmp_path / "replica",
-                           extra_args=("--replicaof", "127.0.0.1", str(primary.port)))
+    replica = RedisProcess(
+        require_redis_server(),
+        tmp_path / "replica",
+        extra_args=("--replicaof", "127.0.0.1", str(primary.port)),
+    )
     replica.start()
     try:
-        await asyncio.to_thread(wait_until, lambda: replica_linked_to(replica.port) is not None,
-                                "the replica is linked", 10.0)
+        await asyncio.to_thread(
+            wait_until,
+            lambda: replica_linked_to(replica.port) is not None,
+            "the replica is linked",
+            10.0,
+        )
         sentinels.name(replica)
         with pytest.raises(RedisConnectionError, match="is a slave, not the primary"):
             await pool.get_connection()

@@ -58,7 +58,10 @@ class RunningStack:
         """Run tests/stream_clients.py inside the stack's network namespace, to completion."""
         result = subprocess.run(
             self.api.inside([sys.executable, str(CLIENT_SCRIPT), *args]),
-            capture_output=True, text=True, timeout=timeout_s, check=False,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
         )
         assert result.returncode == 0, result.stderr
         return result.stdout
@@ -98,8 +101,10 @@ def write_override(path: Path) -> None:
         if nofile:
             files = min(nofile["hard"], host_nofile_limit())
             processes = podman_nproc_limit()
-            override["ulimits"] = {"nofile": {"soft": files, "hard": files},
-                                   "nproc": {"soft": processes, "hard": processes}}
+            override["ulimits"] = {
+                "nofile": {"soft": files, "hard": files},
+                "nproc": {"soft": processes, "hard": processes},
+            }
         if override:
             services[name] = override
     path.write_text(yaml.safe_dump({"services": services}))
@@ -151,8 +156,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
 def test_stack_runs_three_healthy_workers_with_their_file_limit(stack: RunningStack) -> None:
     workers = stack.podman.containers("worker")
     assert len(workers) == 3, "deploy.replicas was not honoured"
-    containers = [(service, container) for service in ("redis", "worker", "producer", "nginx")
-                  for container in stack.podman.containers(service)]
+    containers = [
+        (service, container)
+        for service in ("redis", "worker", "producer", "nginx")
+        for container in stack.podman.containers(service)
+    ]
     # compose waits only for what others depend on; the rest gets the health pump's next round.
     deadline = time.monotonic() + 60
     for service, container in containers:
@@ -162,7 +170,10 @@ def test_stack_runs_three_healthy_workers_with_their_file_limit(stack: RunningSt
             time.sleep(0.5)
     for worker in workers:
         limits = stack.podman.run(
-            "exec", worker, "python", "-c",
+            "exec",
+            worker,
+            "python",
+            "-c",
             "import resource; print(*resource.getrlimit(resource.RLIMIT_NOFILE))",
         ).stdout.split()
         assert limits == [str(expected_nofile())] * 2
@@ -176,7 +187,9 @@ def test_publish_api_takes_its_token_from_the_env_file(stack: RunningStack) -> N
 def test_stopping_a_worker_under_live_streams_loses_no_event(stack: RunningStack) -> None:
     clients = subprocess.Popen(
         stack.api.inside([sys.executable, str(CLIENT_SCRIPT), "run", NGINX_URL, str(CLIENTS)]),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert clients.stdout is not None
@@ -201,8 +214,10 @@ def test_stopping_a_worker_under_live_streams_loses_no_event(stack: RunningStack
         assert not client["refusals"], client
     victim_log = stack.logs(victim)
     ended = len(re.findall(r'"reason": "shutdown"', victim_log))
-    print(f"stopped a worker holding {ended} streams in {stop_s:.1f}s; "
-          f"{sum(c['connects'] - 1 for c in results)} reconnects")
+    print(
+        f"stopped a worker holding {ended} streams in {stop_s:.1f}s; "
+        f"{sum(c['connects'] - 1 for c in results)} reconnects"
+    )
     assert ended > 0, "the stopped worker held no stream"
     assert sum(client["connects"] - 1 for client in results) >= ended
     assert stack.inspect(victim, "{{.State.ExitCode}}") == "0"
@@ -227,8 +242,9 @@ def logged_ids(stack: RunningStack, session_ids: list[str]) -> dict[str, list[st
 
 def test_redis_keeps_its_data_across_a_restart(stack: RunningStack) -> None:
     redis = stack.container("redis")
-    assert stack.podman.run("exec", redis, "redis-cli", "CONFIG", "GET", "appendonly"
-                            ).stdout.split() == ["appendonly", "yes"]
+    assert stack.podman.run(
+        "exec", redis, "redis-cli", "CONFIG", "GET", "appendonly"
+    ).stdout.split() == ["appendonly", "yes"]
     stack.podman.run("exec", redis, "redis-cli", "SET", "container-test:probe", "kept")
     stack.podman.run("restart", "--time", "10", redis, timeout_s=60)
     deadline = time.monotonic() + 30

@@ -57,13 +57,17 @@ async def test_shutdown_ends_open_streams_cleanly_and_at_once(
 
 
 async def test_the_drain_line_counts_the_streams_it_ends(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Three streams on two sessions; the embedded producer listens for wake-ups too.
     client = await start_client(make_settings(producer_interval_ms=60_000), fake_opener)
-    responses = [await client.get("/sse/connect", params={"sessionId": session_id})
-                 for session_id in ("one", "one", "two")]
+    responses = [
+        await client.get("/sse/connect", params={"sessionId": session_id})
+        for session_id in ("one", "one", "two")
+    ]
     for response in responses:
         await response.content.readuntil(STREAM_OPENED)
     with caplog.at_level(logging.INFO, logger="service"):
@@ -88,12 +92,16 @@ async def test_a_draining_worker_refuses_new_streams_with_503(
 
 @pytest.mark.redis
 async def test_a_closing_producer_hands_its_run_to_another_at_once(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
     # With a 30 s lease, a takeover that waited for expiry could not finish in time.
     settings = make_settings(
-        redis_url=redis_url, producer_interval_ms=100, producer_lease_ms=30_000,
+        redis_url=redis_url,
+        producer_interval_ms=100,
+        producer_lease_ms=30_000,
         producer_poll_ms=50,
     )
     first = await start_client(settings)
@@ -148,12 +156,16 @@ async def test_cancel_and_wait_works_in_a_task_whose_own_cancel_was_handled() ->
 
 @pytest.mark.redis
 async def test_sigterm_on_a_worker_with_its_producer_hands_the_run_over(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
-    redis_client: redis.Redis, tmp_path: Path,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
+    redis_client: redis.Redis,
+    tmp_path: Path,
 ) -> None:
     lease = {"producer_interval_ms": 150, "producer_lease_ms": 30_000, "producer_poll_ms": 50}
     worker = Worker(
-        "worker", [sys.executable, "-m", "service", "serve"],
+        "worker",
+        [sys.executable, "-m", "service", "serve"],
         service_env(redis_url=redis_url, port=free_port(), drain_timeout_s=5, **lease),
         tmp_path / "worker.log",
     )
@@ -161,6 +173,7 @@ async def test_sigterm_on_a_worker_with_its_producer_hands_the_run_over(
     worker.start()
     try:
         async with aiohttp.ClientSession() as http:
+
             async def ready() -> bool:
                 with contextlib.suppress(aiohttp.ClientError):
                     async with http.get(f"{worker.url}/readyz") as response:
@@ -168,8 +181,9 @@ async def test_sigterm_on_a_worker_with_its_producer_hands_the_run_over(
                 return False
 
             await wait_for(ready, timeout_s=15, interval_s=0.05)
-            async with http.get(f"{worker.url}/sse/connect",
-                                params={"sessionId": "moving"}) as response:
+            async with http.get(
+                f"{worker.url}/sse/connect", params={"sessionId": "moving"}
+            ) as response:
                 assert response.status == 200
 
                 async def two_logged() -> bool:

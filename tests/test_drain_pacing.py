@@ -185,18 +185,26 @@ async def test_sigterm_ends_streams_paced_finished_first_each_with_its_own_retry
 ) -> None:
     port = free_port()
     worker = Worker(
-        "worker", [sys.executable, "-m", "service", "serve"],
-        service_env(redis_url=redis_url, port=port, demo_runs="false", session_ttl_s=120,
-                    drain_timeout_s=DRAIN_TIMEOUT_S, drain_spread=spread, retry_ms=1000,
-                    retry_spread=0.5, drain_event="reconnect"),
-        tmp_path / "worker.log", port=port,
+        "worker",
+        [sys.executable, "-m", "service", "serve"],
+        service_env(
+            redis_url=redis_url,
+            port=port,
+            demo_runs="false",
+            session_ttl_s=120,
+            drain_timeout_s=DRAIN_TIMEOUT_S,
+            drain_spread=spread,
+            retry_ms=1000,
+            retry_spread=0.5,
+            drain_event="reconnect",
+        ),
+        tmp_path / "worker.log",
+        port=port,
     )
     worker.start()
     clients = [Client(f"pace-{n:02d}") for n in range(STREAMS)]
     try:
-        async with aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=30)
-        ) as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
 
             async def ready() -> bool:
                 with contextlib.suppress(aiohttp.ClientError):
@@ -207,8 +215,7 @@ async def test_sigterm_ends_streams_paced_finished_first_each_with_its_own_retry
             await wait_for(ready, timeout_s=15, interval_s=0.05)
             opened, counter = asyncio.Event(), [0]
             readers = [
-                asyncio.create_task(follow(http, worker.url, c, opened, counter))
-                for c in clients
+                asyncio.create_task(follow(http, worker.url, c, opened, counter)) for c in clients
             ]
             async with asyncio.timeout(10):
                 await opened.wait()
@@ -242,9 +249,10 @@ async def test_sigterm_ends_streams_paced_finished_first_each_with_its_own_retry
             tenths[min(9, int(end / window_s * 10))] += 1
         assert max(tenths) <= STREAMS // 10 + 3, tenths
         # Finished sessions' streams first.
-        assert max(ends[s] for s in finished) <= min(
-            end for s, end in ends.items() if s not in finished
-        ) + 0.05, ends
+        assert (
+            max(ends[s] for s in finished)
+            <= min(end for s, end in ends.items() if s not in finished) + 0.05
+        ), ends
     else:
         assert max(ends.values()) - min(ends.values()) < 0.5, ends
     retries = set()

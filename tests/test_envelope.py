@@ -11,7 +11,9 @@ from service.sse import Event
 def test_a_payload_decodes_to_its_id_name_and_data() -> None:
     delivery = decode_payload("7-3\nnews\nline one\nline two\r\n结束".encode())
     assert (delivery.id, delivery.event, delivery.data) == (
-        "7-3", "news", "line one\nline two\r\n结束"
+        "7-3",
+        "news",
+        "line one\nline two\r\n结束",
     )
     assert delivery.position == (7, 3)
     assert delivery.frame == Event(data=delivery.data, event="news", id="7-3").encode()
@@ -35,8 +37,22 @@ def test_cr_or_nul_in_the_event_name_is_refused(name: str) -> None:
 
 @pytest.mark.parametrize(
     "event_id",
-    ["", "1", "1-", "-1", "a-0", "1-0\r", " 1-0", "1-0 ", "1-0-0", "1.0-0", "+1-0",
-     "١-٠", "1" * 20 + "-0", "0-" + "9" * 20],
+    [
+        "",
+        "1",
+        "1-",
+        "-1",
+        "a-0",
+        "1-0\r",
+        " 1-0",
+        "1-0 ",
+        "1-0-0",
+        "1.0-0",
+        "+1-0",
+        "١-٠",
+        "1" * 20 + "-0",
+        "0-" + "9" * 20,
+    ],
 )
 def test_a_malformed_id_is_refused(event_id: str) -> None:
     with pytest.raises(ValueError, match="not an event id"):
@@ -61,7 +77,8 @@ def test_each_id_part_is_at_most_19_digits() -> None:
         decode_payload(f"{top}-0\n\nx".encode())
     largest = "9" * 19
     assert decode_payload(f"{largest}-{largest}\n\nx".encode()).position == (
-        int(largest), int(largest)
+        int(largest),
+        int(largest),
     )
 
 

@@ -84,11 +84,14 @@ async def publish_through_a_stall(
 
 
 async def test_a_stall_longer_than_the_timeout_never_publishes_an_accepted_event_twice(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
-    settings = make_settings(redis_url=redis_url, publish_tokens=[TOKEN], demo_runs=False,
-                             redis_timeout_s=TIMEOUT_S)
+    settings = make_settings(
+        redis_url=redis_url, publish_tokens=[TOKEN], demo_runs=False, redis_timeout_s=TIMEOUT_S
+    )
     http = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
     answers = await publish_through_a_stall(http, redis_url, "stalled", 160, keys=False)
 
@@ -105,16 +108,20 @@ async def test_a_stall_longer_than_the_timeout_never_publishes_an_accepted_event
 
 
 async def test_a_batch_is_published_whole_or_not_at_all_through_a_stall(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
-    settings = make_settings(redis_url=redis_url, publish_tokens=[TOKEN], demo_runs=False,
-                             redis_timeout_s=TIMEOUT_S)
+    settings = make_settings(
+        redis_url=redis_url, publish_tokens=[TOKEN], demo_runs=False, redis_timeout_s=TIMEOUT_S
+    )
     http = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
     answers = await publish_through_a_stall(http, redis_url, "batches", 120, keys=False, batch=5)
 
-    logged = Counter(data.rpartition(".")[0] for _, data in await logged_data(redis_client,
-                                                                             "batches"))
+    logged = Counter(
+        data.rpartition(".")[0] for _, data in await logged_data(redis_client, "batches")
+    )
     assert set(logged.values()) <= {5}  # no batch in part, none twice
     for n, (status, _) in enumerate(answers):
         if status == 202:
@@ -123,11 +130,14 @@ async def test_a_batch_is_published_whole_or_not_at_all_through_a_stall(
 
 
 async def test_retrying_with_the_idempotency_key_after_a_stall_publishes_each_event_once(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
-    settings = make_settings(redis_url=redis_url, publish_tokens=[TOKEN], demo_runs=False,
-                             redis_timeout_s=TIMEOUT_S)
+    settings = make_settings(
+        redis_url=redis_url, publish_tokens=[TOKEN], demo_runs=False, redis_timeout_s=TIMEOUT_S
+    )
     http = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
     count = 120
     answers = await publish_through_a_stall(http, redis_url, "retried", count, keys=True)
@@ -153,7 +163,9 @@ async def test_retrying_with_the_idempotency_key_after_a_stall_publishes_each_ev
 
 
 async def test_a_retried_request_gets_the_original_answer_and_publishes_nothing(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     settings = make_settings(**redis_target.settings, publish_tokens=[TOKEN], demo_runs=False)
@@ -178,13 +190,17 @@ async def test_a_retried_request_gets_the_original_answer_and_publishes_nothing(
 
 @pytest.mark.parametrize("key", ["", "has space", "x" * 129, "ü", "a\tb"])
 async def test_a_malformed_idempotency_key_is_refused(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str, key: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
+    key: str,
 ) -> None:
     settings = make_settings(redis_url=redis_url, publish_tokens=[TOKEN], demo_runs=False)
     http = await start_client(settings)
     with contextlib.suppress(ValueError):  # aiohttp refuses some values itself
         response = await http.post(
-            "/sse/sessions/s/events", json={"data": "x"},
+            "/sse/sessions/s/events",
+            json={"data": "x"},
             headers={**AUTH, "Idempotency-Key": key},
         )
         assert response.status == 400

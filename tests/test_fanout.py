@@ -23,7 +23,9 @@ pytestmark = pytest.mark.redis
 
 
 async def test_two_instances_both_get_all_ten_and_the_producer_ran_once(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     settings = make_settings(**redis_target.settings, producer_interval_ms=50)
@@ -43,7 +45,9 @@ async def test_two_instances_both_get_all_ten_and_the_producer_ran_once(
 
 
 async def test_client_disconnect_releases_the_subscription(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     client = await start_client(make_settings(**redis_target.settings, demo_runs=False))
@@ -60,16 +64,18 @@ async def test_client_disconnect_releases_the_subscription(
 
 
 async def test_many_connections_share_one_pubsub_connection(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     count = 500
     settings = make_settings(**redis_target.settings, demo_runs=False)
     client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
     session_ids = [f"many-{i}" for i in range(count)]
-    responses = await asyncio.gather(*(
-        client.get("/sse/connect", params={"sessionId": sid}) for sid in session_ids
-    ))
+    responses = await asyncio.gather(
+        *(client.get("/sse/connect", params={"sessionId": sid}) for sid in session_ids)
+    )
     try:
         for response in responses:
             await response.content.readuntil(STREAM_OPENED)

@@ -44,7 +44,9 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 async def publisher_client(own_redis: RedisProcess) -> AsyncIterator[redis.Redis]:
     # Like any client of a Redis that restarts, it retries a command on a fresh connection.
     client = redis.Redis.from_url(
-        own_redis.url, socket_timeout=2, retry=Retry(NoBackoff(), 3),
+        own_redis.url,
+        socket_timeout=2,
+        retry=Retry(NoBackoff(), 3),
         retry_on_error=[redis.ConnectionError],
     )
     yield client
@@ -73,11 +75,18 @@ def data_of(events: list[ReceivedEvent]) -> list[str]:
 
 
 async def test_streams_outlive_a_redis_crash_and_end_after_gap_when_it_restarts_empty(
-    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    own_redis: RedisProcess,
     publisher_client: redis.Redis,
 ) -> None:
-    settings = make_settings(redis_url=own_redis.url, demo_runs=False, producer="off",
-                             heartbeat_interval_s=0.5, redis_timeout_s=1.0)
+    settings = make_settings(
+        redis_url=own_redis.url,
+        demo_runs=False,
+        producer="off",
+        heartbeat_interval_s=0.5,
+        redis_timeout_s=1.0,
+    )
     client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
     hub = client.app[hub_key]
     streams = await open_streams(client, STREAMS)
@@ -101,14 +110,17 @@ async def test_streams_outlive_a_redis_crash_and_end_after_gap_when_it_restarts_
         assert data_of(events) == [f"e{k}" for k in range(5)]
         assert [e.event for e in events].count("gap") == 1
         assert (events[-1].event, events[-1].data) == ("gap", events[-2].id)
-        resumed = await client.get("/sse/connect", params={"sessionId": f"s{n}"},
-                                   headers={"Last-Event-ID": events[-2].id})
+        resumed = await client.get(
+            "/sse/connect", params={"sessionId": f"s{n}"}, headers={"Last-Event-ID": events[-2].id}
+        )
         assert resumed.status == 204
     assert (await client.get("/healthz")).status == 200
 
 
 async def test_a_killed_subscription_loses_nothing(
-    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    own_redis: RedisProcess,
     publisher_client: redis.Redis,
 ) -> None:
     settings = make_settings(redis_url=own_redis.url, demo_runs=False, producer="off")
@@ -131,10 +143,11 @@ async def test_a_killed_subscription_loses_nothing(
 
 
 async def test_requests_fail_fast_with_503_while_redis_is_down(
-    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    own_redis: RedisProcess,
 ) -> None:
-    settings = make_settings(redis_url=own_redis.url, publish_tokens=(TOKEN,),
-                             redis_timeout_s=1.0)
+    settings = make_settings(redis_url=own_redis.url, publish_tokens=(TOKEN,), redis_timeout_s=1.0)
     client = await start_client(settings)
     assert (await client.get("/readyz")).status == 200
     own_redis.kill()
@@ -143,8 +156,7 @@ async def test_requests_fail_fast_with_503_while_redis_is_down(
         "readyz": lambda: client.get("/readyz"),
         "getSessionId": lambda: client.get("/sse/getSessionId"),
         "connect": lambda: client.get("/sse/connect", params={"sessionId": "x"}),
-        "publish": lambda: client.post("/sse/sessions/x/events", json={"data": "d"},
-                                       headers=auth),
+        "publish": lambda: client.post("/sse/sessions/x/events", json={"data": "d"}, headers=auth),
     }
     for name, send in requests.items():
         started = time.monotonic()
@@ -158,12 +170,18 @@ async def test_requests_fail_fast_with_503_while_redis_is_down(
 
 
 async def test_the_demo_producer_pauses_through_a_frozen_redis_and_continues(
-    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    own_redis: RedisProcess,
     publisher_client: redis.Redis,
 ) -> None:
-    settings = make_settings(redis_url=own_redis.url, producer_interval_ms=100,
-                             producer_lease_ms=5000, redis_timeout_s=0.5,
-                             heartbeat_interval_s=0.5)
+    settings = make_settings(
+        redis_url=own_redis.url,
+        producer_interval_ms=100,
+        producer_lease_ms=5000,
+        redis_timeout_s=0.5,
+        heartbeat_interval_s=0.5,
+    )
     client = await start_client(settings)
     response = await client.get("/sse/connect", params={"sessionId": "frozen"})
     head = await collect(response, until=3)

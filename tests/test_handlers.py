@@ -16,8 +16,9 @@ from waiting import wait_for
 
 
 @pytest.fixture
-async def client(start_client: StartClient, make_settings: MakeSettings,
-                 fake_opener: RedisOpener) -> AppClient:
+async def client(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
+) -> AppClient:
     return await start_client(make_settings(), fake_opener)
 
 
@@ -62,8 +63,14 @@ async def test_full_demo_sequence(client: AppClient) -> None:
 
 @pytest.mark.parametrize(
     "params",
-    [{}, {"sessionId": ""}, {"sessionId": "a b"}, {"sessionId": "x" * 65},
-     {"sessionId": "a\r\nevent: finish"}, {"sessionId": "é"}],
+    [
+        {},
+        {"sessionId": ""},
+        {"sessionId": "a b"},
+        {"sessionId": "x" * 65},
+        {"sessionId": "a\r\nevent: finish"},
+        {"sessionId": "é"},
+    ],
 )
 async def test_bad_session_id_is_a_400_json_error(
     client: AppClient, params: dict[str, str]
@@ -88,7 +95,9 @@ async def test_malformed_last_event_id_is_a_400(client: AppClient, bad: str) -> 
 
 
 async def test_unknown_session_is_404_when_issuing_is_required(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
 ) -> None:
     client = await start_client(make_settings(require_issued_session=True), fake_opener)
     response = await client.get("/sse/connect", params={"sessionId": "1234"})
@@ -101,7 +110,9 @@ async def test_unknown_session_is_404_when_issuing_is_required(
 
 
 async def test_stream_closes_when_the_session_ttl_runs_out(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
 ) -> None:
     settings = make_settings(session_ttl_s=0.5, demo_runs=False)
     client = await start_client(settings, fake_opener)
@@ -113,7 +124,9 @@ async def test_stream_closes_when_the_session_ttl_runs_out(
 
 
 async def test_idle_stream_gets_heartbeat_comments(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
 ) -> None:
     settings = make_settings(heartbeat_interval_s=0.05, demo_runs=False, session_ttl_s=0.4)
     client = await start_client(settings, fake_opener)
@@ -124,19 +137,26 @@ async def test_idle_stream_gets_heartbeat_comments(
 
 
 async def test_cors_is_open_by_default(client: AppClient) -> None:
-    response = await client.get("/sse/getSessionId", headers={"Origin": "https://elsewhere.example"})
+    response = await client.get(
+        "/sse/getSessionId", headers={"Origin": "https://elsewhere.example"}
+    )
     assert response.headers["Access-Control-Allow-Origin"] in ("*", "https://elsewhere.example")
-    preflight = await client.options("/sse/connect", headers={
-        "Origin": "https://elsewhere.example",
-        "Access-Control-Request-Method": "GET",
-        "Access-Control-Request-Headers": "last-event-id",
-    })
+    preflight = await client.options(
+        "/sse/connect",
+        headers={
+            "Origin": "https://elsewhere.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "last-event-id",
+        },
+    )
     assert preflight.status == 200
     assert "last-event-id" in preflight.headers["Access-Control-Allow-Headers"].lower()
 
 
 async def test_cors_origins_are_configurable(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
 ) -> None:
     client = await start_client(make_settings(cors_origins=("https://ok.example",)), fake_opener)
     allowed = await client.get("/sse/getSessionId", headers={"Origin": "https://ok.example"})
@@ -149,7 +169,6 @@ async def test_unknown_route_is_a_json_404(client: AppClient) -> None:
     response = await client.get("/no/such/thing")
     assert response.status == 404
     assert (await response.json())["error"] == "not_found"
-
 
 
 async def test_streams_carry_the_request_id_the_logs_use(

@@ -21,7 +21,14 @@ from raw_http import Address, exchange, serve_edge, split_responses
 
 TOKEN = "head-token-0123456789abcdef"
 READ_ONLY_PATHS = [
-    "/", "/app.js", "/style.css", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
+    "/",
+    "/app.js",
+    "/style.css",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
     "/sse/sessions/some-session",
 ]
 REFUSED_PATHS = ["/sse/connect?sessionId=head-probe", "/sse/getSessionId"]

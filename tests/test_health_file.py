@@ -26,7 +26,9 @@ def check(path: Path, max_age_s: float = MAX_AGE_S) -> int:
     """The compose health check's exit status."""
     return subprocess.run(
         [sys.executable, "-m", "service.health_file", str(path), str(max_age_s)],
-        capture_output=True, timeout=30, check=False,
+        capture_output=True,
+        timeout=30,
+        check=False,
     ).returncode
 
 
@@ -96,10 +98,19 @@ async def test_producer_process_is_healthy_only_while_redis_answers(
 ) -> None:
     path = tmp_path / "producer.alive"
     producer = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "producer",
-        env=service_env(redis_url=own_redis.url, producer_health_file=path,
-                        producer_poll_ms=100, redis_timeout_s=0.5),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "service",
+        "producer",
+        env=service_env(
+            redis_url=own_redis.url,
+            producer_health_file=path,
+            producer_poll_ms=100,
+            redis_timeout_s=0.5,
+        ),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         await wait_for_check(path, 0)

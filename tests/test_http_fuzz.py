@@ -103,13 +103,21 @@ def live_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveWorker
     """`python -m service` on a free port: embedded Redis, a publish token, JSON logs at DEBUG."""
     port = free_port()
     env = service_env(
-        host="127.0.0.1", port=port, log_format="json", log_level="DEBUG",
-        publish_tokens=TOKEN, max_body_bytes=MAX_BODY_BYTES, max_event_bytes=MAX_EVENT_BYTES,
-        session_ttl_s=5, producer_interval_ms=20, heartbeat_interval_s=1,
+        host="127.0.0.1",
+        port=port,
+        log_format="json",
+        log_level="DEBUG",
+        publish_tokens=TOKEN,
+        max_body_bytes=MAX_BODY_BYTES,
+        max_event_bytes=MAX_EVENT_BYTES,
+        session_ttl_s=5,
+        producer_interval_ms=20,
+        heartbeat_interval_s=1,
     )
     workdir = tmp_path_factory.mktemp("fuzz")
-    worker = Worker("worker", [sys.executable, "-m", "service", "serve"], env,
-                    workdir / "worker.log", port=port)
+    worker = Worker(
+        "worker", [sys.executable, "-m", "service", "serve"], env, workdir / "worker.log", port=port
+    )
     worker.start()
     try:
         deadline = time.monotonic() + 15
@@ -274,8 +282,10 @@ class Reader:
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
         status_line, *lines = head.split(b"\r\n")
         parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0") or not (
-            len(parts[1]) == 3 and parts[1].isdigit()
+        if (
+            len(parts) < 2
+            or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0")
+            or not (len(parts[1]) == 3 and parts[1].isdigit())
         ):
             raise ProtocolViolation(f"not a status line: {status_line[:200]!r}")
         headers: dict[str, list[str]] = {}
@@ -415,20 +425,54 @@ def chunked(body: bytes, sizes: list[int], *, bad: bool) -> bytes:
 LONG = 9 * 1024  # above aiohttp's 8 KiB line and field limits
 
 METHODS = st.sampled_from(
-    [b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT",
-     b"PRI", b"get", b"Get", b"G\x00T", b"GET\x7f", b"\xff\xfe"]
+    [
+        b"GET",
+        b"HEAD",
+        b"POST",
+        b"PUT",
+        b"DELETE",
+        b"OPTIONS",
+        b"PATCH",
+        b"TRACE",
+        b"CONNECT",
+        b"PRI",
+        b"get",
+        b"Get",
+        b"G\x00T",
+        b"GET\x7f",
+        b"\xff\xfe",
+    ]
 ) | st.binary(min_size=1, max_size=12)
 
-SESSION_IDS = st.sampled_from([SESSION, "x" * 64, "x" * 65, "bad id", "bad%20id", "", "..",
-                               "a/b", "%00", "\u00e9t\u00e9"])
+SESSION_IDS = st.sampled_from(
+    [SESSION, "x" * 64, "x" * 65, "bad id", "bad%20id", "", "..", "a/b", "%00", "\u00e9t\u00e9"]
+)
 EVENT_IDS = st.sampled_from(["1-0", "0-0", "99999999999999999999-0", "abc", "", "1-0\x00"])
-PATHS = st.sampled_from([
-    "/", "/app.js", "/style.css", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
-    "/sse/getSessionId", "/sse/connect", "/sse/sessions/{sid}/events", "/sse/sessions/{sid}",
-    "/sse/connect?sessionId={sid}", "/sse/connect?sessionId={sid}&lastEventId={eid}",
-    "/sse/connect?sessionId={sid}&sessionId={sid}", "/nope", "/sse/../healthz", "//healthz",
-    "/%2e%2e/%2e%2e/etc/passwd", "/app.js/..", "/sse/sessions//events",
-])
+PATHS = st.sampled_from(
+    [
+        "/",
+        "/app.js",
+        "/style.css",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+        "/sse/getSessionId",
+        "/sse/connect",
+        "/sse/sessions/{sid}/events",
+        "/sse/sessions/{sid}",
+        "/sse/connect?sessionId={sid}",
+        "/sse/connect?sessionId={sid}&lastEventId={eid}",
+        "/sse/connect?sessionId={sid}&sessionId={sid}",
+        "/nope",
+        "/sse/../healthz",
+        "//healthz",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/app.js/..",
+        "/sse/sessions//events",
+    ]
+)
 
 
 @st.composite
@@ -437,8 +481,20 @@ def targets(draw: st.DrawFn) -> bytes:
     if choice == 0:
         return b"/" + b"a" * draw(st.integers(LONG, LONG + 4096))
     if choice == 1:
-        return draw(st.sampled_from([b"*", b"", b"http://127.0.0.1/healthz", b"healthz",
-                                     b"/healthz#frag", b"/ healthz", b"/\x00", b"/\xff"]))
+        return draw(
+            st.sampled_from(
+                [
+                    b"*",
+                    b"",
+                    b"http://127.0.0.1/healthz",
+                    b"healthz",
+                    b"/healthz#frag",
+                    b"/ healthz",
+                    b"/\x00",
+                    b"/\xff",
+                ]
+            )
+        )
     path = draw(PATHS).format(sid=draw(SESSION_IDS), eid=draw(EVENT_IDS))
     if choice == 2:
         path += "?" + draw(st.text(max_size=40))
@@ -448,10 +504,21 @@ def targets(draw: st.DrawFn) -> bytes:
     return target
 
 
-VERSIONS = st.sampled_from([b"HTTP/1.1"] * 6 + [b"HTTP/1.0"] * 3 + [
-    b"HTTP/1.2", b"HTTP/2.0", b"HTTP/0.9", b"http/1.1", b"HTTP/11", b"HTTP/1.1 ", b"",
-    b"HTTP/1.1\x00", b"HTTP/1.\xff",
-])
+VERSIONS = st.sampled_from(
+    [b"HTTP/1.1"] * 6
+    + [b"HTTP/1.0"] * 3
+    + [
+        b"HTTP/1.2",
+        b"HTTP/2.0",
+        b"HTTP/0.9",
+        b"http/1.1",
+        b"HTTP/11",
+        b"HTTP/1.1 ",
+        b"",
+        b"HTTP/1.1\x00",
+        b"HTTP/1.\xff",
+    ]
+)
 
 HEADER_BYTES = st.binary(max_size=30) | st.sampled_from(
     [b"\r", b"\n", b"\x00", b"\r\n", b"\r\n ", b"\t", b"\x7f", b"\xff", b"a\r\nX-Injected: 1"]
@@ -468,29 +535,56 @@ def bearer(value: bytes) -> tuple[bytes, bytes]:
     return (b"Authorization", b"Bearer " + value)
 
 
-KNOWN_HEADERS = st.sampled_from([
-    bearer(TOKEN.encode()), bearer(b"wrong-token-wrong-token"), bearer(b""),
-    (b"Authorization", b"Basic " + TOKEN.encode()),
-    (b"Authorization", b"Bearer " + TOKEN.encode() + b"x" * LONG),  # over-long, with the secret
-    (b"Authorization", b"Bearer " + TOKEN.encode() + b"\x00\xff"),
-    (b"Content-Type", b"application/json"), (b"Content-Type", b"application/json; charset=utf-8"),
-    (b"Content-Type", b"text/plain"), (b"Content-Type", b"application/json; charset=latin-1"),
-    (b"Content-Type", b"multipart/form-data; boundary=x"), (b"Content-Type", b";;;"),
-    (b"Content-Encoding", b"gzip"), (b"Content-Encoding", b"deflate"), (b"Content-Encoding", b"br"),
-    (b"Content-Encoding", b"identity"), (b"Content-Encoding", b"x-unknown"),
-    (b"Content-Encoding", b"gzip, deflate"), (b"Accept-Encoding", b"gzip, br"),
-    (b"Last-Event-ID", b"1-0"), (b"Last-Event-ID", b"garbage"), (b"Last-Event-ID", b"0-0"),
-    (b"Origin", b"https://elsewhere.example"), (b"Origin", b"null"),
-    (b"Access-Control-Request-Method", b"POST"), (b"Access-Control-Request-Headers", b"x, y"),
-    (b"X-Request-Id", b"fuzz\x00id"), (b"X-Request-Id", b"r" * 80),
-    (b"Expect", b"100-continue"), (b"Expect", b"nothing"),
-    (b"Connection", b"keep-alive"), (b"Connection", b"close"), (b"Connection", b"Upgrade"),
-    (b"Upgrade", b"websocket"), (b"Upgrade", b"h2c"), (b"Range", b"bytes=0-10"),
-    (b"Range", b"bytes=99999-"), (b"If-Modified-Since", b"Thu, 01 Jan 2099 00:00:00 GMT"),
-    (b"If-None-Match", b"*"), (b"Cookie", b"a=b; " * 10), (b"Accept", b"text/event-stream"),
-    (b"Cache-Control", b"no-cache"), (b"X-Forwarded-For", b"1.2.3.4, ::1"),
-    (b"Host", b"127.0.0.1"), (b"Host", b""), (b"Host", b"a b"),
-])
+KNOWN_HEADERS = st.sampled_from(
+    [
+        bearer(TOKEN.encode()),
+        bearer(b"wrong-token-wrong-token"),
+        bearer(b""),
+        (b"Authorization", b"Basic " + TOKEN.encode()),
+        (b"Authorization", b"Bearer " + TOKEN.encode() + b"x" * LONG),  # over-long, with the secret
+        (b"Authorization", b"Bearer " + TOKEN.encode() + b"\x00\xff"),
+        (b"Content-Type", b"application/json"),
+        (b"Content-Type", b"application/json; charset=utf-8"),
+        (b"Content-Type", b"text/plain"),
+        (b"Content-Type", b"application/json; charset=latin-1"),
+        (b"Content-Type", b"multipart/form-data; boundary=x"),
+        (b"Content-Type", b";;;"),
+        (b"Content-Encoding", b"gzip"),
+        (b"Content-Encoding", b"deflate"),
+        (b"Content-Encoding", b"br"),
+        (b"Content-Encoding", b"identity"),
+        (b"Content-Encoding", b"x-unknown"),
+        (b"Content-Encoding", b"gzip, deflate"),
+        (b"Accept-Encoding", b"gzip, br"),
+        (b"Last-Event-ID", b"1-0"),
+        (b"Last-Event-ID", b"garbage"),
+        (b"Last-Event-ID", b"0-0"),
+        (b"Origin", b"https://elsewhere.example"),
+        (b"Origin", b"null"),
+        (b"Access-Control-Request-Method", b"POST"),
+        (b"Access-Control-Request-Headers", b"x, y"),
+        (b"X-Request-Id", b"fuzz\x00id"),
+        (b"X-Request-Id", b"r" * 80),
+        (b"Expect", b"100-continue"),
+        (b"Expect", b"nothing"),
+        (b"Connection", b"keep-alive"),
+        (b"Connection", b"close"),
+        (b"Connection", b"Upgrade"),
+        (b"Upgrade", b"websocket"),
+        (b"Upgrade", b"h2c"),
+        (b"Range", b"bytes=0-10"),
+        (b"Range", b"bytes=99999-"),
+        (b"If-Modified-Since", b"Thu, 01 Jan 2099 00:00:00 GMT"),
+        (b"If-None-Match", b"*"),
+        (b"Cookie", b"a=b; " * 10),
+        (b"Accept", b"text/event-stream"),
+        (b"Cache-Control", b"no-cache"),
+        (b"X-Forwarded-For", b"1.2.3.4, ::1"),
+        (b"Host", b"127.0.0.1"),
+        (b"Host", b""),
+        (b"Host", b"a b"),
+    ]
+)
 
 
 @st.composite
@@ -501,12 +595,17 @@ def header_lists(draw: st.DrawFn, *, clean: bool) -> list[tuple[bytes, bytes]]:
         if kind <= 1:
             headers.append(draw(KNOWN_HEADERS))
         elif kind == 2:
-            name = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz-_0123456789", min_size=1,
-                                max_size=20)).encode()
+            name = draw(
+                st.text(alphabet="abcdefghijklmnopqrstuvwxyz-_0123456789", min_size=1, max_size=20)
+            ).encode()
             headers.append((b"X-" + name, draw(st.binary(max_size=30).filter(_clean_value))))
         elif kind == 3:
-            headers.append((draw(st.sampled_from([b"X-Long", b"Authorization", b"Cookie"])),
-                            draw(long_values())))
+            headers.append(
+                (
+                    draw(st.sampled_from([b"X-Long", b"Authorization", b"Cookie"])),
+                    draw(long_values()),
+                )
+            )
         elif kind == 4:
             headers.append((draw(HEADER_BYTES), draw(HEADER_BYTES)))
         else:
@@ -521,25 +620,51 @@ def _clean_value(value: bytes) -> bool:
     return not any(c in value for c in b"\r\n\x00")
 
 
-JSON_BODIES = st.sampled_from([
-    b'{"data": "hello"}', b'{"event": "note", "data": {"a": [1, 2]}}', b'[{"data": "a"}]',
-    b'{"data": 1e999}', b'{"data": [-1e999]}', b'{"data": {"x": [1e400]}}', b'{"data": NaN}',
-    b'{"data": Infinity}', b'{"data": ' + b"9" * 5000 + b"}", b'{"data": "\\ud800"}',
-    b'{"event": "x\\n", "data": "y"}', b'{"event": "finish", "data": "z"}',
-    b'{"event": "gap", "data": "z"}', b'{"id": "1-0", "data": "z"}', b'{"data": "a", "data": "b"}',
-    b"[" * 5000 + b"]" * 5000, b'{"data": ' + b"[" * 100_000 + b"}", b"\xef\xbb\xbf{}",
-    b"\xff\xfe{}", b"null", b"[]", b'"text"', b"", b"{", b'{"data": "' + b"x" * 5000 + b'"}',
-    b"[" + b'{"data": "a"},' * 101 + b'{"data": "a"}]',
-])
+JSON_BODIES = st.sampled_from(
+    [
+        b'{"data": "hello"}',
+        b'{"event": "note", "data": {"a": [1, 2]}}',
+        b'[{"data": "a"}]',
+        b'{"data": 1e999}',
+        b'{"data": [-1e999]}',
+        b'{"data": {"x": [1e400]}}',
+        b'{"data": NaN}',
+        b'{"data": Infinity}',
+        b'{"data": ' + b"9" * 5000 + b"}",
+        b'{"data": "\\ud800"}',
+        b'{"event": "x\\n", "data": "y"}',
+        b'{"event": "finish", "data": "z"}',
+        b'{"event": "gap", "data": "z"}',
+        b'{"id": "1-0", "data": "z"}',
+        b'{"data": "a", "data": "b"}',
+        b"[" * 5000 + b"]" * 5000,
+        b'{"data": ' + b"[" * 100_000 + b"}",
+        b"\xef\xbb\xbf{}",
+        b"\xff\xfe{}",
+        b"null",
+        b"[]",
+        b'"text"',
+        b"",
+        b"{",
+        b'{"data": "' + b"x" * 5000 + b'"}',
+        b"[" + b'{"data": "a"},' * 101 + b'{"data": "a"}]',
+    ]
+)
 
 
 ENCODINGS = {b"gzip": lambda data: gzip.compress(data, mtime=0), b"deflate": zlib.compress}
 # Decompression bombs: 4 MiB of zeros in a few KiB, far above the body limit once inflated.
 BOMB = b"0" * (4 << 20)
-GARBAGE_BODIES = st.sampled_from([
-    b"\x1f\x8b\x08\x00garbage", b"x\x9cgarbage", b"\x00" * 64, b"x" * (MAX_BODY_BYTES + 1),
-    gzip.compress(b'{"data": "a"}', mtime=0)[:-6], zlib.compress(b'{"data": "a"}')[:-3],
-])
+GARBAGE_BODIES = st.sampled_from(
+    [
+        b"\x1f\x8b\x08\x00garbage",
+        b"x\x9cgarbage",
+        b"\x00" * 64,
+        b"x" * (MAX_BODY_BYTES + 1),
+        gzip.compress(b'{"data": "a"}', mtime=0)[:-6],
+        zlib.compress(b'{"data": "a"}')[:-3],
+    ]
+)
 
 
 @st.composite
@@ -566,8 +691,9 @@ def requests(draw: st.DrawFn, *, clean: bool) -> Request:
     """A request on any route; `clean` ones frame themselves unambiguously, others need not."""
     if clean:
         method = draw(st.sampled_from(CLEAN_METHODS))
-        path = draw(PATHS).format(sid=draw(SESSION_IDS.filter(_url_safe)),
-                                  eid=draw(EVENT_IDS.filter(_url_safe)))
+        path = draw(PATHS).format(
+            sid=draw(SESSION_IDS.filter(_url_safe)), eid=draw(EVENT_IDS.filter(_url_safe))
+        )
         target = path.encode()
         version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0"]))
     else:
@@ -587,13 +713,28 @@ def publish_requests(draw: st.DrawFn) -> Request:
     """A publish call that gets past the route and, mostly, past authorization and media type."""
     session_id = draw(st.sampled_from([SESSION, SESSION, "x" * 65, "bad%20id"]))
     headers = [(b"Host", b"127.0.0.1")]
-    headers.append(draw(st.sampled_from([bearer(TOKEN.encode())] * 4 + [
-        bearer(b"wrong-token-wrong-token"), (b"Authorization", b"Bearer " + TOKEN.encode() * 600),
-    ])))
-    headers.append(draw(st.sampled_from([
-        (b"Content-Type", b"application/json")] * 4 + [
-        (b"Content-Type", b"application/json; charset=utf-8"), (b"Content-Type", b"text/plain"),
-    ])))
+    headers.append(
+        draw(
+            st.sampled_from(
+                [bearer(TOKEN.encode())] * 4
+                + [
+                    bearer(b"wrong-token-wrong-token"),
+                    (b"Authorization", b"Bearer " + TOKEN.encode() * 600),
+                ]
+            )
+        )
+    )
+    headers.append(
+        draw(
+            st.sampled_from(
+                [(b"Content-Type", b"application/json")] * 4
+                + [
+                    (b"Content-Type", b"application/json; charset=utf-8"),
+                    (b"Content-Type", b"text/plain"),
+                ]
+            )
+        )
+    )
     headers += draw(header_lists(clean=True))[1:]
     body, encoding = draw(bodies())
     framing = draw(st.sampled_from(CLEAN_FRAMINGS[:2]))
@@ -665,15 +806,31 @@ def exchange_ambiguous(worker: LiveWorker, request: Request) -> None:
 
 
 FUZZ = settings(
-    deadline=None, database=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.large_base_example],
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
 )
 
 ROUTES = [
-    "/", "/app.js", "/style.css", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
-    "/sse/getSessionId", f"/sse/connect?sessionId={SESSION}", "/sse/connect",
-    f"/sse/sessions/{SESSION}/events", f"/sse/sessions/{SESSION}", "/nope",
+    "/",
+    "/app.js",
+    "/style.css",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+    "/sse/getSessionId",
+    f"/sse/connect?sessionId={SESSION}",
+    "/sse/connect",
+    f"/sse/sessions/{SESSION}/events",
+    f"/sse/sessions/{SESSION}",
+    "/nope",
 ]
 
 

@@ -29,8 +29,11 @@ async def exchange(
         async with asyncio.timeout(5):
             head = await reader.readuntil(b"\r\n\r\n")
             length = next(
-                (int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
-                 if line.startswith(b"content-length:")),
+                (
+                    int(line.split(b":")[1])
+                    for line in head.lower().split(b"\r\n")
+                    if line.startswith(b"content-length:")
+                ),
                 0,
             )
             body = await reader.readexactly(length) if read_body else b""

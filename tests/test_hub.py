@@ -142,7 +142,9 @@ async def _ended(listener: Any) -> bool:
 
 
 async def test_a_client_that_stops_reading_is_dropped_and_others_get_everything(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
     settings = make_settings(redis_url=redis_url, demo_runs=False, listener_queue_size=8)
@@ -169,8 +171,14 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_get_everything(
 async def limited_user(admin: redis.Redis, *channels: str) -> AsyncIterator[str]:
     """An ACL user that may use every command and key but only `channels`; yields its name."""
     name = f"limited-{secrets.token_hex(4)}"
-    await admin.acl_setuser(name, enabled=True, passwords=[f"+{name}"], commands=["+@all"],
-                            keys=["*"], channels=list(channels))
+    await admin.acl_setuser(
+        name,
+        enabled=True,
+        passwords=[f"+{name}"],
+        commands=["+@all"],
+        keys=["*"],
+        channels=list(channels),
+    )
     try:
         yield name
     finally:
@@ -213,8 +221,9 @@ async def test_a_channel_refused_on_resubscribe_ends_its_streams_and_only_those(
             async with hub.listen("ok:kept") as kept, hub.listen("ok:revoked") as revoked:
                 # Redis 7 cuts the connection of a client whose channels were revoked; the
                 # link's re-subscribe of all three channels in one command is refused.
-                await redis_client.acl_setuser(user, enabled=True, reset_channels=True,
-                                               channels=["test:hub", "ok:kept"])
+                await redis_client.acl_setuser(
+                    user, enabled=True, reset_channels=True, channels=["test:hub", "ok:kept"]
+                )
                 await wait_for(lambda: _ended(revoked))
                 assert revoked.ended is StreamEnd.HUB_FAILED
                 assert kept.ended is None
@@ -278,8 +287,9 @@ async def test_closing_right_after_a_topology_task_was_started_leaves_nothing_un
 
 def resp(*parts: bytes | int) -> bytes:
     """A RESP2 array reply, as Redis writes pub/sub confirmations and messages."""
-    encoded = [b":%d\r\n" % p if isinstance(p, int) else b"$%d\r\n%b\r\n" % (len(p), p)
-               for p in parts]
+    encoded = [
+        b":%d\r\n" % p if isinstance(p, int) else b"$%d\r\n%b\r\n" % (len(p), p) for p in parts
+    ]
     return b"*%d\r\n" % len(parts) + b"".join(encoded)
 
 
@@ -313,8 +323,13 @@ class FedConnection:
         self.sent.append(args)
 
     def subscribes(self, channel: bytes) -> int:
-        return sum(1 for args in self.sent if args[0].endswith("SUBSCRIBE") and channel in args
-                   and not args[0].endswith("UNSUBSCRIBE"))
+        return sum(
+            1
+            for args in self.sent
+            if args[0].endswith("SUBSCRIBE")
+            and channel in args
+            and not args[0].endswith("UNSUBSCRIBE")
+        )
 
 
 class FedTopology:
@@ -403,8 +418,10 @@ async def test_after_a_reconnect_each_slot_replays_before_its_next_message() -> 
             connection._reader.feed_eof()  # the connection is lost; the link reconnects
             await wait_for(lambda: _true(connection.subscribes(b"{b}") == 2))
             connection._reader.feed_data(
-                resp(b"ssubscribe", b"ctl", 1) + resp(b"ssubscribe", b"{a}", 2)
-                + resp(b"smessage", b"{a}", b"9-0\n\nafter") + resp(b"ssubscribe", b"{b}", 3)
+                resp(b"ssubscribe", b"ctl", 1)
+                + resp(b"ssubscribe", b"{a}", 2)
+                + resp(b"smessage", b"{a}", b"9-0\n\nafter")
+                + resp(b"ssubscribe", b"{b}", 3)
             )
             items = await first.take(2)
             assert items[:1] == [Resync.AFTER_RECONNECT]

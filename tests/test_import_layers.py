@@ -20,7 +20,11 @@ def test_the_import_contracts_in_pyproject_hold() -> None:
     pytest.importorskip("importlinter", reason="import-linter is not installed (test extra)")
     result = subprocess.run(
         [str(LINT_IMPORTS), "--no-logo", "--no-cache"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout

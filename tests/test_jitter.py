@@ -106,8 +106,11 @@ async def test_with_no_spread_every_stream_announces_retry_ms(
 
 @pytest.mark.parametrize(("spread", "expected"), [(0.5, {"1", "2"}), (0.0, {"1"})])
 async def test_503s_of_a_draining_worker_carry_spread_retry_afters(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
-    spread: float, expected: set[str],
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
+    spread: float,
+    expected: set[str],
 ) -> None:
     client = await start_client(make_settings(retry_spread=spread), fake_opener)
     await r.drain_streams(client.app)

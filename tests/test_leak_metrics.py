@@ -35,11 +35,14 @@ EVENTS = 128  # 8 MiB
 def worker(redis_url: str, tmp_path: Path) -> Iterator[Worker]:
     port = free_port()
     child = Worker(
-        "worker", [sys.executable, "-m", "service", "serve"],
+        "worker",
+        [sys.executable, "-m", "service", "serve"],
         # A long write deadline: the stalled client must stay, not be dropped as slow.
-        service_env(redis_url=redis_url, port=port, demo_runs="false", write_timeout_s=60,
-                    session_ttl_s=300),
-        tmp_path / "worker.log", port=port,
+        service_env(
+            redis_url=redis_url, port=port, demo_runs="false", write_timeout_s=60, session_ttl_s=300
+        ),
+        tmp_path / "worker.log",
+        port=port,
     )
     child.start()
     try:

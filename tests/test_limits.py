@@ -95,9 +95,7 @@ async def test_malformed_session_id_on_connect_is_400(client: AppClient, session
 
 @pytest.mark.parametrize("last_id", ["1", "1-2-3", "٣-1", "18446744073709551616-0"])
 async def test_malformed_last_event_id_is_400(client: AppClient, last_id: str) -> None:
-    response = await client.get(
-        "/sse/connect", params={"sessionId": "abc", "lastEventId": last_id}
-    )
+    response = await client.get("/sse/connect", params={"sessionId": "abc", "lastEventId": last_id})
     assert await error_of(response, 400) == "invalid_parameter"
 
 

@@ -56,7 +56,9 @@ async def assert_told_to_stop(client: AppClient, session_id: str, last_event_id:
 
 
 async def test_a_trimmed_log_gives_gap_and_the_stream_goes_on_live(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
     settings = make_settings(redis_url=redis_url, demo_runs=False, log_maxlen=10)
@@ -77,11 +79,14 @@ async def test_a_trimmed_log_gives_gap_and_the_stream_goes_on_live(
 
 
 async def test_a_resume_of_an_expired_session_is_told_to_stop(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
-    client = await start_client(make_settings(redis_url=redis_url, session_ttl_s=1.0,
-                                              producer_event_count=3))
+    client = await start_client(
+        make_settings(redis_url=redis_url, session_ttl_s=1.0, producer_event_count=3)
+    )
     events = await collect(await connect(client, "expiring"), timeout_s=10)
     middle = events[1].id
 
@@ -94,7 +99,9 @@ async def test_a_resume_of_an_expired_session_is_told_to_stop(
 
 
 async def test_a_resume_of_a_deleted_session_is_told_to_stop_and_nothing_recreates_it(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
     settings = make_settings(redis_url=redis_url, publish_tokens=[TOKEN], demo_runs=False)
@@ -117,7 +124,9 @@ async def test_a_resume_of_a_deleted_session_is_told_to_stop_and_nothing_recreat
 
 
 async def test_a_live_stream_of_a_deleted_session_ends_with_its_finish(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
 ) -> None:
     settings = make_settings(redis_url=redis_url, publish_tokens=[TOKEN], demo_runs=False)
     client = await start_client(settings)
@@ -130,7 +139,9 @@ async def test_a_live_stream_of_a_deleted_session_ends_with_its_finish(
 
 
 async def test_a_resume_after_redis_was_emptied_is_told_to_stop(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
     client = await start_client(make_settings(redis_url=redis_url, producer_event_count=4))
@@ -144,11 +155,17 @@ def real_events(events: list[ReceivedEvent]) -> list[ReceivedEvent]:
 
 
 async def test_runs_lost_in_an_empty_restart_end_every_stream_and_new_runs_still_go(
-    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    own_redis: RedisProcess,
 ) -> None:
-    settings = make_settings(redis_url=own_redis.url, producer_interval_ms=150,
-                             producer_lease_ms=1000, heartbeat_interval_s=0.5,
-                             redis_timeout_s=0.5)
+    settings = make_settings(
+        redis_url=own_redis.url,
+        producer_interval_ms=150,
+        producer_lease_ms=1000,
+        heartbeat_interval_s=0.5,
+        redis_timeout_s=0.5,
+    )
     client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
     streams = [await connect(client, f"run{n}") for n in range(10)]
     parsers = [SSEParser() for _ in streams]

@@ -33,8 +33,9 @@ async def scrape(client: AppClient) -> dict[str, float]:
 
 
 @pytest.fixture
-async def client(start_client: StartClient, make_settings: MakeSettings,
-                 fake_opener: RedisOpener) -> AppClient:
+async def client(
+    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
+) -> AppClient:
     return await start_client(make_settings(), fake_opener)
 
 
@@ -59,8 +60,9 @@ async def test_metrics_count_a_finished_stream_and_a_resume(client: AppClient) -
 
     # Resuming after event 4 replays the six events after it from the log.
     headers = {"Last-Event-ID": events[3].id}
-    async with client.get("/sse/connect", params={"sessionId": session_id},
-                          headers=headers) as response:
+    async with client.get(
+        "/sse/connect", params={"sessionId": session_id}, headers=headers
+    ) as response:
         assert len(await collect(response)) == 6
     second = await scrape(client)
     assert second["sse_events_delivered_total"] == 16
@@ -104,7 +106,9 @@ async def test_healthz_answers_without_touching_redis(client: AppClient) -> None
 
 @pytest.mark.redis
 async def test_readyz_is_200_with_redis_and_503_once_it_is_gone(
-    start_client: StartClient, make_settings: MakeSettings, tmp_path: Path,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = RedisProcess(require_redis_server(), tmp_path / "redis")
@@ -125,15 +129,20 @@ async def test_readyz_is_200_with_redis_and_503_once_it_is_gone(
         text = await gone.text()
         assert str(server.port) not in text
         assert "127.0.0.1" not in text
-        assert any("readiness" in r.getMessage() and str(server.port) in r.getMessage()
-                   for r in caplog.records), caplog.text
+        assert any(
+            "readiness" in r.getMessage() and str(server.port) in r.getMessage()
+            for r in caplog.records
+        ), caplog.text
     finally:
         server.stop()
 
 
 async def test_readyz_names_a_failing_producer_scan_without_its_internals(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     client = await start_client(make_settings(producer_poll_ms=10), fake_opener)
     producer = client.app[producer_key]

@@ -292,9 +292,7 @@ def test_api_conforms_to_its_document(case: Any) -> None:
         # A key names one request: generated keys repeat across examples with other bodies,
         # which the API rightly refuses (422).
         headers["Idempotency-Key"] = uuid.uuid4().hex
-    case.call_and_validate(
-        headers={"Authorization": f"Bearer {TOKEN}"}, excluded_checks=excluded
-    )
+    case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, excluded_checks=excluded)
 
 
 def test_document_describes_the_token_security_schemes(make_settings: MakeSettings) -> None:
@@ -306,17 +304,25 @@ def test_document_describes_the_token_security_schemes(make_settings: MakeSettin
     for document in (open_mode, token_mode):
         validate(document)
     schemes = token_mode["components"]["securitySchemes"]
-    assert schemes["subscriberBearer"] == {**schemes["subscriberBearer"], "type": "http",
-                                           "scheme": "bearer", "bearerFormat": "JWT"}
+    assert schemes["subscriberBearer"] == {
+        **schemes["subscriberBearer"],
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+    }
     assert (schemes["subscriberQuery"]["in"], schemes["subscriberQuery"]["name"]) == (
-        "query", "access_token"
+        "query",
+        "access_token",
     )
     assert (schemes["subscriberCookie"]["in"], schemes["subscriberCookie"]["name"]) == (
-        "cookie", "app_sse"
+        "cookie",
+        "app_sse",
     )
     connect = token_mode["paths"]["/sse/connect"]["get"]
     assert connect["security"] == [
-        {"subscriberBearer": []}, {"subscriberQuery": []}, {"subscriberCookie": []}
+        {"subscriberBearer": []},
+        {"subscriberQuery": []},
+        {"subscriberCookie": []},
     ]
     assert {"401", "403", "204"} <= set(connect["responses"])
     assert "Accept: text/event-stream" in connect["responses"]["204"]["description"]

@@ -98,6 +98,7 @@ def signed(**scopes: Any) -> str:
 def expired_token() -> str:
     return sign(KEY, claims(publish=[SESSION], subscribe=[SESSION], ttl_s=-3600))
 
+
 SESSION_API = {
     "publishEvents": ("POST", EVENTS, {"json": {"data": "x"}}),
     "deleteSession": ("DELETE", STATUS, {}),
@@ -139,8 +140,9 @@ for _operation, (_method, _path, _body) in SESSION_API.items():
     session_api_witnesses(_operation, _method, _path, _body)
 
 
-async def publish(h: Harness, body: bytes, headers: dict[str, str] | None = None,
-                  **overrides: Any) -> Any:
+async def publish(
+    h: Harness, body: bytes, headers: dict[str, str] | None = None, **overrides: Any
+) -> Any:
     client = await h.client(**overrides)
     headers = {"Content-Type": "application/json", **AUTH, **(headers or {})}
     return await client.post(EVENTS, data=body, headers=headers)
@@ -194,8 +196,9 @@ async def after_finish(h: Harness) -> Any:
 
 @witness("publishEvents", 413, "payload_too_large")
 async def large_body(h: Harness) -> Any:
-    return await publish(h, gzip.compress(b" " * 4096), {"Content-Encoding": "gzip"},
-                         max_body_bytes=2048)
+    return await publish(
+        h, gzip.compress(b" " * 4096), {"Content-Encoding": "gzip"}, max_body_bytes=2048
+    )
 
 
 @witness("publishEvents", 413, "event_too_large")
@@ -370,7 +373,9 @@ def test_every_documented_error_has_a_witness_and_no_other(make_settings: MakeSe
 
 @pytest.fixture
 def harness(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
     fake_server: fakeredis.FakeServer,
 ) -> Harness:
     return Harness(start_client, make_settings, fake_opener, fake_server)

@@ -47,8 +47,13 @@ class Installed:
 
 def run(*argv: str | Path, cwd: Path) -> str:
     result = subprocess.run(
-        [str(a) for a in argv], cwd=cwd, env=_clean_env(), capture_output=True, text=True,
-        timeout=COMMAND_TIMEOUT_S, check=False,
+        [str(a) for a in argv],
+        cwd=cwd,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+        check=False,
     )
     assert result.returncode == 0, f"{argv}: {result.stdout}\n{result.stderr}"
     return result.stdout
@@ -73,8 +78,19 @@ def wheelhouse_for(wheel: Path, workdir: Path) -> Path:
     house = cache / "sse-fanout" / f"wheelhouse-{digest.hexdigest()[:16]}"
     if not (house / "complete").exists():
         house.mkdir(parents=True, exist_ok=True)
-        run(sys.executable, "-m", "pip", "download", "--quiet", "--dest", house,
-            "--constraint", CONSTRAINTS, wheel, cwd=workdir)
+        run(
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--dest",
+            house,
+            "--constraint",
+            CONSTRAINTS,
+            wheel,
+            cwd=workdir,
+        )
         (house / "complete").touch()
     return house
 
@@ -90,8 +106,20 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     [wheel] = dist.glob("sse_fanout-*.whl")
     venv = workdir / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=workdir)
-    run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--quiet",
-        "--no-index", "--find-links", wheelhouse_for(wheel, workdir), wheel, cwd=workdir)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        venv / "bin" / "python",
+        "install",
+        "--quiet",
+        "--no-index",
+        "--find-links",
+        wheelhouse_for(wheel, workdir),
+        wheel,
+        cwd=workdir,
+    )
     return Installed(venv, sdist, wheel)
 
 
@@ -102,7 +130,8 @@ def test_constraints_pin_every_dependency_within_its_range() -> None:
     pins = {
         canonicalize_name(name): Version(version)
         for name, version in (
-            line.split("==") for line in CONSTRAINTS.read_text().splitlines()
+            line.split("==")
+            for line in CONSTRAINTS.read_text().splitlines()
             if line and not line.startswith("#")
         )
     }
@@ -118,11 +147,22 @@ def test_sdist_and_wheel_carry_the_defaults_the_page_and_the_license(
 ) -> None:
     with tarfile.open(installed.sdist) as sdist:
         in_sdist = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    assert {"config/service.toml", "web/index.html", "web/app.js", "web/style.css",
-            "LICENSE", "constraints.txt", "pyproject.toml"} <= in_sdist
+    assert {
+        "config/service.toml",
+        "web/index.html",
+        "web/app.js",
+        "web/style.css",
+        "LICENSE",
+        "constraints.txt",
+        "pyproject.toml",
+    } <= in_sdist
     assert not any(name.startswith(("tests/", ".venv/", "bench/")) for name in in_sdist)
-    shipped = {"service/data/config/service.toml", "service/data/web/index.html",
-               "service/data/web/app.js", "service/data/web/style.css"}
+    shipped = {
+        "service/data/config/service.toml",
+        "service/data/web/index.html",
+        "service/data/web/app.js",
+        "service/data/web/style.css",
+    }
     with zipfile.ZipFile(installed.wheel) as wheel:
         in_wheel = set(wheel.namelist())
         assert shipped <= in_wheel
@@ -134,14 +174,22 @@ def test_sdist_and_wheel_carry_the_defaults_the_page_and_the_license(
 def test_the_venv_holds_only_the_wheel_and_its_dependencies(
     installed: Installed, tmp_path: Path
 ) -> None:
-    where = run(installed.venv / "bin" / "python", "-c",
-                "import service, sys; print(service.__file__); print(sys.prefix)", cwd=tmp_path)
+    where = run(
+        installed.venv / "bin" / "python",
+        "-c",
+        "import service, sys; print(service.__file__); print(sys.prefix)",
+        cwd=tmp_path,
+    )
     module, prefix = where.split()
     assert Path(module).is_relative_to(installed.venv), "service was imported from elsewhere"
     assert Path(prefix) == installed.venv
     probe = subprocess.run(
-        [installed.venv / "bin" / "python", "-c", "import pytest"], cwd=tmp_path,
-        env=_clean_env(), capture_output=True, timeout=60, check=False,
+        [installed.venv / "bin" / "python", "-c", "import pytest"],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     assert probe.returncode != 0, "the test venv's packages leak into the installed one"
 
@@ -160,8 +208,12 @@ class Server:
 
     async def __aenter__(self) -> Server:
         self.process = await asyncio.create_subprocess_exec(
-            *self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            *self.argv,
+            cwd=self.cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         try:
             self.url = await self._serving_url()
@@ -219,8 +271,11 @@ async def test_installed_console_script_streams_a_run_and_serves_the_page(
         events = await stream_a_run(http, server.url)
         assert [name for name, _ in events] == ["message"] * 9 + ["finish"]
         assert len({event_id for _, event_id in events}) == 10
-        for path, source in (("/", "web/index.html"), ("/app.js", "web/app.js"),
-                             ("/style.css", "web/style.css")):
+        for path, source in (
+            ("/", "web/index.html"),
+            ("/app.js", "web/app.js"),
+            ("/style.css", "web/style.css"),
+        ):
             async with http.get(f"{server.url}{path}") as response:
                 assert response.status == 200, path
                 assert await response.read() == (ROOT / source).read_bytes()
@@ -236,4 +291,3 @@ async def test_config_option_overrides_the_packaged_defaults(
     async with Server(installed, tmp_path, "--config", str(config)) as server:
         events = await stream_a_run(http, server.url)
         assert [name for name, _ in events] == ["message", "message", "finish"]
-

@@ -36,7 +36,9 @@ def test_demo_events_are_worded_like_the_original() -> None:
 
 @pytest.mark.redis
 async def test_concurrent_first_connections_on_three_instances_start_one_run(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     settings = make_settings(**redis_target.settings, producer_interval_ms=30)
@@ -54,7 +56,9 @@ async def test_concurrent_first_connections_on_three_instances_start_one_run(
 
 @pytest.mark.redis
 async def test_a_burst_of_new_sessions_is_claimed_at_once_and_every_run_completes(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     # Sixty clients from one address: more runs at once than its run limit allows.
@@ -92,7 +96,10 @@ class ProducerProcess:
         }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "producer"],
-            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     async def wait_running(self) -> None:
@@ -111,7 +118,9 @@ class ProducerProcess:
 
 @pytest.mark.redis
 async def test_a_killed_producer_process_is_taken_over_without_loss_or_repeat(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     worker = await start_client(make_settings(**redis_target.settings, producer="off"))
@@ -134,13 +143,16 @@ async def test_a_killed_producer_process_is_taken_over_without_loss_or_repeat(
 
 @pytest.mark.redis
 async def test_a_burst_of_fresh_connects_leaves_the_producer_running(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
 ) -> None:
     # Each fresh connect wakes the producer; hundreds arrive faster than it scans. A small
     # inbox makes the burst overflow it for certain, as the default one does under load.
     # The crowd comes from one address here; its run limit would refuse most of it.
-    settings = make_settings(redis_url=redis_url, producer_interval_ms=5, listener_queue_size=16,
-                             run_rate_per_s=0)
+    settings = make_settings(
+        redis_url=redis_url, producer_interval_ms=5, listener_queue_size=16, run_rate_per_s=0
+    )
     client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
 
     async def connect_and_leave(n: int) -> int:
@@ -160,7 +172,9 @@ async def test_a_burst_of_fresh_connects_leaves_the_producer_running(
 
 
 async def test_readiness_fails_while_the_embedded_producer_is_not_running(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
 ) -> None:
     client = await start_client(make_settings(), fake_opener)
     assert (await client.get("/readyz")).status == 200
@@ -171,7 +185,9 @@ async def test_readiness_fails_while_the_embedded_producer_is_not_running(
 
 
 async def test_the_producer_keeps_claiming_after_its_wake_up_listener_was_ended(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
 ) -> None:
     client = await start_client(make_settings(), fake_opener)
     # What a drain or a failed reroute does to every local listener, the producer's included.
@@ -184,11 +200,17 @@ async def test_the_producer_keeps_claiming_after_its_wake_up_listener_was_ended(
 
 @pytest.mark.redis
 async def test_a_run_nobody_listens_to_is_parked_and_a_resume_takes_it_on(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
-    settings = make_settings(**redis_target.settings, producer_interval_ms=50,
-                             producer_event_count=60, run_idle_timeout_s=0.3)
+    settings = make_settings(
+        **redis_target.settings,
+        producer_interval_ms=50,
+        producer_event_count=60,
+        run_idle_timeout_s=0.3,
+    )
     client = await start_client(settings)
     response = await client.get("/sse/connect", params={"sessionId": "left"})
     head = await collect(response, until=2)
@@ -204,8 +226,9 @@ async def test_a_run_nobody_listens_to_is_parked_and_a_resume_takes_it_on(
     assert len(await logged_ids(target_client, "left")) < 60
 
     # The listener comes back: the run goes on where it stopped, nothing lost or repeated.
-    resumed = await client.get("/sse/connect", params={"sessionId": "left"},
-                               headers={"Last-Event-ID": head[-1].id})
+    resumed = await client.get(
+        "/sse/connect", params={"sessionId": "left"}, headers={"Last-Event-ID": head[-1].id}
+    )
     tail = await collect(resumed, timeout_s=20)
     received = head + tail
     assert [e.id for e in received] == await logged_ids(target_client, "left")
@@ -214,14 +237,17 @@ async def test_a_run_nobody_listens_to_is_parked_and_a_resume_takes_it_on(
 
 @pytest.mark.redis
 async def test_a_run_whose_lease_lapsed_after_the_runs_index_was_lost_still_finishes(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     # On a cluster the runs index lives on one node and the run on another: that node can
     # restart empty while the run goes on. Here the index goes, then the run's lease lapses
     # under its producer (as when its publishes stall): nobody else will ever add it back.
-    settings = make_settings(**redis_target.settings, producer_interval_ms=100,
-                             producer_lease_ms=2000)
+    settings = make_settings(
+        **redis_target.settings, producer_interval_ms=100, producer_lease_ms=2000
+    )
     client = await start_client(settings)
     response = await client.get("/sse/connect", params={"sessionId": "adrift"})
     head = await collect(response, until=3)
@@ -242,7 +268,9 @@ async def test_a_run_whose_lease_lapsed_after_the_runs_index_was_lost_still_fini
 
 @pytest.mark.redis
 async def test_a_run_whose_producer_died_after_the_runs_index_was_lost_is_taken_over(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     worker = await start_client(make_settings(**redis_target.settings, producer="off"))
@@ -269,7 +297,9 @@ async def test_a_run_whose_producer_died_after_the_runs_index_was_lost_is_taken_
 
 @pytest.mark.redis
 async def test_a_finished_run_removed_late_from_the_index_leaves_the_next_run_requested(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Under load the finished run's removal from the index can come after a fresh connect

@@ -38,33 +38,49 @@ MALFORMED = [
     pytest.param(OVERLONG_AUTH, 431, "headers_too_large", id="over-long header"),
     pytest.param(
         b"GET /sse/getSessionId HTTP/1.1\r\nHost: x\r\n"
-        + b"".join(b"X-%d: %s\r\n" % (i, SECRET.encode()) for i in range(200)) + b"\r\n",
-        431, "headers_too_large", id="too many headers",
+        + b"".join(b"X-%d: %s\r\n" % (i, SECRET.encode()) for i in range(200))
+        + b"\r\n",
+        431,
+        "headers_too_large",
+        id="too many headers",
     ),
     pytest.param(
         b"GET /" + SECRET.encode() * 400 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-        431, "headers_too_large", id="over-long request line",
+        431,
+        "headers_too_large",
+        id="over-long request line",
     ),
     pytest.param(
         b"GET / HTTP/1.1\r\nHost: x\r\nX-Token: " + SECRET.encode() + b"\x00\r\n\r\n",
-        400, "malformed_request", id="NUL in a header value",
+        400,
+        "malformed_request",
+        id="NUL in a header value",
     ),
     pytest.param(
         b"GET / HTTP/1.1\r\nHost: x\r\n" + SECRET.encode() + b"\r\n\r\n",
-        400, "malformed_request", id="header line without a colon",
+        400,
+        "malformed_request",
+        id="header line without a colon",
     ),
     pytest.param(
         b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
-        400, "malformed_request", id="two Content-Lengths",
+        400,
+        "malformed_request",
+        id="two Content-Lengths",
     ),
     pytest.param(
         b"POST /sse/sessions/s/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + SECRET.encode() + b"\r\n",
-        400, "malformed_request", id="bad chunk size",
+        + SECRET.encode()
+        + b"\r\n",
+        400,
+        "malformed_request",
+        id="bad chunk size",
     ),
     pytest.param(
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\nG\x00T / HTTP/1.1\r\nHost: x\r\n\r\n",
-        400, "malformed_request", id="garbage request line after a good request",
+        400,
+        "malformed_request",
+        id="garbage request line after a good request",
     ),
 ]
 
@@ -158,7 +174,9 @@ async def test_an_encoding_the_worker_does_not_decode_is_a_json_415(edge: Addres
 
 
 async def test_the_app_on_any_aiohttp_server_logs_protocol_errors_quietly(
-    aiohttp_client: Any, make_settings: MakeSettings, fake_opener: RedisOpener,
+    aiohttp_client: Any,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # aiohttp's own runner (as in tests and `aiohttp.web` embedding) answers in its text, but
@@ -177,13 +195,16 @@ async def test_the_worker_process_logs_one_line_and_answers_431_in_json(
     tmp_path: Path,
 ) -> None:
     worker = Worker(
-        "worker", [sys.executable, "-m", "service", "serve"],
-        service_env(port=free_port(), log_level="DEBUG"), tmp_path / "worker.log",
+        "worker",
+        [sys.executable, "-m", "service", "serve"],
+        service_env(port=free_port(), log_level="DEBUG"),
+        tmp_path / "worker.log",
     )
     worker.port = int(worker.env["SSE_PORT"])
     worker.start()
     try:
         async with aiohttp.ClientSession() as http:
+
             async def up() -> bool:
                 try:
                     async with http.get(f"{worker.url}/healthz") as response:

@@ -44,23 +44,29 @@ async def logged_count(inspector: Any, session_id: str) -> int:
         pytest.param(b'{"event": "x\\n", "data": "y"}', "invalid_event", id="name ending in LF"),
         pytest.param(
             b'[{"data": "first"}, {"data": "second"}, {"event": "x\\n", "data": "y"}]',
-            "invalid_event", id="batch whose last name ends in LF",
+            "invalid_event",
+            id="batch whose last name ends in LF",
         ),
         pytest.param(b'{"event": "x\\r", "data": "y"}', "invalid_event", id="name ending in CR"),
         pytest.param(b'{"data": 1e999}', "malformed_json", id="number out of range"),
         pytest.param(
             b'[{"data": "first"}, {"data": {"deep": [1, -1e999]}}]',
-            "malformed_json", id="batch with a nested out-of-range number",
+            "malformed_json",
+            id="batch with a nested out-of-range number",
         ),
     ],
 )
 async def test_a_bad_body_is_a_400_and_nothing_is_published(
-    client: AppClient, inspector: Any, caplog: pytest.LogCaptureFixture,
-    body: bytes, code: str,
+    client: AppClient,
+    inspector: Any,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+    code: str,
 ) -> None:
     caplog.set_level(logging.INFO)
     response = await client.post(
-        "/sse/sessions/bad-body/events", data=body,
+        "/sse/sessions/bad-body/events",
+        data=body,
         headers={**AUTH, "Content-Type": "application/json"},
     )
     assert response.status == 400
@@ -74,10 +80,14 @@ async def test_a_bad_body_is_a_400_and_nothing_is_published(
     [("gzip", gzip.compress), ("deflate", zlib.compress)],
 )
 async def test_a_compressed_body_is_decoded_and_published(
-    client: AppClient, inspector: Any, encoding: str, compress: Any,
+    client: AppClient,
+    inspector: Any,
+    encoding: str,
+    compress: Any,
 ) -> None:
     response = await client.post(
-        "/sse/sessions/packed/events", data=compress(b'[{"data": "a"}, {"data": "b"}]'),
+        "/sse/sessions/packed/events",
+        data=compress(b'[{"data": "a"}, {"data": "b"}]'),
         headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding},
     )
     assert response.status == 202, await response.text()

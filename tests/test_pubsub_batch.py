@@ -170,7 +170,9 @@ async def node_client_for(target: RedisTarget, channel: str) -> redis.Redis:
 
 @pytest.mark.redis
 async def test_a_stream_gets_all_of_a_500_event_pipeline_in_order(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     batch_sizes: list[int],
 ) -> None:
     settings = make_settings(**redis_target.settings, demo_runs=False, listener_queue_size=1000)
@@ -197,7 +199,9 @@ async def test_a_stream_gets_all_of_a_500_event_pipeline_in_order(
 
 
 async def test_the_in_process_stand_in_is_read_one_reply_at_a_time(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
     batch_sizes: list[int],
 ) -> None:
     client: AppClient = await start_client(make_settings(demo_runs=False), fake_opener)

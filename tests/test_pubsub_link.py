@@ -11,7 +11,8 @@ from service.redis.pubsub_link import PLAIN, SHARDED, subscribe_batches
 
 KEYS = Keys()
 CHANNELS = [KEYS.channel(f"s{n}").encode() for n in range(50)] + [
-    KEYS.hub_control.encode(), KEYS.producer_wake.encode(),
+    KEYS.hub_control.encode(),
+    KEYS.producer_wake.encode(),
 ]
 
 

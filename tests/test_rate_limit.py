@@ -187,8 +187,12 @@ def test_the_client_address_believes_forwarding_headers_only_from_trusted_proxie
 
 @pytest.mark.parametrize(
     ("prefix", "expected"),
-    [(64, "2001:db8:1:2::/64"), (56, "2001:db8:1::/56"), (48, "2001:db8:1::/48"),
-     (128, "2001:db8:1:2:3:4:5:6/128")],
+    [
+        (64, "2001:db8:1:2::/64"),
+        (56, "2001:db8:1::/56"),
+        (48, "2001:db8:1::/48"),
+        (128, "2001:db8:1:2:3:4:5:6/128"),
+    ],
 )
 def test_ipv6_clients_are_counted_per_the_configured_prefix(prefix: int, expected: str) -> None:
     peer = "2001:db8:1:2:3:4:5:6"
@@ -214,7 +218,9 @@ async def inspector(fake_opener: RedisOpener, make_settings: MakeSettings) -> As
 
 
 async def test_get_session_id_is_limited_per_address_with_retry_after(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
     inspector: Any,
 ) -> None:
     settings = make_settings(session_rate_per_s=SLOW, session_burst=3)
@@ -233,7 +239,9 @@ async def test_get_session_id_is_limited_per_address_with_retry_after(
 
 
 async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
 ) -> None:
     settings = make_settings(
         session_rate_per_s=SLOW, session_burst=1, trusted_proxies=["127.0.0.1"]
@@ -241,9 +249,7 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(
     client = await start_client(settings, fake_opener)
 
     async def status(forwarded_for: str) -> int:
-        response = await client.get(
-            "/sse/getSessionId", headers={"X-Forwarded-For": forwarded_for}
-        )
+        response = await client.get("/sse/getSessionId", headers={"X-Forwarded-For": forwarded_for})
         return int(response.status)
 
     assert await status("203.0.113.1") == 200
@@ -254,10 +260,13 @@ async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit(
 
 
 async def test_forwarding_headers_from_an_untrusted_peer_change_nothing(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
 ) -> None:
-    client = await start_client(make_settings(session_rate_per_s=SLOW, session_burst=1),
-                                fake_opener)
+    client = await start_client(
+        make_settings(session_rate_per_s=SLOW, session_burst=1), fake_opener
+    )
     assert (await client.get("/sse/getSessionId")).status == 200
     for n in range(5):
         spoofed = {"X-Forwarded-For": f"203.0.113.{n}", "X-Real-IP": f"198.51.100.{n}"}
@@ -265,7 +274,9 @@ async def test_forwarding_headers_from_an_untrusted_peer_change_nothing(
 
 
 async def test_fresh_connects_are_limited_only_by_the_runs_they_start(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
     inspector: Any,
 ) -> None:
     # Runs that stay active: a fresh connect to a session with a run under way starts none.
@@ -300,7 +311,9 @@ async def test_fresh_connects_are_limited_only_by_the_runs_they_start(
 
 
 async def test_concurrent_fresh_connects_start_no_more_runs_than_the_burst(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
     inspector: Any,
 ) -> None:
     settings = make_settings(run_rate_per_s=SLOW, run_burst=5, producer_interval_ms=60_000)
@@ -317,7 +330,9 @@ async def test_concurrent_fresh_connects_start_no_more_runs_than_the_burst(
 
 
 async def test_without_demo_runs_fresh_connects_are_not_limited(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
 ) -> None:
     settings = make_settings(run_rate_per_s=SLOW, run_burst=1, demo_runs=False)
     client = await start_client(settings, fake_opener)
@@ -342,7 +357,9 @@ def test_rate_limit_settings_are_checked_at_start() -> None:
 
 
 async def test_behind_the_stacks_nginx_a_client_cannot_name_itself(
-    aiohttp_server: Any, make_settings: MakeSettings, fake_opener: RedisOpener,
+    aiohttp_server: Any,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
     tmp_path: Path,
 ) -> None:
     """config/nginx.conf sends the workers the address it saw, whatever the client wrote.
@@ -350,14 +367,19 @@ async def test_behind_the_stacks_nginx_a_client_cannot_name_itself(
     The client here is on loopback, inside the trusted networks, as a client on the stack's
     own private network would be: what it writes itself must still not be believed.
     """
-    settings = make_settings(session_rate_per_s=SLOW, session_burst=1,
-                             trusted_proxies=["127.0.0.0/8"])
+    settings = make_settings(
+        session_rate_per_s=SLOW, session_burst=1, trusted_proxies=["127.0.0.0/8"]
+    )
     server = await aiohttp_server(create_app(settings, fake_opener), access_log=None)
     prefix, listen_port = tmp_path / "nginx", free_port()
     prefix.mkdir()
     (prefix / "nginx.conf").write_text(local_nginx_conf([server.port], listen_port))
-    nginx = Child("nginx", nginx_argv(require_nginx(), prefix, directives="daemon off;"),
-                  dict(os.environ), tmp_path / "nginx.log")
+    nginx = Child(
+        "nginx",
+        nginx_argv(require_nginx(), prefix, directives="daemon off;"),
+        dict(os.environ),
+        tmp_path / "nginx.log",
+    )
     nginx.start()
     base = f"http://127.0.0.1:{listen_port}"
     try:
@@ -365,8 +387,9 @@ async def test_behind_the_stacks_nginx_a_client_cannot_name_itself(
 
             async def status(forwarded_for: str) -> int:
                 try:
-                    async with http.get(f"{base}/sse/getSessionId",
-                                        headers={"X-Forwarded-For": forwarded_for}) as response:
+                    async with http.get(
+                        f"{base}/sse/getSessionId", headers={"X-Forwarded-For": forwarded_for}
+                    ) as response:
                         return response.status
                 except aiohttp.ClientError:
                     return 0

@@ -60,7 +60,9 @@ async def connect(client: AppClient, session_id: str, headers: dict[str, str] | 
 
 @pytest.mark.redis
 async def test_an_event_stream_request_while_redis_is_down_is_told_to_come_back(
-    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    own_redis: RedisProcess,
 ) -> None:
     settings = make_settings(redis_url=own_redis.url, retry_ms=RETRY_MS, redis_timeout_s=0.5)
     client = await start_client(settings)
@@ -75,7 +77,9 @@ async def test_an_event_stream_request_while_redis_is_down_is_told_to_come_back(
 
 @pytest.mark.redis
 async def test_a_connect_to_an_unresponsive_redis_fails_within_the_redis_timeout(
-    start_client: StartClient, make_settings: MakeSettings, own_redis: RedisProcess,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    own_redis: RedisProcess,
 ) -> None:
     settings = make_settings(redis_url=own_redis.url, retry_ms=RETRY_MS, redis_timeout_s=0.5)
     client = await start_client(settings)
@@ -90,7 +94,9 @@ async def test_a_connect_to_an_unresponsive_redis_fails_within_the_redis_timeout
 
 
 async def test_a_draining_worker_tells_event_stream_clients_to_come_back_with_jitter(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: Any,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: Any,
 ) -> None:
     client = await start_client(make_settings(retry_ms=RETRY_MS, retry_spread=0.5), fake_opener)
     await r.drain_streams(client.app)
@@ -102,7 +108,9 @@ async def test_a_draining_worker_tells_event_stream_clients_to_come_back_with_ji
 
 
 async def test_a_full_worker_tells_event_stream_clients_to_come_back(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: Any,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: Any,
 ) -> None:
     settings = make_settings(retry_ms=RETRY_MS, demo_runs=False, max_connections=1)
     client = await start_client(settings, fake_opener)
@@ -128,10 +136,13 @@ CHROMIUM_SOURCE = """url => {
 @pytest.mark.redis
 @pytest.mark.browser
 async def test_chromium_keeps_reconnecting_through_a_redis_outage_and_gets_its_run(
-    aiohttp_server: Any, make_settings: MakeSettings, own_redis: RedisProcess,
+    aiohttp_server: Any,
+    make_settings: MakeSettings,
+    own_redis: RedisProcess,
 ) -> None:
-    settings = make_settings(redis_url=own_redis.url, retry_ms=RETRY_MS, redis_timeout_s=0.5,
-                             producer_interval_ms=30)
+    settings = make_settings(
+        redis_url=own_redis.url, retry_ms=RETRY_MS, redis_timeout_s=0.5, producer_interval_ms=30
+    )
     service = await serve(aiohttp_server, settings)
     base = service.url.rstrip("/")
     own_redis.kill()

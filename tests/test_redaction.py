@@ -79,13 +79,16 @@ def _unforgeable(caplog: pytest.LogCaptureFixture, make_settings: MakeSettings) 
 
 
 async def test_a_path_with_line_breaks_cannot_forge_log_lines(
-    make_settings: MakeSettings, fake_opener: RedisOpener, caplog: pytest.LogCaptureFixture,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="service")
     forged = b"/nope%0D%0A2026-11-30 12:00:00,000 INFO service.api: forged%1B%5B2K%00"
     async with serve_edge(create_app(make_settings(), fake_opener)) as address:
         answer = await exchange(
-            address, b"GET " + forged.replace(b" ", b"%20") + b" HTTP/1.1\r\nHost: x\r\n"
+            address,
+            b"GET " + forged.replace(b" ", b"%20") + b" HTTP/1.1\r\nHost: x\r\n"
             b"Connection: close\r\n\r\n",
         )
     assert answer.startswith(b"HTTP/1.1 404 ")
@@ -94,13 +97,16 @@ async def test_a_path_with_line_breaks_cannot_forge_log_lines(
 
 
 async def test_a_field_name_with_line_breaks_cannot_forge_log_lines(
-    start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    fake_opener: RedisOpener,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     client = await start_client(make_settings(publish_tokens=("t" * 32,)), fake_opener)
     caplog.set_level(logging.INFO, logger="service")
     response = await client.post(
-        "/sse/sessions/s1/events", json={"data": "x", "a\nINFO forged": 1},
+        "/sse/sessions/s1/events",
+        json={"data": "x", "a\nINFO forged": 1},
         headers={"Authorization": f"Bearer {'t' * 32}"},
     )
     assert response.status == 400
@@ -111,8 +117,12 @@ async def test_a_field_name_with_line_breaks_cannot_forge_log_lines(
 def _start_nginx(prefix: Path, worker_port: int, listen_port: int, log: Path) -> Child:
     prefix.mkdir()
     (prefix / "nginx.conf").write_text(local_nginx_conf([worker_port], listen_port))
-    nginx = Child("nginx", nginx_argv(require_nginx(), prefix, directives="daemon off;"),
-                  dict(os.environ), log)
+    nginx = Child(
+        "nginx",
+        nginx_argv(require_nginx(), prefix, directives="daemon off;"),
+        dict(os.environ),
+        log,
+    )
     nginx.start()
     return nginx
 
@@ -188,8 +198,11 @@ def test_start_up_lines_show_no_userinfo(command: str) -> None:
     loop = asyncio.new_event_loop()
     sockets = bind_sockets("127.0.0.1", 0, 8)
     try:
-        line = (serving_line(settings, sockets, loop) if command == "serve"
-                else producer_line(settings, loop))
+        line = (
+            serving_line(settings, sockets, loop)
+            if command == "serve"
+            else producer_line(settings, loop)
+        )
     finally:
         loop.close()
         for sock in sockets:

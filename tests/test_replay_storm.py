@@ -28,12 +28,15 @@ EVENT_BYTES = 2048
 
 
 async def test_a_hundred_resumes_of_a_long_log_at_once_all_get_every_event(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
     # The default pool: three connections, one of them the shared subscription's.
-    settings = make_settings(redis_url=redis_url, demo_runs=False, redis_max_connections=3,
-                             redis_timeout_s=0.5)
+    settings = make_settings(
+        redis_url=redis_url, demo_runs=False, redis_max_connections=3, redis_timeout_s=0.5
+    )
     client = await start_client(settings, connector=aiohttp.TCPConnector(limit=0))
     publisher = Publisher(redis_client, Keys(), session_ttl_s=300, log_maxlen=10_000)
     for n in range(LOG_EVENTS - 1):
@@ -48,9 +51,12 @@ async def test_a_hundred_resumes_of_a_long_log_at_once_all_get_every_event(
         ids: list[str] = []
         for _ in range(20):
             response = await client.get(
-                "/sse/connect", params={"sessionId": "storm"},
-                headers={"Last-Event-ID": ids[-1] if ids else logged[0],
-                         "Accept": "text/event-stream"},
+                "/sse/connect",
+                params={"sessionId": "storm"},
+                headers={
+                    "Last-Event-ID": ids[-1] if ids else logged[0],
+                    "Accept": "text/event-stream",
+                },
             )
             statuses.append(response.status)
             if response.status != 200:

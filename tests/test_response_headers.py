@@ -54,20 +54,25 @@ async def test_per_client_answers_are_no_store_and_vary_by_origin(
     answers = {
         "session id": await client.get("/sse/getSessionId", headers=headers),
         "204 after finish": await client.get(
-            "/sse/connect", params={"sessionId": session_id},
+            "/sse/connect",
+            params={"sessionId": session_id},
             headers={**headers, "Last-Event-ID": finish_id},
         ),
         "429": await client.get("/sse/getSessionId", headers=headers),
         "400": await client.get("/sse/connect", headers=headers),
         "404": await client.get("/no/such/route", headers=headers),
-        "session status": await client.get(f"/sse/sessions/{session_id}",
-                                           headers={**headers, **AUTH}),
-        "publish reply": await client.post(f"/sse/sessions/{session_id}/events",
-                                           json={"data": "y"}, headers={**headers, **AUTH}),
+        "session status": await client.get(
+            f"/sse/sessions/{session_id}", headers={**headers, **AUTH}
+        ),
+        "publish reply": await client.post(
+            f"/sse/sessions/{session_id}/events", json={"data": "y"}, headers={**headers, **AUTH}
+        ),
         "readiness": await client.get("/readyz", headers=headers),
     }
     assert [answers[name].status for name in ("session id", "204 after finish", "429")] == [
-        200, 204, 429,
+        200,
+        204,
+        429,
     ]
     for name, response in answers.items():
         assert response.headers.get("Cache-Control") == "no-store", name
@@ -92,11 +97,14 @@ async def test_static_files_keep_their_own_cache_policy(client: AppClient) -> No
 
 
 async def test_a_preflight_varies_by_origin(client: AppClient) -> None:
-    preflight = await client.options("/sse/connect", headers={
-        "Origin": APP_ORIGIN,
-        "Access-Control-Request-Method": "GET",
-        "Access-Control-Request-Headers": "last-event-id",
-    })
+    preflight = await client.options(
+        "/sse/connect",
+        headers={
+            "Origin": APP_ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "last-event-id",
+        },
+    )
     assert preflight.status == 200
     assert varies_by_origin(preflight)
 
@@ -113,11 +121,14 @@ async def test_a_configured_origin_may_send_credentials(credentialed: Any) -> No
     response = await credentialed.get("/sse/getSessionId", headers={"Origin": APP_ORIGIN})
     assert response.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
     assert response.headers["Access-Control-Allow-Credentials"] == "true"
-    preflight = await credentialed.options("/sse/connect", headers={
-        "Origin": APP_ORIGIN,
-        "Access-Control-Request-Method": "GET",
-        "Access-Control-Request-Headers": "last-event-id",
-    })
+    preflight = await credentialed.options(
+        "/sse/connect",
+        headers={
+            "Origin": APP_ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "last-event-id",
+        },
+    )
     assert preflight.headers["Access-Control-Allow-Origin"] == APP_ORIGIN
     assert preflight.headers["Access-Control-Allow-Credentials"] == "true"
 
@@ -142,10 +153,10 @@ def test_credentials_with_a_wildcard_origin_stop_the_process_with_a_clear_error(
     with pytest.raises(SettingsError, match="'cors_credentials' cannot be true while"):
         build_settings({"cors_credentials": True})
     with pytest.raises(SettingsError, match="list the origins"):
-        load_settings(None, {"SSE_CORS_CREDENTIALS": "true",
-                             "SSE_CORS_ORIGINS": f"{APP_ORIGIN},*"})
-    assert load_settings(None, {"SSE_CORS_CREDENTIALS": "true",
-                                "SSE_CORS_ORIGINS": APP_ORIGIN}).cors_credentials
+        load_settings(None, {"SSE_CORS_CREDENTIALS": "true", "SSE_CORS_ORIGINS": f"{APP_ORIGIN},*"})
+    assert load_settings(
+        None, {"SSE_CORS_CREDENTIALS": "true", "SSE_CORS_ORIGINS": APP_ORIGIN}
+    ).cors_credentials
 
 
 @pytest.mark.parametrize(

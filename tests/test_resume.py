@@ -27,7 +27,9 @@ async def connect(client: AppClient, session_id: str, last_event_id: str | None 
 
 
 async def test_resume_on_another_instance_gets_the_rest_exactly_once(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     settings = make_settings(**redis_target.settings, producer_interval_ms=100)
@@ -45,7 +47,9 @@ async def test_resume_on_another_instance_gets_the_rest_exactly_once(
 
 
 async def test_query_parameter_resumes_like_the_header(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
 ) -> None:
     client = await start_client(make_settings(**redis_target.settings))
     response = await connect(client, "by-query")
@@ -58,12 +62,15 @@ async def test_query_parameter_resumes_like_the_header(
 
 
 async def test_seam_between_replay_and_live_has_no_gap_and_no_duplicate(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     count = 150
-    settings = make_settings(**redis_target.settings, producer_interval_ms=3,
-                             producer_event_count=count)
+    settings = make_settings(
+        **redis_target.settings, producer_interval_ms=3, producer_event_count=count
+    )
     clients = [await start_client(settings) for _ in range(2)]
     rng = random.Random(7)
     received: list[ReceivedEvent] = []
@@ -83,7 +90,9 @@ async def test_seam_between_replay_and_live_has_no_gap_and_no_duplicate(
 
 
 async def test_reconnect_after_finish_gets_204(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
 ) -> None:
     client = await start_client(make_settings(**redis_target.settings))
     events = await collect(await connect(client, "done"))
@@ -96,7 +105,9 @@ async def test_reconnect_after_finish_gets_204(
 
 
 async def test_fresh_connect_to_a_finished_session_starts_a_new_run(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
 ) -> None:
     client = await start_client(make_settings(**redis_target.settings))
     first_run = await collect(await connect(client, "again"))
@@ -106,7 +117,9 @@ async def test_fresh_connect_to_a_finished_session_starts_a_new_run(
 
 
 async def test_second_viewer_joining_mid_run_gets_the_run_so_far(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
 ) -> None:
     settings = make_settings(**redis_target.settings, producer_interval_ms=50)
     first, second = await start_client(settings), await start_client(settings)
@@ -118,7 +131,9 @@ async def test_second_viewer_joining_mid_run_gets_the_run_so_far(
 
 
 async def test_trimmed_history_is_announced_with_a_gap_event(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     settings = make_settings(**redis_target.settings, demo_runs=False, log_maxlen=10)
@@ -138,7 +153,9 @@ async def test_trimmed_history_is_announced_with_a_gap_event(
 
 
 async def test_expired_session_leaves_no_keys_behind(
-    start_client: StartClient, make_settings: MakeSettings, redis_target: RedisTarget,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_target: RedisTarget,
     target_client: RedisClient,
 ) -> None:
     client = await start_client(make_settings(**redis_target.settings, session_ttl_s=1.0))

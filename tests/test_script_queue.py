@@ -24,9 +24,7 @@ async def test_concurrent_calls_go_out_as_one_batch_each_with_its_own_reply(
     redis_client: redis.Redis,
 ) -> None:
     queue = ScriptQueue(redis_client, redis_client.register_script(ECHO))
-    replies = await asyncio.gather(
-        *(queue(keys=[f"k{n}"], args=[f"a{n}"]) for n in range(50))
-    )
+    replies = await asyncio.gather(*(queue(keys=[f"k{n}"], args=[f"a{n}"]) for n in range(50)))
     assert replies == [[f"k{n}".encode(), f"a{n}".encode()] for n in range(50)]
     # The script was not cached yet: one batch found that out, one more ran them all.
     assert queue.batches_sent == 2

@@ -81,7 +81,9 @@ async def check_told_of_lost_events(
 
 
 async def test_a_forced_failover_moves_commands_and_streams_to_the_new_primary(
-    start_client: StartClient, make_settings: MakeSettings, sentinels: RedisSentinelProcesses,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    sentinels: RedisSentinelProcesses,
     record_property: Callable[[str, Any], None],
 ) -> None:
     old, new = sentinels.primary(), sentinels.replica()
@@ -122,7 +124,9 @@ async def test_a_forced_failover_moves_commands_and_streams_to_the_new_primary(
 
 
 async def test_a_killed_primary_is_replaced_and_lost_events_are_told(
-    start_client: StartClient, make_settings: MakeSettings, sentinels: RedisSentinelProcesses,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    sentinels: RedisSentinelProcesses,
     record_property: Callable[[str, Any], None],
 ) -> None:
     old, new = sentinels.primary(), sentinels.replica()
@@ -166,7 +170,9 @@ async def test_a_killed_primary_is_replaced_and_lost_events_are_told(
 
 
 async def test_a_subscription_left_on_a_primary_the_sentinels_dropped_moves_to_theirs(
-    start_client: StartClient, make_settings: MakeSettings, sentinels: RedisSentinelProcesses,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    sentinels: RedisSentinelProcesses,
 ) -> None:
     """The former primary keeps its clients and its role (as when it is cut off from the
     Sentinels but not from the worker); publishers that ask the Sentinels write elsewhere.
@@ -191,7 +197,8 @@ async def test_a_subscription_left_on_a_primary_the_sentinels_dropped_moves_to_t
         await publisher.publish("stranded", "finish", "end")
     events = await collect(response, timeout_s=10)
     assert [(e.event, e.data) for e in events] == [
-        ("message", "on the new primary"), ("finish", "end"),
+        ("message", "on the new primary"),
+        ("finish", "end"),
     ]
     assert not await hub_subscribed_at(old)
 

@@ -14,13 +14,16 @@ def test_shipped_config_matches_the_dataclass_defaults() -> None:
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text('port = 9000\nredis_url = "redis://127.0.0.1:1/0"\n')
-    settings = load_settings(path, {
-        "SSE_PORT": "9100",
-        "SSE_REQUIRE_ISSUED_SESSION": "yes",
-        "SSE_SESSION_TTL_S": "2.5",
-        "SSE_CORS_ORIGINS": "https://a.example, https://b.example",
-        "OTHER": "ignored",
-    })
+    settings = load_settings(
+        path,
+        {
+            "SSE_PORT": "9100",
+            "SSE_REQUIRE_ISSUED_SESSION": "yes",
+            "SSE_SESSION_TTL_S": "2.5",
+            "SSE_CORS_ORIGINS": "https://a.example, https://b.example",
+            "OTHER": "ignored",
+        },
+    )
     assert settings.port == 9100
     assert settings.redis_url == "redis://127.0.0.1:1/0"
     assert settings.require_issued_session is True

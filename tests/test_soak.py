@@ -66,7 +66,9 @@ async def run_cycles(client: AppClient, first: int, count: int) -> None:
 
 
 async def test_connect_disconnect_cycles_leave_no_residue(
-    start_client: StartClient, make_settings: MakeSettings, redis_url: str,
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
     settings = make_settings(redis_url=redis_url, demo_runs=False)

@@ -63,9 +63,11 @@ def test_comment_and_retry_lines_have_no_blank_line_of_their_own() -> None:
 
 def test_a_stream_opening_then_events_reads_as_the_events_alone() -> None:
     stream = (
-        sse.retry(2000) + sse.comment("connected")
+        sse.retry(2000)
+        + sse.comment("connected")
         + sse.Event(data="one", id="1-0").encode()
-        + sse.PING + sse.PING
+        + sse.PING
+        + sse.PING
         + sse.Event(data="two", event="finish", id="2-0").encode()
     )
     assert stream == (
@@ -220,8 +222,7 @@ _segment = st.lists(
 def _multiline_data(draw: st.DrawFn) -> str:
     """Text whose lines are separated by an arbitrary mix of CRLF, CR and LF."""
     segments = draw(st.lists(_segment, min_size=1, max_size=8))
-    breaks = draw(st.lists(_LINE_BREAKS, min_size=len(segments) - 1,
-                           max_size=len(segments) - 1))
+    breaks = draw(st.lists(_LINE_BREAKS, min_size=len(segments) - 1, max_size=len(segments) - 1))
     return segments[0] + "".join(b + s for b, s in zip(breaks, segments[1:], strict=True))
 
 

@@ -76,8 +76,11 @@ def test_compose_replicas_are_spelled_out_for_every_implementation(name: str) ->
 
 
 def test_every_long_running_service_has_a_health_check() -> None:
-    long_running = [name for name, service in SERVICES.items()
-                    if service.get("restart") == "unless-stopped" or name.startswith("producer")]
+    long_running = [
+        name
+        for name, service in SERVICES.items()
+        if service.get("restart") == "unless-stopped" or name.startswith("producer")
+    ]
     assert {"redis", "worker", "producer", "nginx"} <= set(long_running)
     for name in long_running:
         check = SERVICES[name].get("healthcheck")
@@ -265,8 +268,9 @@ def test_compose_sentinel_config_is_accepted_by_redis_sentinel(tmp_path: Path) -
         for line in sentinel_directives("redis-sentinel-1")
         if not line.startswith("port ")
     ]
-    sentinel = SentinelProcess(require_redis_sentinel(), tmp_path / "sentinel",
-                               directives=tuple(directives))
+    sentinel = SentinelProcess(
+        require_redis_sentinel(), tmp_path / "sentinel", directives=tuple(directives)
+    )
     try:
         sentinel.start()
         with redis_sync.Redis(host="127.0.0.1", port=sentinel.port) as client:
@@ -319,8 +323,15 @@ def test_dockerfile_installs_the_pinned_versions_and_the_package() -> None:
     assert "PIP_CONSTRAINT=/src/constraints.txt /opt/venv/bin/pip install --no-deps ." in build
     copied = re.findall(r"^COPY (.+) \S+$", build, re.M)
     sources = {name for line in copied for name in line.split()}
-    assert sources == {"pyproject.toml", "constraints.txt", "README.md", "LICENSE",
-                       "service", "config", "web"}
+    assert sources == {
+        "pyproject.toml",
+        "constraints.txt",
+        "README.md",
+        "LICENSE",
+        "service",
+        "config",
+        "web",
+    }
     allowed = (ROOT / ".dockerignore").read_text().split()
     for name in sources:
         assert f"!{name}" in allowed or f"!{name}/" in allowed, name
@@ -350,8 +361,11 @@ def test_nginx_config_keeps_streams_unbuffered() -> None:
     [connect] = re.findall(r"location = /sse/connect \{(.*?)\}", conf, re.S)
     for directive in ("proxy_buffering off;", "proxy_cache off;", "gzip off;"):
         assert directive in connect
-    for directive in ("proxy_http_version 1.1;", 'proxy_set_header Connection "";',
-                      "proxy_set_header Last-Event-ID $http_last_event_id;"):
+    for directive in (
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_set_header Last-Event-ID $http_last_event_id;",
+    ):
         assert directive in conf
     assert re.search(r"^\s*keepalive \d+;", conf, re.M)
     [read_timeout] = re.findall(r"proxy_read_timeout (\d+)s;", connect)
@@ -454,8 +468,9 @@ class Client:
             if not self.events or self.events[-1].event != "finish":
                 await asyncio.sleep(retry_s)
 
-    async def _connect(self, http: aiohttp.ClientSession, url: str, headers: dict[str, str],
-                       parser: SSEParser) -> None:
+    async def _connect(
+        self, http: aiohttp.ClientSession, url: str, headers: dict[str, str], parser: SSEParser
+    ) -> None:
         params = {"sessionId": self.session_id}
         async with http.get(f"{url}/sse/connect", params=params, headers=headers) as response:
             self.connects += 1
@@ -531,14 +546,16 @@ async def assert_every_client_got_every_event_once(
 @pytest.mark.redis
 @pytest.mark.stack
 async def test_kill_9_of_a_worker_loses_no_event(
-    stack: Stack, http: aiohttp.ClientSession, redis_client: redis.Redis,
+    stack: Stack,
+    http: aiohttp.ClientSession,
+    redis_client: redis.Redis,
 ) -> None:
     victim = stack.workers[0]
-    clients, open_streams, _ = await run_clients_and_interrupt(
-        stack, http, victim, signal.SIGKILL
+    clients, open_streams, _ = await run_clients_and_interrupt(stack, http, victim, signal.SIGKILL)
+    print(
+        f"killed a worker holding {open_streams:.0f} streams; "
+        f"{sum(c.connects - 1 for c in clients)} reconnects"
     )
-    print(f"killed a worker holding {open_streams:.0f} streams; "
-          f"{sum(c.connects - 1 for c in clients)} reconnects")
     try:
         assert open_streams > 0, "the killed worker held no stream"
         reconnected = sum(client.connects - 1 for client in clients)
@@ -552,14 +569,18 @@ async def test_kill_9_of_a_worker_loses_no_event(
 @pytest.mark.redis
 @pytest.mark.stack
 async def test_sigterm_drains_a_worker_under_load_without_loss(
-    stack: Stack, http: aiohttp.ClientSession, redis_client: redis.Redis,
+    stack: Stack,
+    http: aiohttp.ClientSession,
+    redis_client: redis.Redis,
 ) -> None:
     draining = stack.workers[0]
     clients, open_streams, exit_s = await run_clients_and_interrupt(
         stack, http, draining, signal.SIGTERM
     )
-    print(f"drained a worker holding {open_streams:.0f} streams in {exit_s:.3f}s; "
-          f"{sum(c.connects - 1 for c in clients)} reconnects")
+    print(
+        f"drained a worker holding {open_streams:.0f} streams in {exit_s:.3f}s; "
+        f"{sum(c.connects - 1 for c in clients)} reconnects"
+    )
     try:
         assert draining.process is not None
         assert draining.process.returncode == 0

@@ -45,10 +45,17 @@ def rss_kib(pid: int) -> int:
 def worker(redis_url: str, tmp_path: Path) -> Iterator[Worker]:
     port = free_port()
     child = Worker(
-        "worker", [sys.executable, "-m", "service", "serve"],
-        service_env(redis_url=redis_url, port=port, demo_runs="false",
-                    write_timeout_s=WRITE_TIMEOUT_S, session_ttl_s=300),
-        tmp_path / "worker.log", port=port,
+        "worker",
+        [sys.executable, "-m", "service", "serve"],
+        service_env(
+            redis_url=redis_url,
+            port=port,
+            demo_runs="false",
+            write_timeout_s=WRITE_TIMEOUT_S,
+            session_ttl_s=300,
+        ),
+        tmp_path / "worker.log",
+        port=port,
     )
     child.start()
     try:
@@ -77,7 +84,8 @@ def open_stalled(port: int, last_event_id: str) -> socket.socket:
 
 
 async def test_stalled_readers_of_a_long_replay_are_dropped_and_memory_stays_bounded(
-    worker: Worker, redis_client: redis.Redis,
+    worker: Worker,
+    redis_client: redis.Redis,
 ) -> None:
     publisher = Publisher(redis_client, Keys(), session_ttl_s=300, log_maxlen=10_000)
     first = await publisher.publish("big", "", "start")

@@ -28,14 +28,20 @@ PASSWORD = "s3cret-pass-for-tests"
 RUN_TIMEOUT_S = 30
 
 
-def run_service(tmp_path: Path, *args: str, python_prelude: str = "", **settings: object
-                ) -> subprocess.CompletedProcess[str]:
+def run_service(
+    tmp_path: Path, *args: str, python_prelude: str = "", **settings: object
+) -> subprocess.CompletedProcess[str]:
     """`sse-fanout ARGS` as a child process, outside the repository, to completion."""
     code = f"{python_prelude}from service.__main__ import main; sys.exit(main({list(args)!r}))"
     return subprocess.run(
         [sys.executable, "-c", f"import sys; {code}"],
-        cwd=tmp_path, env=service_env(**settings), stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False,
+        cwd=tmp_path,
+        env=service_env(**settings),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        check=False,
     )
 
 
@@ -70,8 +76,9 @@ def test_unreachable_redis_is_one_line_without_the_password(tmp_path: Path) -> N
 
 def test_busy_port_is_one_line(tmp_path: Path, busy_port: int) -> None:
     line = one_line_failure(run_service(tmp_path, "serve", port=busy_port))
-    assert line == f"sse-fanout: cannot listen on http://127.0.0.1:{busy_port}: " \
-                   "Address already in use"
+    assert (
+        line == f"sse-fanout: cannot listen on http://127.0.0.1:{busy_port}: Address already in use"
+    )
 
 
 def test_unresolvable_host_is_one_line(tmp_path: Path) -> None:
@@ -81,8 +88,13 @@ def test_unresolvable_host_is_one_line(tmp_path: Path) -> None:
 
 def test_uvloop_asked_for_but_missing_is_one_line(tmp_path: Path) -> None:
     # An import of a module set to None in sys.modules fails, as if it were not installed.
-    result = run_service(tmp_path, "serve", event_loop="uvloop", port=free_port(),
-                         python_prelude="sys.modules['uvloop'] = None; ")
+    result = run_service(
+        tmp_path,
+        "serve",
+        event_loop="uvloop",
+        port=free_port(),
+        python_prelude="sys.modules['uvloop'] = None; ",
+    )
     line = one_line_failure(result)
     assert "'event_loop' is \"uvloop\" but uvloop is not installed" in line
 
@@ -121,8 +133,11 @@ def test_producer_with_unreachable_redis_is_one_line(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def guarded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     """A redis-server that wants a password, so the start-up line has one to hide."""
-    server = RedisProcess(require_redis_server(), tmp_path_factory.mktemp("guarded"),
-                          extra_args=("--requirepass", PASSWORD))
+    server = RedisProcess(
+        require_redis_server(),
+        tmp_path_factory.mktemp("guarded"),
+        extra_args=("--requirepass", PASSWORD),
+    )
     server.start()
     yield server
     server.stop()
@@ -148,8 +163,15 @@ async def start_and_read_first_line(
     started: list[asyncio.subprocess.Process], tmp_path: Path, *args: str, **settings: object
 ) -> str:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", *args, cwd=tmp_path, env=service_env(**settings),
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "service",
+        *args,
+        cwd=tmp_path,
+        env=service_env(**settings),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     started.append(process)
     assert process.stderr is not None
@@ -169,15 +191,20 @@ async def test_worker_says_once_where_it_listens_and_which_redis(
     )
     match = re.search(r" INFO service: serving on http://127\.0\.0\.1:(\d+); (.*)$", line)
     assert match, line
-    assert match[2] == (f"redis: redis://***@127.0.0.1:{guarded_redis.port}/0; "
-                        "demo runs left to a separate producer; "
-                        "session API: off (no publish_tokens; set SSE_PUBLISH_TOKENS); "
-                        "asyncio event loop")
+    assert match[2] == (
+        f"redis: redis://***@127.0.0.1:{guarded_redis.port}/0; "
+        "demo runs left to a separate producer; "
+        "session API: off (no publish_tokens; set SSE_PUBLISH_TOKENS); "
+        "asyncio event loop"
+    )
     assert PASSWORD not in line
     # Port 0 asked the kernel for one: the line names the port that really answers.
-    async with aiohttp.ClientSession() as http, http.get(
-        f"http://127.0.0.1:{match[1]}/readyz", timeout=aiohttp.ClientTimeout(total=10)
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"http://127.0.0.1:{match[1]}/readyz", timeout=aiohttp.ClientTimeout(total=10)
+        ) as response,
+    ):
         assert response.status == 200
 
 
@@ -210,8 +237,9 @@ async def test_producer_says_once_which_redis_and_runs(
 
 def test_start_line_counts_tokens_without_showing_them() -> None:
     token = "a-publish-token-never-logged"
-    settings = build_settings({"redis_url": "redis://u:pw@redis:6379/0",
-                               "publish_tokens": [token, token + "2"]})
+    settings = build_settings(
+        {"redis_url": "redis://u:pw@redis:6379/0", "publish_tokens": [token, token + "2"]}
+    )
     sockets = bind_sockets("127.0.0.1", 0, 8)
     loop = asyncio.new_event_loop()
     try:

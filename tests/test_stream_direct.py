@@ -122,7 +122,8 @@ class FakeSessions:
         excluded = start.startswith("(")
         position = tuple(int(part) for part in start.lstrip("(").split("-"))
         page = [
-            d for d in self.log
+            d
+            for d in self.log
             if d.position > position or (d.position == position and not excluded)
         ][:count]
         self.pages.append(len(page))
@@ -147,14 +148,22 @@ def incoming(delivery: Delivery) -> Incoming:
 
 def plan(heartbeat_s: float = 5.0, ttl_ms: int = 60_000) -> StreamPlan:
     return StreamPlan(
-        session_id="s", replay_after="0-0", detect_gap=False, ttl_ms=ttl_ms, retry_ms=500,
-        heartbeat_interval_s=heartbeat_s, write_timeout_s=0.2,
+        session_id="s",
+        replay_after="0-0",
+        detect_gap=False,
+        ttl_ms=ttl_ms,
+        retry_ms=500,
+        heartbeat_interval_s=heartbeat_s,
+        write_timeout_s=0.2,
     )
 
 
 class Setup:
     def __init__(
-        self, direct: bool, heartbeat_s: float = 5.0, ttl_ms: int = 60_000,
+        self,
+        direct: bool,
+        heartbeat_s: float = 5.0,
+        ttl_ms: int = 60_000,
         stalled: bool = False,
     ) -> None:
         self.wire = Wire()
@@ -208,8 +217,12 @@ async def test_events_taken_in_one_batch_go_out_in_one_write(setup: Setup) -> No
 
 @pytest.mark.parametrize(
     "item",
-    [Resync.AFTER_RECONNECT, incoming(event(1, "finish")), Incoming(b"bad-id\n\nx"),
-     Incoming(b"no newline")],
+    [
+        Resync.AFTER_RECONNECT,
+        incoming(event(1, "finish")),
+        Incoming(b"bad-id\n\nx"),
+        Incoming(b"no newline"),
+    ],
     ids=["resync", "finish", "malformed id", "malformed payload"],
 )
 async def test_markers_finish_and_malformed_payloads_are_left_to_the_task(
@@ -374,8 +387,11 @@ async def test_only_events_end_with_a_blank_line_in_a_whole_stream() -> None:
     frames = [event(n).frame for n in (1, 2)], [event(n).frame for n in (3, 4)]
     pings = rb"(?:: ping\n)+"
     assert re.fullmatch(
-        re.escape(b"retry: 500\n: connected\n" + b"".join(frames[0])) + pings
-        + re.escape(b"".join(frames[1])) + pings + re.escape(event(5, "finish").frame),
+        re.escape(b"retry: 500\n: connected\n" + b"".join(frames[0]))
+        + pings
+        + re.escape(b"".join(frames[1]))
+        + pings
+        + re.escape(event(5, "finish").frame),
         setup.wire.body(),
     ), setup.wire.body()
     assert [path for path, _ in setup.wire.writes][:3] == ["task", "task", "task"]

@@ -56,8 +56,14 @@ class Sessions:
 
 def plan(access_ends_at: float | None) -> StreamPlan:
     return StreamPlan(
-        session_id="s", replay_after="0-0", detect_gap=False, ttl_ms=60_000, retry_ms=500,
-        heartbeat_interval_s=5.0, write_timeout_s=5.0, access_ends_at=access_ends_at,
+        session_id="s",
+        replay_after="0-0",
+        detect_gap=False,
+        ttl_ms=60_000,
+        retry_ms=500,
+        heartbeat_interval_s=5.0,
+        write_timeout_s=5.0,
+        access_ends_at=access_ends_at,
     )
 
 

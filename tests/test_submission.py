@@ -96,9 +96,19 @@ def test_lone_surrogate_in_data_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b"{", b"\xff\xfe", b'{"data": NaN}', b'{"data": Infinity}', b"[" * 100_000,
-     b'{"data": ' + b"9" * 5000 + b"}", b'{"data": 1e999}', b'{"data": -1e999}',
-     b'{"data": {"nested": [1, 2e400]}}', b'[{"data": 1}, {"data": 1E+309}]'],
+    [
+        b"",
+        b"{",
+        b"\xff\xfe",
+        b'{"data": NaN}',
+        b'{"data": Infinity}',
+        b"[" * 100_000,
+        b'{"data": ' + b"9" * 5000 + b"}",
+        b'{"data": 1e999}',
+        b'{"data": -1e999}',
+        b'{"data": {"nested": [1, 2e400]}}',
+        b'[{"data": 1}, {"data": 1E+309}]',
+    ],
 )
 def test_malformed_json_is_refused(body: bytes) -> None:
     with pytest.raises(MalformedJson):

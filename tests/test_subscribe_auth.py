@@ -44,8 +44,13 @@ def carried(token: str, via: str) -> dict[str, Any]:
     return {"headers": {"Cookie": f"sse_token={token}"}}
 
 
-def connect(client: AppClient, session_id: str, token: str | None = None, via: str = "header",
-            headers: dict[str, str] | None = None) -> Any:
+def connect(
+    client: AppClient,
+    session_id: str,
+    token: str | None = None,
+    via: str = "header",
+    headers: dict[str, str] | None = None,
+) -> Any:
     kwargs = carried(token, via) if token is not None else {}
     kwargs["params"] = {"sessionId": session_id, **kwargs.get("params", {})}
     kwargs["headers"] = {**kwargs.get("headers", {}), **(headers or {})}
@@ -127,8 +132,11 @@ async def test_a_token_is_accepted_from_each_place(client: AppClient, via: str) 
 async def test_header_wins_over_query_wins_over_cookie(
     client: AppClient, places: dict[str, str], status: int
 ) -> None:
-    values = {"good": token_for("s1"), "bad": token_for("s1")[:-4] + "AAAA",
-              "other": token_for("s2")}
+    values = {
+        "good": token_for("s1"),
+        "bad": token_for("s1")[:-4] + "AAAA",
+        "other": token_for("s2"),
+    }
     headers: dict[str, str] = {}
     params = {"sessionId": "s1"}
     for via, which in places.items():
@@ -281,7 +289,9 @@ def replace_jwks(path: Path, *keys: KeyPair) -> None:
 
 
 async def test_a_jwks_file_rewritten_while_running_rotates_the_keys(
-    start_client: StartClient, token_settings: MakeSettings, fake_opener: RedisOpener,
+    start_client: StartClient,
+    token_settings: MakeSettings,
+    fake_opener: RedisOpener,
     tmp_path: Path,
 ) -> None:
     old, new = ec_key("2024-a"), ed_key("2024-b")
@@ -307,7 +317,9 @@ async def test_a_jwks_file_rewritten_while_running_rotates_the_keys(
 
 
 async def test_logs_never_hold_the_token_and_the_access_log_redacts_it(
-    aiohttp_client: Any, token_settings: MakeSettings, fake_opener: RedisOpener,
+    aiohttp_client: Any,
+    token_settings: MakeSettings,
+    fake_opener: RedisOpener,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Served as `python -m service` serves it: aiohttp's own access log, which prints the
@@ -364,9 +376,14 @@ async def test_the_demo_token_endpoint_mints_for_one_session(
     async with connect(client, "demo1", body["token"], "query") as stream:
         assert stream.status == 200
     assert (await connect(client, "demo2", body["token"], "query")).status == 403
-    for params in ({}, {"sessionId": "a b"}, {"sessionId": "a", "ttlS": "0"},
-                   {"sessionId": "a", "ttlS": "3601"}, {"sessionId": "a", "ttlS": "9" * 5000},
-                   {"sessionId": "a", "ttlS": "١٢"}):
+    for params in (
+        {},
+        {"sessionId": "a b"},
+        {"sessionId": "a", "ttlS": "0"},
+        {"sessionId": "a", "ttlS": "3601"},
+        {"sessionId": "a", "ttlS": "9" * 5000},
+        {"sessionId": "a", "ttlS": "١٢"},
+    ):
         bad = await client.post("/dev/token", params=params)
         assert bad.status == 400, params
     # Its tokens only ever subscribe: the session API (guarded, as keys are configured) says no.
@@ -393,8 +410,10 @@ async def test_a_publisher_cannot_send_the_unauthorized_event(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:
     client = await start_client(make_settings(demo_runs=False), fake_opener)
-    for body in ({"event": "unauthorized", "data": "x"},
-                 [{"data": "fine"}, {"event": "unauthorized", "data": "x"}]):
+    for body in (
+        {"event": "unauthorized", "data": "x"},
+        [{"data": "fine"}, {"event": "unauthorized", "data": "x"}],
+    ):
         response = await client.post("/sse/sessions/s1/events", json=body)
         assert response.status == 400
         body_json = await response.json()
@@ -421,8 +440,12 @@ async def test_audience_and_issuer_when_configured(
     good: dict[str, Any] = {"aud": "https://app.example", "iss": "backend"}
     async with connect(client, "s1", token_for("s1", **good)) as response:
         assert response.status == 200
-    for wrong in ({**good, "aud": "https://other.example"}, {**good, "iss": "intruder"},
-                  {"iss": "backend"}, {"aud": "https://app.example"}):
+    for wrong in (
+        {**good, "aud": "https://other.example"},
+        {**good, "iss": "intruder"},
+        {"iss": "backend"},
+        {"aud": "https://app.example"},
+    ):
         response = await connect(client, "s1", token_for("s1", **wrong), headers=EVENT_SOURCE)
         assert response.status == 401, wrong
         assert (await response.json())["error"] == "invalid_token"

@@ -39,16 +39,21 @@ class Pool:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--workers", str(workers)],
             cwd=Path(__file__).resolve().parent.parent,
-            env=service_env(port=self.port, **settings), stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT,
+            env=service_env(port=self.port, **settings),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def wait_serving(self) -> None:
-        wait_until(lambda: "worker processes" in self.log_text() or not self.running,
-                   "the pool serves", START_TIMEOUT_S)
+        wait_until(
+            lambda: "worker processes" in self.log_text() or not self.running,
+            "the pool serves",
+            START_TIMEOUT_S,
+        )
         assert self.running, self.log_text()
 
     @property
@@ -106,8 +111,10 @@ def server_pid(conn: socket.socket, pids: set[int]) -> int:
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         local, remote = fields[1], fields[2]
-        if (int(local.rpartition(":")[2], 16) == server_port
-                and int(remote.rpartition(":")[2], 16) == client_port):
+        if (
+            int(local.rpartition(":")[2], 16) == server_port
+            and int(remote.rpartition(":")[2], 16) == client_port
+        ):
             inodes.add(f"socket:[{fields[9]}]")
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -149,8 +156,9 @@ def read_to_end(conn: socket.socket) -> bytes:
 
 
 @pytest.mark.redis
-def test_every_worker_serves_on_the_one_port(redis_server: RedisProcess, pools: list[Pool],
-                                             tmp_path: Path) -> None:
+def test_every_worker_serves_on_the_one_port(
+    redis_server: RedisProcess, pools: list[Pool], tmp_path: Path
+) -> None:
     pool = Pool(tmp_path, 3, redis_url=redis_server.url, producer="off")
     pools.append(pool)
     pool.wait_serving()
@@ -167,10 +175,17 @@ def test_every_worker_serves_on_the_one_port(redis_server: RedisProcess, pools: 
 
 
 @pytest.mark.redis
-def test_sigterm_drains_every_worker_and_exits_0(redis_server: RedisProcess, pools: list[Pool],
-                                                 tmp_path: Path) -> None:
-    pool = Pool(tmp_path, 2, redis_url=redis_server.url, producer="off", demo_runs="false",
-                drain_timeout_s=5)
+def test_sigterm_drains_every_worker_and_exits_0(
+    redis_server: RedisProcess, pools: list[Pool], tmp_path: Path
+) -> None:
+    pool = Pool(
+        tmp_path,
+        2,
+        redis_url=redis_server.url,
+        producer="off",
+        demo_runs="false",
+        drain_timeout_s=5,
+    )
     pools.append(pool)
     pool.wait_serving()
     workers = pool.workers()
@@ -208,8 +223,11 @@ def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(
         conn, head = request(pool.port, "/healthz")
         assert head.startswith(b"HTTP/1.1 200 "), head
         conn.close()
-    wait_until(lambda: len(pool.workers()) == 2 and victim not in pool.workers(),
-               "the killed worker is replaced", START_TIMEOUT_S)
+    wait_until(
+        lambda: len(pool.workers()) == 2 and victim not in pool.workers(),
+        "the killed worker is replaced",
+        START_TIMEOUT_S,
+    )
     replacement = (pool.workers() - before).pop()
     held = connections_on_every_worker(pool, "/healthz")
     assert replacement in held
@@ -226,8 +244,13 @@ def test_workers_that_cannot_start_stop_the_pool_with_one_line(tmp_path: Path) -
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
     result = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--workers", "2"],
-        cwd=tmp_path, env=service_env(redis_url=unreachable, port=free_port()),
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False,
+        cwd=tmp_path,
+        env=service_env(redis_url=unreachable, port=free_port()),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 1
     lines = result.stderr.splitlines()
@@ -238,8 +261,13 @@ def test_workers_that_cannot_start_stop_the_pool_with_one_line(tmp_path: Path) -
 def test_a_pool_needs_a_shared_redis(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--workers", "2"],
-        cwd=tmp_path, env=service_env(port=free_port()), stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=60, check=False,
+        cwd=tmp_path,
+        env=service_env(port=free_port()),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert result.stderr == (
@@ -255,8 +283,13 @@ def test_a_busy_port_stops_a_pool_as_it_stops_one_worker(tmp_path: Path) -> None
         port = holder.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "service", "serve", "--workers", "2"],
-            cwd=tmp_path, env=service_env(port=port, redis_url="redis://127.0.0.1:1/0"),
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False,
+            cwd=tmp_path,
+            env=service_env(port=port, redis_url="redis://127.0.0.1:1/0"),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
     assert result.returncode == 1
     assert result.stderr == (
@@ -265,16 +298,20 @@ def test_a_busy_port_stops_a_pool_as_it_stops_one_worker(tmp_path: Path) -> None
 
 
 @pytest.mark.redis
-def test_workers_do_not_outlive_a_killed_supervisor(redis_server: RedisProcess, pools: list[Pool],
-                                              tmp_path: Path) -> None:
+def test_workers_do_not_outlive_a_killed_supervisor(
+    redis_server: RedisProcess, pools: list[Pool], tmp_path: Path
+) -> None:
     pool = Pool(tmp_path, 2, redis_url=redis_server.url, producer="off")
     pools.append(pool)
     pool.wait_serving()
     workers = pool.workers()
     pool.process.kill()
     pool.process.wait(5)
-    wait_until(lambda: not any(alive(pid) for pid in workers),
-               "the workers drain after their supervisor died", START_TIMEOUT_S)
+    wait_until(
+        lambda: not any(alive(pid) for pid in workers),
+        "the workers drain after their supervisor died",
+        START_TIMEOUT_S,
+    )
 
 
 def test_worker_count_defaults_to_the_usable_cores_with_a_shared_redis() -> None:

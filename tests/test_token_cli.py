@@ -22,8 +22,9 @@ ENV = {"SSE_TOKEN_HS256_SECRETS": f"k1:{SECRET},k2:{SECRET[::-1]}"}
 
 
 def verifier(**settings: object) -> TokenVerifier:
-    built = build_settings({"token_hs256_secrets": [f"k1:{SECRET}", f"k2:{SECRET[::-1]}"],
-                            **settings})
+    built = build_settings(
+        {"token_hs256_secrets": [f"k1:{SECRET}", f"k2:{SECRET[::-1]}"], **settings}
+    )
     return TokenVerifier.from_settings(built, load_key_ring(built))
 
 

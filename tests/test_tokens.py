@@ -282,12 +282,21 @@ def test_errors_never_quote_the_token(keys: dict[str, KeyPair]) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    header=st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit", "b64"]),
-                           st.one_of(st.text(max_size=8), st.integers(), st.booleans(),
-                                     st.lists(st.text(max_size=4), max_size=2)), max_size=4),
-    body=st.dictionaries(st.sampled_from(["exp", "nbf", "iat", "aud", "iss", "sse"]),
-                         st.one_of(st.floats(), st.integers(), st.text(max_size=8),
-                                   st.none()), max_size=6),
+    header=st.dictionaries(
+        st.sampled_from(["alg", "kid", "typ", "crit", "b64"]),
+        st.one_of(
+            st.text(max_size=8),
+            st.integers(),
+            st.booleans(),
+            st.lists(st.text(max_size=4), max_size=2),
+        ),
+        max_size=4,
+    ),
+    body=st.dictionaries(
+        st.sampled_from(["exp", "nbf", "iat", "aud", "iss", "sse"]),
+        st.one_of(st.floats(), st.integers(), st.text(max_size=8), st.none()),
+        max_size=6,
+    ),
     signature=st.binary(max_size=64),
 )
 def test_any_token_is_either_genuine_or_a_401(

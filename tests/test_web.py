@@ -101,8 +101,15 @@ def test_assets_are_relative_and_local() -> None:
 
 @pytest.mark.parametrize(
     "pattern",
-    [r"\binnerHTML\b", r"\bouterHTML\b", r"\binsertAdjacentHTML\b", r"\bdocument\.write\b",
-     r"\beval\(", r"\bimport\b", r"https?://\w"],
+    [
+        r"\binnerHTML\b",
+        r"\bouterHTML\b",
+        r"\binsertAdjacentHTML\b",
+        r"\bdocument\.write\b",
+        r"\beval\(",
+        r"\bimport\b",
+        r"https?://\w",
+    ],
 )
 def test_script_builds_the_page_with_text_only(pattern: str) -> None:
     script = (WEB_DIR / "app.js").read_text(encoding="utf-8")
@@ -140,9 +147,7 @@ def test_web_directory_holds_only_the_page() -> None:
 
 
 async def test_cross_origin_page_can_get_a_session(client: AppClient) -> None:
-    response = await client.get(
-        "/sse/getSessionId", headers={"Origin": "http://page.example:8000"}
-    )
+    response = await client.get("/sse/getSessionId", headers={"Origin": "http://page.example:8000"})
     assert response.status == 200
     assert response.headers["Access-Control-Allow-Origin"] in ("*", "http://page.example:8000")
 

@@ -101,9 +101,7 @@ class RawClient:
         return cls(reader, writer)
 
     async def request(self, target: str, version: str = "1.1", extra: str = "") -> None:
-        self.writer.write(
-            f"GET {target} HTTP/{version}\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode()
-        )
+        self.writer.write(f"GET {target} HTTP/{version}\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
         await self.writer.drain()
 
     async def head(self) -> tuple[str, dict[str, str]]:
@@ -179,7 +177,9 @@ def sample_data(n: int) -> str:
 
 
 async def test_http11_gets_a_valid_chunked_body_with_every_event_in_order(
-    start_worker: StartWorker, publisher: Publisher, open_raw: OpenRaw,
+    start_worker: StartWorker,
+    publisher: Publisher,
+    open_raw: OpenRaw,
     direct_log: DirectLog,
 ) -> None:
     client = await start_worker()
@@ -219,7 +219,9 @@ async def test_http11_gets_a_valid_chunked_body_with_every_event_in_order(
 
 
 async def test_http10_gets_plain_sse_without_chunking_and_the_connection_closes(
-    start_worker: StartWorker, publisher: Publisher, open_raw: OpenRaw,
+    start_worker: StartWorker,
+    publisher: Publisher,
+    open_raw: OpenRaw,
     direct_log: DirectLog,
 ) -> None:
     client = await start_worker()
@@ -286,7 +288,9 @@ async def stall_until_dropped(
 
 
 async def test_a_stalled_reader_is_dropped_and_the_worker_serves_the_rest(
-    start_worker: StartWorker, publisher: Publisher, open_raw: OpenRaw,
+    start_worker: StartWorker,
+    publisher: Publisher,
+    open_raw: OpenRaw,
     direct_log: DirectLog,
 ) -> None:
     client = await start_worker(listener_queue_size=8)

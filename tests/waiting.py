@@ -6,8 +6,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 
-async def wait_for(condition: Callable[[], Awaitable[bool]], timeout_s: float = 5.0,
-                   interval_s: float = 0.01) -> None:
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]], timeout_s: float = 5.0, interval_s: float = 0.01
+) -> None:
     """Poll `condition` until it holds; fail the test if the deadline passes first."""
     async with asyncio.timeout(timeout_s):
         while not await condition():  # noqa: ASYNC110 - the condition lives in another process

@@ -46,6 +46,7 @@ class RedisOpener(Protocol):
 
     async def __call__(self, settings: Settings, /) -> RedisClient: ...
 
+
 CONNECT_ATTEMPTS = 5
 
 
@@ -72,8 +73,14 @@ async def open_redis(settings: Settings) -> RedisClient:
                 ) from error
             # Quiet while retrying: a failure ends in the one line above, a success in the
             # process's start-up line.
-            log.debug("redis at %s not reachable (attempt %d/%d): %s; retrying in %.1fs",
-                      url, attempt, CONNECT_ATTEMPTS, error, delay_s)
+            log.debug(
+                "redis at %s not reachable (attempt %d/%d): %s; retrying in %.1fs",
+                url,
+                attempt,
+                CONNECT_ATTEMPTS,
+                error,
+                delay_s,
+            )
             await asyncio.sleep(delay_s)
             attempt, waited_s, delay_s = attempt + 1, waited_s + delay_s, delay_s * 2
         except RedisError as error:
