@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Any
 
 from .auth import AccessPolicy, access_policy
 from .logs import redacted_url
@@ -37,20 +38,7 @@ def bind_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                # One socket per family, as asyncio does: "::" must not also claim IPv4.
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                sock.bind(address)
-            except OSError as error:
-                raise StartupError(
-                    f"cannot listen on {_http_url(address)}: {error.strerror}"
-                ) from None
-            sock.listen(backlog)
-            sock.setblocking(False)
+            sockets.append(_listen(family, kind, proto, address, backlog, reuse_port=False))
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -76,26 +64,37 @@ def bind_pool_sockets(
         for _ in range(workers):
             pool.append([])
             for family, kind, proto, address in addresses:
-                sock = socket.socket(family, kind, proto)
-                pool[-1].append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    sock.bind(address)
-                except OSError as error:
-                    raise StartupError(
-                        f"cannot listen on {_http_url(address)}: {error.strerror}"
-                    ) from None
-                sock.listen(backlog)
-                sock.setblocking(False)
+                pool[-1].append(_listen(family, kind, proto, address, backlog, reuse_port=True))
     except BaseException:
         for sockets in pool:
             for sock in sockets:
                 sock.close()
         raise
     return pool
+
+
+def _listen(
+    family: int, kind: int, proto: int, address: tuple[Any, ...], backlog: int, *, reuse_port: bool
+) -> socket.socket:
+    """One non-blocking listening socket on `address`; StartupError, in one line, if it is taken."""
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # One socket per family, as asyncio does: "::" must not also claim IPv4.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+        except OSError as error:
+            raise StartupError(f"cannot listen on {_http_url(address)}: {error.strerror}") from None
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def serving_line(
