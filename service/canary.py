@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 MAX_TAG_TRIES = 10_000
 # A round older than this many intervals (plus its deadline) means the canary itself stopped.
 STALE_ROUNDS = 2
+# How soon a round follows one that failed.
+RETRY_AFTER_FAILURE_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +153,12 @@ class Canary:
 
     async def _run_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._interval_s)
+            # After a failed round look again soon: readiness should return within a fraction
+            # of a second of delivery, not a whole interval later; still one round at a time.
+            failing = self.latest is not None and not self.latest.ok
+            await asyncio.sleep(
+                min(self._interval_s, RETRY_AFTER_FAILURE_S) if failing else self._interval_s
+            )
             try:
                 await self.run_round()
             except Exception:

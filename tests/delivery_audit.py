@@ -339,6 +339,16 @@ class FaultTimes:
         return f"{what} {self.recovered_at - self.fault_at:.2f}s after the fault"
 
 
+# Readiness follows delivery at the next canary round, a fraction of a second after a failed one.
+READY_AGAIN_S = 5.0
+
+
+async def is_ready(client: AppClient) -> bool:
+    """Whether the worker behind `client` answers /readyz with 200 now."""
+    async with client.get("/readyz") as response:
+        return response.status == 200
+
+
 async def wait_until_async(
     condition: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float
 ) -> None:

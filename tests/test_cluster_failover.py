@@ -24,7 +24,13 @@ from service.keys import Keys
 from service.resources import hub_key
 
 from app_clients import AppClient, MakeSettings, StartClient
-from delivery_audit import DeliveryAudit, ReadinessLog, wait_until_async
+from delivery_audit import (
+    READY_AGAIN_S,
+    DeliveryAudit,
+    ReadinessLog,
+    is_ready,
+    wait_until_async,
+)
 from redis_process import (
     RedisClusterProcesses,
     RedisProcess,
@@ -119,7 +125,8 @@ async def test_a_killed_primary_fails_over_and_every_stream_resumes(
             assert audit.logs[session_id].told_of_gap == bool(lost), session_id
         # Readiness said so while the dead shard's channels had no reachable owner.
         assert readiness.unready_between(times.fault_at, times.resumed_at)
-        assert (await client.get("/readyz")).status == 200
+        # Ready again at the canary round after delivery resumed.
+        await wait_until_async(lambda: is_ready(client), "ready again", READY_AGAIN_S)
         assert hub.connected
         assert hub.link_count == 3, "the dead primary's link is retired, one per live shard"
         await attach_and_publish_on(admin, client, f"127.0.0.1:{heir.port}")

@@ -25,7 +25,13 @@ from service.publisher import Publisher
 from service.resources import hub_key
 
 from app_clients import MakeSettings, StartClient
-from delivery_audit import DeliveryAudit, ReadinessLog, wait_until_async
+from delivery_audit import (
+    READY_AGAIN_S,
+    DeliveryAudit,
+    ReadinessLog,
+    is_ready,
+    wait_until_async,
+)
 from redis_process import (
     RedisProcess,
     RedisSentinelProcesses,
@@ -118,7 +124,8 @@ async def test_a_forced_failover_moves_commands_and_streams_to_the_new_primary(
     await check_told_of_lost_events(audit, new, session_ids)
     hub = client.app[hub_key]
     assert hub.connected
-    assert (await client.get("/readyz")).status == 200
+    # Ready again at the canary round after delivery resumed.
+    await wait_until_async(lambda: is_ready(client), "ready again", READY_AGAIN_S)
     assert await hub_subscribed_at(new), "the shared subscription is on the new primary"
     assert old.process is not None, "the former primary lives on, as a replica"
 
@@ -165,7 +172,8 @@ async def test_a_killed_primary_is_replaced_and_lost_events_are_told(
     assert report.gap_signalled > 0, "the unreplicated round was lost: streams must be told"
     await check_told_of_lost_events(audit, new, session_ids)
     assert readiness.unready_between(times.fault_at, times.resumed_at)
-    assert (await client.get("/readyz")).status == 200
+    # Ready again at the canary round after delivery resumed.
+    await wait_until_async(lambda: is_ready(client), "ready again", READY_AGAIN_S)
     assert client.app[hub_key].connected
 
 
