@@ -251,3 +251,103 @@ async def test_only_a_failure_in_redis_connection_code_on_a_closed_socket_is_a_l
     with pytest.raises(AttributeError) as other:
         object().missing  # type: ignore[attr-defined]  # noqa: B018
     assert not closed_under_us(other.value)
+
+
+async def pause_every_node(client: RedisCluster, seconds: float) -> float:
+    """CLIENT PAUSE ALL on every node of the cluster; when the pause ends (monotonic)."""
+    started = asyncio.get_running_loop().time()
+    for node in client.get_nodes():
+        await client.execute_command(
+            "CLIENT", "PAUSE", round(seconds * 1000), "ALL", target_nodes=node
+        )
+    return started + seconds
+
+
+async def test_commands_while_no_node_answers_fail_as_redis_errors(
+    make_settings: MakeSettings,
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    # A command that times out makes redis-py re-read the slot table, and when no node
+    # answers that either, it raises RedisClusterException, which is not a RedisError:
+    # callers that answer Redis outages (503, a postponed resync) would miss it.
+    client = await open_redis(
+        make_settings(redis_url=redis_cluster.url, redis_cluster=True, redis_timeout_s=0.3)
+    )
+    admin = RedisCluster.from_url(redis_cluster.url)
+    try:
+        await admin.initialize()
+        unpaused = await pause_every_node(admin, 2.0)
+        with pytest.raises(RedisError):
+            await client.get("paused:key")
+        assert asyncio.get_running_loop().time() < unpaused, "the pause ended too soon"
+        await asyncio.sleep(max(0.0, unpaused - asyncio.get_running_loop().time()) + 0.1)
+        await client.set("paused:key", "v")  # the client recovers on its own
+        assert await client.get("paused:key") == b"v"
+    finally:
+        await admin.aclose()
+        await client.aclose()
+
+
+async def test_a_pause_of_every_node_longer_than_the_timeout_leaves_streams_going(
+    start_client: StartClient,
+    make_settings: MakeSettings,
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    # The pub/sub links notice the silence, and the hub asks the cluster whether their
+    # slots moved while no node answers: that must count as "not known yet", never end
+    # the hub (every stream cut, every later connect refused until the worker restarts).
+    admin = RedisCluster.from_url(redis_cluster.url)
+    try:
+        await admin.initialize()
+        await admin.flushall(target_nodes=RedisCluster.PRIMARIES)
+        settings = make_settings(
+            redis_url=redis_cluster.url,
+            redis_cluster=True,
+            demo_runs=False,
+            producer="off",
+            redis_timeout_s=0.3,
+            heartbeat_interval_s=0.5,
+        )
+        client = await start_client(settings)
+        hub = client.app[hub_key]
+        by_node = sessions_on_every_shard(admin, 1)
+        session_ids = [ids[0] for ids in by_node.values()]
+        responses = [
+            await client.get("/sse/connect", params={"sessionId": sid}) for sid in session_ids
+        ]
+        for response in responses:
+            assert response.status == 200
+            await response.content.readuntil(STREAM_OPENED)
+        readers = [asyncio.create_task(collect(r, timeout_s=30)) for r in responses]
+        publisher = Publisher(admin, Keys(), session_ttl_s=60, log_maxlen=100)
+        for sid in session_ids:
+            await publisher.publish(sid, "", "before")
+
+        unpaused = await pause_every_node(admin, 3.0)
+        # Each link pings after 0.3 s of silence and gives up 0.3 s later; then every
+        # slot-table read times out too, well inside the pause.
+        await asyncio.sleep(max(0.0, unpaused - asyncio.get_running_loop().time()) + 0.1)
+
+        async def links_back() -> bool:
+            return hub.connected
+
+        await wait_for(links_back, timeout_s=10, interval_s=0.05)
+        for sid in session_ids:
+            await publisher.publish(sid, "", "after")
+            await publisher.publish(sid, "finish", "end")
+        results = await asyncio.gather(*readers)
+        for sid, events in zip(session_ids, results, strict=True):
+            assert [(e.event, e.data) for e in events] == [
+                ("message", "before"),
+                ("message", "after"),
+                ("finish", "end"),
+            ], sid
+        assert hub.connected
+        assert hub.stats.reconnects >= 1
+
+        async def ready() -> bool:  # once a delivery check passes again
+            return (await client.get("/readyz")).status == 200
+
+        await wait_for(ready, timeout_s=10, interval_s=0.1)
+    finally:
+        await admin.aclose()

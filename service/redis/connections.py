@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import traceback
+from collections.abc import Iterator
 from typing import Any, Protocol, TypeGuard
 
 import redis.asyncio as redis
@@ -264,6 +265,15 @@ class QueueingRedisCluster(RedisCluster):
         self._in_flight = asyncio.Semaphore(max_connections)
         self._resets = 0
 
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        """Read the slot table if it is not known (first use, or after a connection error).
+
+        Every command does this first, outside redis-py's error handling, so a cluster no
+        node of which answers would fail the command with a RedisClusterException.
+        """
+        with cluster_unreachable_as_connection_error():
+            return await super().initialize(*args, **kwargs)
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self._in_flight:
             resets = self._resets
@@ -309,6 +319,25 @@ class QueueingRedisCluster(RedisCluster):
         """Close every connection (redis-py also calls this itself on CLUSTERDOWN)."""
         self._resets += 1
         await super().aclose()
+
+
+class ClusterUnreachableError(RedisConnectionError):
+    """No node of the cluster answered for its slot table: Redis is out of reach for now."""
+
+
+@contextlib.contextmanager
+def cluster_unreachable_as_connection_error() -> Iterator[None]:
+    """Raise redis-py's failure to read the slot table as the outage it is.
+
+    redis-py raises RedisClusterException, which is not a RedisError, when no node answers
+    (all of them paused, restarting, cut off) or their slot tables disagree or leave slots
+    uncovered. Every caller answers a Redis outage (a 503, a postponed resync, a retried
+    topology check); it would miss this one and fail as a bug instead.
+    """
+    try:
+        yield
+    except RedisClusterException as error:
+        raise ClusterUnreachableError(str(error)) from error
 
 
 def closed_under_us(error: BaseException) -> bool:

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection
 
-from .connections import BlockingSentinelConnectionPool
+from .connections import BlockingSentinelConnectionPool, cluster_unreachable_as_connection_error
 from .pubsub_link import PLAIN, SHARDED, Dialect
 
 SINGLE_NODE = "redis"
@@ -137,7 +137,8 @@ class ClusterShards:
         await connection.disconnect()
 
     async def refresh(self) -> None:
-        await self._client.nodes_manager.initialize()
+        with cluster_unreachable_as_connection_error():
+            await self._client.nodes_manager.initialize()
 
     async def misplaced(self, connection: Connection) -> str | None:
         """Moves show as MOVED replies and dropped channels; nothing to poll."""
