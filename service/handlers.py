@@ -179,8 +179,16 @@ def _web_file_bytes(name: str) -> bytes:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers."""
-    del request
+    """Liveness: the process answers, and nothing in it has failed beyond repair.
+
+    A hub that stopped on a bug refuses every stream until the worker restarts; saying so
+    here lets the orchestrator restart it, where readiness would only route around it.
+    """
+    if request.app[hub_key].failed:
+        return web.json_response(
+            {"status": "failed", "problems": ["shared subscription failed; restart the worker"]},
+            status=503,
+        )
     return web.json_response({"status": "ok"})
 
 

@@ -129,6 +129,11 @@ class Hub:
         links = self._links.values()
         return bool(links) and not self._failed and all(link.connected for link in links)
 
+    @property
+    def failed(self) -> bool:
+        """True once the hub stopped for good (a bug): only a restart brings the worker back."""
+        return self._failed
+
     def end_listeners(self, reason: StreamEnd) -> None:
         """End every local listener now (graceful drain), keeping the subscriptions alive."""
         self._end_all(reason)

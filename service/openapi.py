@@ -58,6 +58,7 @@ from .resources import settings_key
 from .responses import (
     Alive,
     DemoToken,
+    Failed,
     NotReady,
     Published,
     PublishedIds,
@@ -93,8 +94,8 @@ _ERROR_HEADERS: dict[type[ServiceError], str] = {
 }
 # The types whose schemas are components, by their own names.
 _BODY_TYPES: tuple[Any, ...] = (
-    ErrorBody, Published, PublishedIds, SessionStatus, StreamEvent, Alive, Ready, NotReady,
-    DemoToken,
+    ErrorBody, Published, PublishedIds, SessionStatus, StreamEvent, Alive, Failed, Ready,
+    NotReady, DemoToken,
 )  # fmt: skip
 
 
@@ -145,7 +146,14 @@ def build_document(settings: Settings) -> Spec:
                 "parameters": [_ref("parameters", "SessionIdPath")],
                 "post": _publish(settings, publish_body),
             },
-            "/healthz": {"get": _probe("healthz", "Liveness: the process answers", Alive)},
+            "/healthz": {
+                "get": _probe(
+                    "healthz",
+                    "Liveness: the process answers and has not failed beyond repair",
+                    Alive,
+                    Failed,
+                )
+            },
             "/readyz": {
                 "get": _probe(
                     "readyz",

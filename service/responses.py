@@ -73,6 +73,13 @@ class Alive(TypedDict):
     status: Literal["ok"]
 
 
+class Failed(TypedDict):
+    """Failed beyond repair (the shared subscription stopped on a bug): restart the worker."""
+
+    status: Literal["failed"]
+    problems: list[str]
+
+
 class Ready(TypedDict):
     """Ready; `listeners` is the number of streams open on this worker."""
 

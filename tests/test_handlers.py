@@ -9,6 +9,7 @@ import pytest
 
 from service.envelope import parse_event_id
 from service.redis.connections import RedisOpener
+from service.resources import hub_key
 
 from app_clients import AppClient, MakeSettings, StartClient
 from sse_reader import STREAM_OPENED, SSEParser, collect
@@ -207,3 +208,26 @@ async def test_an_oversized_request_id_is_cut_to_64_characters(client: AppClient
     response = await client.get("/sse/getSessionId", headers={"X-Request-Id": "r" * 500})
     assert response.status == 200
     assert response.headers["X-Request-Id"] == "r" * 64
+
+
+async def test_a_hub_failed_beyond_repair_fails_liveness_not_just_readiness(
+    client: AppClient,
+) -> None:
+    # Readiness only takes a worker out of the load balancer; a hub that stopped on a bug
+    # never comes back, so liveness must ask for the restart that would bring it back.
+    assert (await client.get("/healthz")).status == 200
+    async with client.get("/sse/connect", params={"sessionId": "doomed"}) as response:
+        await response.content.readuntil(STREAM_OPENED)
+        client.app[hub_key].on_failed()  # what a bug in a pub/sub reader leads to
+        async with asyncio.timeout(5):
+            await response.content.read()  # the stream ends, it does not hang
+    health = await client.get("/healthz")
+    assert health.status == 503
+    assert await health.json() == {
+        "status": "failed",
+        "problems": ["shared subscription failed; restart the worker"],
+    }
+    assert (await client.get("/readyz")).status == 503
+    refused = await client.get("/sse/connect", params={"sessionId": "later"})
+    assert refused.status == 503
+    assert refused.content_type == "application/json"
