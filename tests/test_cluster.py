@@ -99,6 +99,7 @@ async def test_a_stream_keeps_receiving_when_its_slot_moves_to_another_shard(
 
 
 SESSIONS_PER_SHARD = 20
+PUBLISH_TOKEN = "cluster-publisher-token-0123456789"
 
 
 def sessions_on_every_shard(client: RedisCluster, per_shard: int) -> dict[str, list[str]]:
@@ -307,6 +308,7 @@ async def test_a_pause_of_every_node_longer_than_the_timeout_leaves_streams_goin
             producer="off",
             redis_timeout_s=0.3,
             heartbeat_interval_s=0.5,
+            publish_tokens=[PUBLISH_TOKEN],
         )
         client = await start_client(settings)
         hub = client.app[hub_key]
@@ -325,7 +327,21 @@ async def test_a_pause_of_every_node_longer_than_the_timeout_leaves_streams_goin
 
         unpaused = await pause_every_node(admin, 3.0)
         # Each link pings after 0.3 s of silence and gives up 0.3 s later; then every
-        # slot-table read times out too, well inside the pause.
+        # slot-table read times out too, well inside the pause. Meanwhile a new connect and
+        # a publish are told to come back (503), never answered with a 500.
+        await asyncio.sleep(1.0)
+        answers = [
+            await client.get("/sse/connect", params={"sessionId": "during-the-pause"}),
+            await client.post(
+                "/sse/sessions/during-the-pause/events",
+                json={"data": "x"},
+                headers={"Authorization": f"Bearer {PUBLISH_TOKEN}"},
+            ),
+        ]
+        assert asyncio.get_running_loop().time() < unpaused, "the pause ended too soon"
+        for answer in answers:
+            assert answer.status == 503, await answer.text()
+            assert (await answer.json())["error"], answer.url
         await asyncio.sleep(max(0.0, unpaused - asyncio.get_running_loop().time()) + 0.1)
 
         async def links_back() -> bool:
