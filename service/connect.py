@@ -1,10 +1,11 @@
 """One connection's life, from an admitted connect to its end log line.
 
 The order matters: the channel is subscribed before the session is attached and its log
-read (see stream.py), the demo run is queued only once the subscription is live, and the
-answer is decided before the response starts: 404 for a session never issued, 204 when
-nothing more will come (the one status that stops EventSource), else the stream. Everything
-the connect path uses is one `StreamServices`, built once when the app starts.
+read (the first page by the attach script itself; see stream.py), the demo run is queued
+only once the subscription is live, and the answer is decided before the response starts:
+404 for a session never issued, 204 when nothing more will come (the one status that stops
+EventSource), else the stream. Everything the connect path uses is one `StreamServices`,
+built once when the app starts.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .redis.connections import RedisClient
 from .runs import request_run
 from .sessions import Attachment, AttachStatus, SessionStore
 from .settings import Settings
-from .stream import SSE_HEADERS, EventStream, StreamPlan
+from .stream import REPLAY_FIRST_PAGE, SSE_HEADERS, EventStream, StreamPlan
 
 log = logging.getLogger(__name__)
 
@@ -87,42 +88,56 @@ def may_start_run(settings: Settings, last_event_id: str | None) -> bool:
 async def _serve(
     services: StreamServices, request: web.Request, asked: StreamRequest
 ) -> web.StreamResponse:
-    settings = services.settings
     async with contextlib.AsyncExitStack() as held:
-        listener, attachment = await _attach(services, request, held, asked)
-        if attachment.status is AttachStatus.UNKNOWN:
-            raise SessionNotFound(f"session {asked.session_id!r} was not issued or has expired")
-        if attachment.status is AttachStatus.GONE or _already_finished(
-            asked.last_event_id, attachment
-        ):
-            # Nothing more will come: 204 is the one answer that stops EventSource.
-            return web.Response(status=204, headers=NOTHING_MORE_HEADERS)
-        response = web.StreamResponse(
-            headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id_of(request)}
-        )
-        if request.version == HttpVersion11:
-            # Chunked by choice, not by default, so the stream may write pre-framed chunks.
-            response.enable_chunked_encoding()
-        else:
-            # An unframed body ends only when the connection does, keep-alive asked or not.
-            response.force_close()
-        await response.prepare(request)
-        plan = StreamPlan(
-            session_id=asked.session_id,
-            replay_after=attachment.replay_after,
-            detect_gap=asked.last_event_id is not None,
-            ttl_ms=attachment.ttl_ms,
-            retry_ms=retry_delay_ms(settings.retry_ms, settings.retry_spread),
-            heartbeat_interval_s=settings.heartbeat_interval_s,
-            write_timeout_s=settings.write_timeout_s,
-            access_ends_at=asked.access_ends_at,
-        )
-        stream = EventStream(
-            response, listener, services.sessions, plan, request.transport,
-            direct_writes=response.chunked,
-        )  # fmt: skip
-        await _run(stream, asked.session_id, services.metrics)
+        response, stream = await _open(services, request, held, asked)
+        if stream is not None:
+            await _run(stream, asked.session_id, services.metrics)
         return response
+
+
+async def _open(
+    services: StreamServices,
+    request: web.Request,
+    held: contextlib.AsyncExitStack,
+    asked: StreamRequest,
+) -> tuple[web.StreamResponse, EventStream | None]:
+    """Attach; then answer 204 (or raise for 404), or start the response and its stream.
+
+    A function of its own so that the attachment, which holds the log's first page until
+    the stream has written it, is not kept for as long as the stream lives.
+    """
+    settings = services.settings
+    listener, attachment = await _attach(services, request, held, asked)
+    if attachment.status is AttachStatus.UNKNOWN:
+        raise SessionNotFound(f"session {asked.session_id!r} was not issued or has expired")
+    if attachment.status is AttachStatus.GONE or _already_finished(asked.last_event_id, attachment):
+        # Nothing more will come: 204 is the one answer that stops EventSource.
+        return web.Response(status=204, headers=NOTHING_MORE_HEADERS), None
+    response = web.StreamResponse(
+        headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id_of(request)}
+    )
+    if request.version == HttpVersion11:
+        # Chunked by choice, not by default, so the stream may write pre-framed chunks.
+        response.enable_chunked_encoding()
+    else:
+        # An unframed body ends only when the connection does, keep-alive asked or not.
+        response.force_close()
+    await response.prepare(request)
+    plan = StreamPlan(
+        session_id=asked.session_id,
+        replay_after=attachment.replay_after,
+        detect_gap=asked.last_event_id is not None,
+        ttl_ms=attachment.ttl_ms,
+        retry_ms=retry_delay_ms(settings.retry_ms, settings.retry_spread),
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        write_timeout_s=settings.write_timeout_s,
+        access_ends_at=asked.access_ends_at,
+    )
+    stream = EventStream(
+        response, listener, services.sessions, plan, request.transport,
+        direct_writes=response.chunked, first_page=attachment.first_page,
+    )  # fmt: skip
+    return response, stream
 
 
 async def _attach(
@@ -171,6 +186,7 @@ async def _register(
             asked.last_event_id,
             require_issued=settings.require_issued_session,
             start_run_with=settings.producer_event_count if settings.demo_runs else None,
+            page_count=REPLAY_FIRST_PAGE,
         )
         started = attachment.run_needs_producer
     finally:

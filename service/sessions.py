@@ -49,23 +49,28 @@ class Attachment:
     finished_id: str | None
     ttl_ms: int
     run_needs_producer: bool
+    # The log's first page from `replay_after` on, that id included (when still logged):
+    # read with the attach, it saves the stream its first read.
+    first_page: tuple[Delivery, ...] = ()
 
 
 # KEYS: session, log, run, lease, tombstone.
-# ARGV: ttl_ms, require_issued, last_id ('' = fresh), start_runs, count.
+# ARGV: ttl_ms, require_issued, last_id ('' = fresh), start_runs, count, page_count.
 # A resume (a last id) of a session that no longer exists (expired, deleted, lost with Redis'
 # data) is 'gone': it is never re-created, so the client can be told to stop. A fresh connect
 # registers the session as the original demo does (a deleted one too), refreshes its TTL, and
 # on a session without an active run (new, finished or parked) starts one: the epoch moves
 # to the log's newest id so the new run replays from there. A resume of a run the producer
-# parked for want of listeners makes it active again, to go on where it stopped.
+# parked for want of listeners makes it active again, to go on where it stopped. An attached
+# connection also gets the log's first page from its replay point on, that id included, so
+# that the stream can tell whether the history still reaches back to it.
 _ATTACH = """
 local session, log, run = KEYS[1], KEYS[2], KEYS[3]
 local ttl = tonumber(ARGV[1])
 local fresh = ARGV[3] == ''
 if redis.call('EXISTS', session) == 0 then
-  if not fresh then return {'gone', '', '', 0, 0} end
-  if ARGV[2] == '1' then return {'unknown', '', '', 0, 0} end
+  if not fresh then return {'gone', '', '', 0, 0, {}} end
+  if ARGV[2] == '1' then return {'unknown', '', '', 0, 0, {}} end
   redis.call('DEL', KEYS[5])
   redis.call('HSET', session, 'issued', '0', 'epoch', '0-0')
   redis.call('PEXPIRE', session, ttl)
@@ -98,7 +103,8 @@ end
 local fields = redis.call('HMGET', session, 'epoch', 'finished')
 local after = ARGV[3]
 if fresh then after = fields[1] or '0-0' end
-return {'attached', after, fields[2] or '', redis.call('PTTL', session), needs_producer}
+local page = redis.call('XRANGE', log, after, '+', 'COUNT', ARGV[6])
+return {'attached', after, fields[2] or '', redis.call('PTTL', session), needs_producer, page}
 """
 
 # KEYS: session. ARGV: ttl_ms.
@@ -134,8 +140,12 @@ class SessionStore:
         *,
         require_issued: bool,
         start_run_with: int | None,
+        page_count: int,
     ) -> Attachment:
-        """Register a connection; a fresh one may start a demo run of `start_run_with` events."""
+        """Register a connection; a fresh one may start a demo run of `start_run_with` events.
+
+        The attachment holds up to `page_count` logged events from its replay point on.
+        """
         k = self._keys
         reply = await self._attach(
             keys=[
@@ -151,15 +161,20 @@ class SessionStore:
                 last_event_id or "",
                 int(start_run_with is not None),
                 start_run_with or 0,
+                page_count,
             ],
         )
-        status, after, finished, ttl_ms, needs_producer = reply
+        status, after, finished, ttl_ms, needs_producer, page = reply
         return Attachment(
             status=AttachStatus(reply_text(status)),
             replay_after=reply_text(after),
             finished_id=reply_text(finished) or None,
             ttl_ms=int(ttl_ms),
             run_needs_producer=bool(needs_producer),
+            first_page=tuple(
+                decode_log_entry(entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
+                for entry_id, fields in page
+            ),
         )
 
     async def exists(self, session_id: str) -> bool:
@@ -173,10 +188,11 @@ class SessionStore:
     async def read_page(self, session_id: str, start: str, count: int) -> list[Delivery]:
         """Up to `count` logged events from `start` on (an id, included, or `(id`, excluded).
 
-        Reads of all replays of this worker queue for `replay_reads` slots, so a storm of
-        resumes of a long log never holds more than that many Redis connections: attaches,
-        publishes and TTL checks always find one. A slot is held for one read, never across
-        the writes to a client.
+        A stream's first page comes with its attach; the pages after it, and those of a
+        resync, are read here. Reads of all replays of this worker queue for `replay_reads`
+        slots, so a storm of resumes of a long log never holds more than that many Redis
+        connections: attaches, publishes and TTL checks always find one. A slot is held for
+        one read, never across the writes to a client.
         """
         async with self._replay_slots:
             entries: list[tuple[bytes, dict[bytes, bytes]]] = await self._redis.xrange(

@@ -1,8 +1,9 @@
 """One SSE connection: headers, replay from the log, live events, heartbeats, and its end.
 
-The connection's subscription is live before its session is attached and its log is read,
-so the seam between replay and live delivery has neither gap nor duplicate: live events
-are dropped when their id is not newer than the last one written.
+The connection's subscription is live before its session is attached and its log is read
+(the first page with the attach, in the same script), so the seam between replay and live
+delivery has neither gap nor duplicate: live events are dropped when their id is not newer
+than the last one written.
 
 Every write the stream's task makes is bounded in time (`write_timeout_s`): a client that
 stops reading is dropped as slow, also in the middle of a replay, which goes out in pages
@@ -15,6 +16,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -93,8 +95,13 @@ class EventStream:
         transport: asyncio.WriteTransport | None = None,
         *,
         direct_writes: bool = True,
+        first_page: Sequence[Delivery] | None = None,
     ) -> None:
-        """`transport`: the client's socket; `direct_writes` only for a chunked response."""
+        """`transport`: the client's socket; `direct_writes` only for a chunked response.
+
+        `first_page`: the log's first REPLAY_FIRST_PAGE events from `plan.replay_after` on,
+        that id included, as read with the attach; None: the stream reads them itself.
+        """
         self._response = response
         self._connection = transport
         self._live = (
@@ -106,6 +113,7 @@ class EventStream:
         self._sessions = sessions
         self._plan = plan
         self._last_id = plan.replay_after
+        self._first_page = first_page
         self._last_position = parse_event_id(plan.replay_after)
         self._needs_resync = False
         self._end: StreamEnd | None = None  # why the stream ends, once it knows
@@ -177,7 +185,7 @@ class EventStream:
     async def _run(self) -> StreamEnd:
         plan = self._plan
         await self._write(sse.retry(plan.retry_ms) + sse.comment("connected"))
-        await self._replay(plan.replay_after, plan.detect_gap)
+        await self._replay(plan.replay_after, plan.detect_gap, self._take_first_page())
         listener, live = self._listener, self._live
         direct = self._write_live if live is not None else None
         access_ends_at = plan.access_ends_at if plan.access_ends_at is not None else math.inf
@@ -219,6 +227,12 @@ class EventStream:
             else:
                 await self._write(sse.PING)
         return self._end
+
+    def _take_first_page(self) -> Sequence[Delivery] | None:
+        """The page read with the attach, handed over once: kept, it could hold megabytes
+        for as long as the stream lives."""
+        page, self._first_page = self._first_page, None
+        return page
 
     def _write_live(self, item: Incoming | Resync) -> bool:
         """Take a plain live event for the socket; False leaves `item` to the task."""
@@ -308,18 +322,23 @@ class EventStream:
             self._end = StreamEnd.EXPIRED
         return self._end is not None
 
-    async def _replay(self, after: str, detect_gap: bool) -> None:
+    async def _replay(
+        self, after: str, detect_gap: bool, first_page: Sequence[Delivery] | None = None
+    ) -> None:
         """Write logged events after `after`, stopping after `finish`.
 
         A hole in the history is announced with `gap` (data: the last id the client had).
         If the session itself is gone (expired, deleted, lost with Redis' data), nothing
         will ever follow: the stream ends right after the `gap`, and the client's resume
-        is answered 204.
+        is answered 204. `first_page`, when given, is the first page already read.
         """
         session_id = self._plan.session_id
         count = REPLAY_FIRST_PAGE
         # The first page starts at `after` itself: if it is not there, the history has a hole.
-        page = await self._sessions.read_page(session_id, after, count)
+        if first_page is None:
+            page = await self._sessions.read_page(session_id, after, count)
+        else:
+            page = list(first_page)
         more = len(page) == count
         frames = []
         if page and page[0].id == after:

@@ -7,6 +7,7 @@ so every write is seen in the order the client would receive it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 
 import pytest
@@ -165,6 +166,9 @@ class Setup:
         heartbeat_s: float = 5.0,
         ttl_ms: int = 60_000,
         stalled: bool = False,
+        *,
+        stream_plan: StreamPlan | None = None,
+        first_page: list[Delivery] | None = None,
     ) -> None:
         self.wire = Wire()
         self.transport = FakeTransport(self.wire)
@@ -175,8 +179,9 @@ class Setup:
             self.response,  # type: ignore[arg-type]
             self.listener,
             self.sessions,  # type: ignore[arg-type]
-            plan(heartbeat_s, ttl_ms),
+            stream_plan or plan(heartbeat_s, ttl_ms),
             self.transport if direct else None,  # type: ignore[arg-type]
+            first_page=first_page,
         )
 
     async def parked(self) -> bool:
@@ -429,6 +434,49 @@ async def test_a_long_log_is_read_in_pages_and_written_in_bounded_pieces() -> No
     assert sum(setup.sessions.pages) == 2000
     assert max(setup.sessions.pages) * 1100 <= REPLAY_PAGE_BYTES * 1.1
     assert all(len(data) <= WRITE_PIECE_BYTES for _, data in setup.wire.writes)
+
+
+async def test_a_stream_starts_from_the_page_read_with_its_attach() -> None:
+    log = [event(n) for n in range(1, 4)]
+    setup = Setup(direct=True, first_page=log)
+    setup.sessions.log = log
+    running = asyncio.create_task(setup.stream.run())
+    await wait_for(setup.parked)
+    # Events published after the attach read the log arrive live; those it read, dropped.
+    for n in (3, 4):
+        setup.listener.offer(incoming(event(n)))
+    setup.listener.offer(incoming(event(5, "finish")))
+    async with asyncio.timeout(2):
+        assert await running is StreamEnd.FINISHED
+    assert setup.wire.ids() == ["1-0", "2-0", "3-0", "4-0", "5-0"]
+    assert setup.stream.events_replayed == 3
+    assert setup.sessions.pages == []  # the stream read nothing itself
+
+
+async def test_a_full_first_page_is_followed_by_the_rest_of_the_log() -> None:
+    log = [*long_log(39, 100), event(40, "finish")]
+    setup = Setup(direct=True, first_page=log[:REPLAY_FIRST_PAGE])
+    setup.sessions.log = log
+    async with asyncio.timeout(5):
+        assert await setup.stream.run() is StreamEnd.FINISHED
+    assert setup.wire.ids() == [f"{n}-0" for n in range(1, 41)]
+    assert setup.sessions.pages == [40 - REPLAY_FIRST_PAGE]
+
+
+async def test_a_first_page_that_misses_the_resumed_event_starts_with_a_gap() -> None:
+    resumed = dataclasses.replace(plan(), replay_after="5-0", detect_gap=True)
+    log = [event(n) for n in range(8, 11)]
+    setup = Setup(direct=False, stream_plan=resumed, first_page=log)
+    setup.sessions.log = log
+    running = asyncio.create_task(setup.stream.run())
+    await wait_for(setup.parked)
+    setup.listener.end(StreamEnd.SHUTDOWN)
+    async with asyncio.timeout(2):
+        await running
+    events = SSEParser().feed(setup.wire.body().decode())
+    assert [(e.event, e.data) for e in events[:1]] == [("gap", "5-0")]
+    assert [e.id for e in events[1:]] == ["8-0", "9-0", "10-0"]
+    assert setup.sessions.pages == []
 
 
 async def test_a_write_that_does_not_drain_in_time_ends_the_stream_as_slow() -> None:
