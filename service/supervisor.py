@@ -214,9 +214,14 @@ class Supervisor:
         how = _describe(wait_status)
         if self._stopping:
             if os.waitstatus_to_exitcode(wait_status) != 0:
-                log.warning(
-                    "worker %d (pid %d) ended its drain with %s", worker.index + 1, worker.pid, how
-                )
+                # A pool that gave up says why in one line; a worker that failed the same
+                # way a moment later (every worker meets the same unreachable Redis) adds
+                # nothing to it.
+                if self._failure is None:
+                    log.warning(
+                        "worker %d (pid %d) ended its drain with %s",
+                        worker.index + 1, worker.pid, how,
+                    )  # fmt: skip
                 self._status = 1
             return
         now = time.monotonic()

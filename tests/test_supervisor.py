@@ -258,6 +258,43 @@ def test_workers_that_cannot_start_stop_the_pool_with_one_line(tmp_path: Path) -
     assert lines[0].startswith(f"sse-fanout: cannot reach redis at {unreachable} (5 attempts")
 
 
+# A pool whose first worker fails at once and whose second fails the same way a moment
+# later, after the supervisor has given up (and told it to stop, which it does not heed).
+STAGGERED_FAILURES = """
+import logging, signal, sys, time
+from service.settings import StartupError
+from service.supervisor import Supervisor
+
+def main(index, link):
+    if index == 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # still busy failing to start
+        time.sleep(0.5)
+    link.failed(f"worker {index + 1}: cannot reach redis")
+    return 1
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+pool = Supervisor(2, main, drain_timeout_s=5, release_sockets=lambda: None,
+                  on_serving=lambda: None)
+try:
+    pool.run()
+except StartupError as error:
+    print(f"gave up: {error}", file=sys.stderr)
+"""
+
+
+def test_workers_failing_one_after_another_are_told_once(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", STAGGERED_FAILURES],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.stderr.splitlines() == ["gave up: worker 1: cannot reach redis"]
+
+
 def test_a_pool_needs_a_shared_redis(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--workers", "2"],
