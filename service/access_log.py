@@ -43,27 +43,33 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
         status = error.status
         raise
     finally:
-        request_id = request_id_of(request)
-        duration_s = time.monotonic() - started
-        query = loggable(redacted_query(request.rel_url.raw_query_string))
-        path = loggable(request.path)
-        log.log(
-            logging.DEBUG if request.path in QUIET_PATHS else logging.INFO,
-            "%s %s%s %d %.3fs request=%s",
-            request.method,
-            path,
-            f"?{query}" if query else "",
-            status,
-            duration_s,
-            request_id,
-            extra={
-                "fields": {
-                    "method": request.method,
-                    "path": path,
-                    "query": query,
-                    "status": status,
-                    "duration_s": round(duration_s, 6),
-                    "request_id": request_id,
-                }
-            },
-        )
+        level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
+        if log.isEnabledFor(level):
+            _log_request(request, level, status, time.monotonic() - started)
+
+
+def _log_request(request: web.Request, level: int, status: int, duration_s: float) -> None:
+    """Build and emit the line; only called when it will be written (redaction is not free)."""
+    request_id = request_id_of(request)
+    query = loggable(redacted_query(request.rel_url.raw_query_string))
+    path = loggable(request.path)
+    log.log(
+        level,
+        "%s %s%s %d %.3fs request=%s",
+        request.method,
+        path,
+        f"?{query}" if query else "",
+        status,
+        duration_s,
+        request_id,
+        extra={
+            "fields": {
+                "method": request.method,
+                "path": path,
+                "query": query,
+                "status": status,
+                "duration_s": round(duration_s, 6),
+                "request_id": request_id,
+            }
+        },
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service import access_log
 from service.logs import JsonFormatter
 from service.redis.connections import RedisOpener
 from service.resources import producer_key
@@ -185,6 +186,19 @@ async def test_every_request_gets_one_access_log_line(
     assert entry["message"].startswith("GET /sse/getSessionId 200 ")
     assert {entry["method"], entry["path"], entry["status"]} == {"GET", "/sse/getSessionId", 200}
     assert entry["duration_s"] >= 0
+
+
+async def test_an_access_log_line_below_the_level_is_not_built(
+    client: AppClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unexpected(raw_query: str) -> str:
+        raise AssertionError(f"built a line nobody writes: {raw_query}")
+
+    monkeypatch.setattr(access_log, "redacted_query", unexpected)
+    with caplog.at_level(logging.WARNING, logger="service.access_log"):
+        response = await client.get("/sse/getSessionId", params={"for": "nobody"})
+    assert response.status == 200
+    assert not [r for r in caplog.records if r.name == "service.access_log"]
 
 
 async def test_stream_end_is_logged_with_its_reason_and_counts(
