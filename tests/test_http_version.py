@@ -6,7 +6,10 @@ import asyncio
 import json
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
+from service.http_version import http_version_middleware
 from service.redis.connections import RedisOpener
 
 from app_clients import AppClient, MakeSettings, StartClient
@@ -71,3 +74,17 @@ async def test_http10_and_11_are_served_in_their_own_version(
     head, body = await exchange(client, request)
     assert head.startswith(f"{version} 200 OK\r\n".encode()), head
     assert json.loads(body) == {"status": "ok"}
+
+
+async def test_a_supported_request_reaches_the_handler_with_no_frame_in_between() -> None:
+    # A coroutine of the middleware's own would stay suspended under every open stream.
+    answer = web.Response()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return answer
+
+    request = make_mocked_request("GET", "/sse/connect")
+    pending = handler(request)
+    passed_on = http_version_middleware(request, lambda _: pending)
+    assert passed_on is pending
+    assert await passed_on is answer
