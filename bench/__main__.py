@@ -8,6 +8,7 @@ import contextlib
 import importlib.metadata
 import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -180,6 +181,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    if args.profile is not None and shutil.which("py-spy") is None:
+        parser.error("--profile needs py-spy (pip install py-spy)")
     return args
 
 

@@ -275,13 +275,13 @@ async def start_worker(
     worker = Worker(target, process, port, log_path)
     try:
         await _until_ready(worker)
+        if pinning is not None and pinning.active:
+            procs.pin_tree(worker.pid, pinning.server_cores)
+        if profile_dir is not None and target not in NCHAN:
+            worker.profiler = _start_profiler(worker, profile_dir)
     except BaseException:
-        stop_worker(worker)
+        stop_worker(worker)  # a server that cannot be measured is not left running
         raise
-    if pinning is not None and pinning.active:
-        procs.pin_tree(worker.pid, pinning.server_cores)
-    if profile_dir is not None and target not in NCHAN:
-        worker.profiler = _start_profiler(worker, profile_dir)
     return worker
 
 

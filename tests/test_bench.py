@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench import procs
-from bench.__main__ import rotated
+from bench.__main__ import parse_args, rotated
 from bench.churn import Batcher, Counts, one_cycle
 from bench.drain import nginx_conf as drain_nginx_conf
 from bench.drain import peak_per_bucket
@@ -202,6 +202,17 @@ def test_repetitions_rotate_the_contestants_so_none_always_goes_first() -> None:
     targets = ["a", "b", "c"]
     orders = [rotated(targets, k) for k in range(4)]
     assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+def test_profiling_without_py_spy_is_refused_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no py-spy on it
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["churn", "--profile", str(tmp_path / "profiles")])
+    assert refused.value.code == 2
+    assert "--profile needs py-spy" in capsys.readouterr().err
+    assert not (tmp_path / "profiles").exists()
 
 
 @pytest.mark.redis
