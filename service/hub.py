@@ -87,7 +87,6 @@ class Hub:
         self._channels: dict[bytes, _Channel] = {}
         self._reroutes: dict[bytes, asyncio.Task[None]] = {}
         self._rehomes: dict[str, asyncio.Task[None]] = {}
-        self._unsubscribes: dict[bytes, asyncio.Task[None]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._closing = False
         self._failed = False
@@ -106,14 +105,7 @@ class Hub:
         """End every listener, stop reading and give the connections back."""
         self._closing = True
         self._end_all(StreamEnd.SHUTDOWN)
-        await cancel_and_wait(
-            [
-                self._watcher,
-                *self._reroutes.values(),
-                *self._rehomes.values(),
-                *self._unsubscribes.values(),
-            ]
-        )
+        await cancel_and_wait([self._watcher, *self._reroutes.values(), *self._rehomes.values()])
         for link in self._links.values():
             await link.close()
             await self._topology.release(link.connection)
@@ -193,7 +185,7 @@ class Hub:
             await _confirmed(state.ready)
             yield listener
         finally:
-            await self._leave(name, state, listener)
+            self._leave(name, state, listener)
 
     async def _open_channel(self, name: bytes) -> _Channel:
         link = await self._link_for(name)
@@ -202,15 +194,11 @@ class Hub:
         existing = self._channels.get(name)
         if existing is not None:  # another listener opened it while we waited for the link
             return existing
-        state = self._channels[name] = _Channel(
-            link=link, ready=asyncio.get_running_loop().create_future()
-        )
-        try:
-            await link.subscribe(name, state.ready)
-        except BaseException:
-            if not state.listeners and self._channels.get(name) is state:
-                del self._channels[name]
-            raise
+        state = _Channel(link=link, ready=asyncio.get_running_loop().create_future())
+        # Queued with whatever else this loop pass subscribes or unsubscribes on the link, and
+        # in order with it: a leave of this channel just before has been queued already.
+        link.subscribe(name, state.ready)
+        self._channels[name] = state
         return state
 
     async def _link_for(self, channel: bytes) -> PubSubLink:
@@ -231,39 +219,16 @@ class Hub:
                 self._links[node] = link
         return link
 
-    async def _leave(self, name: bytes, state: _Channel, listener: Listener) -> None:
+    def _leave(self, name: bytes, state: _Channel, listener: Listener) -> None:
+        """The last listener out unsubscribes; queued, so no cancellation can skip it."""
         state.listeners.discard(listener)
         if state.listeners or self._channels.get(name) is not state:
             return
         del self._channels[name]
-        if self._closing:
-            return
-        try:
-            await self._unsubscribe(name, state.link)
-        except asyncio.CancelledError:
-            # The last listener's task was cancelled on its way out (its client went away
-            # while it was leaving): the hub finishes the job, or the channel would stay
-            # subscribed for as long as the connection lives.
-            if not _running(self._unsubscribes.get(name)):
-                _own_task(
-                    self._unsubscribes,
-                    name,
-                    self._unsubscribe_unused(name, state.link),
-                    "hub-unsubscribe",
-                )
-            raise
-
-    async def _unsubscribe_unused(self, name: bytes, link: PubSubLink) -> None:
-        if name not in self._channels:  # nobody listens to it again meanwhile
-            await self._unsubscribe(name, link)
-
-    @staticmethod
-    async def _unsubscribe(name: bytes, link: PubSubLink) -> None:
-        try:
-            await link.unsubscribe(name)
-        except (RedisError, OSError) as error:
-            # A reconnect subscribes only channels still in use, so nothing is left behind.
-            log.debug("unsubscribe %r failed: %s", name, error)
+        if not self._closing:
+            # A reconnect subscribes only channels still in use, so nothing is left behind
+            # if this is never sent.
+            state.link.unsubscribe(name)
 
     # LinkOwner: what the pub/sub links report.
 
@@ -380,7 +345,7 @@ class Hub:
                 state.link = link
                 state.moving = True  # its streams replay when `link` confirms it
                 confirmed: asyncio.Future[None] = loop.create_future()
-                await link.subscribe(name, confirmed)
+                link.subscribe(name, confirmed)
                 await asyncio.wait_for(confirmed, SUBSCRIBE_TIMEOUT_S)
                 break
             except (RedisError, OSError, TimeoutError, LookupError) as error:

@@ -180,7 +180,7 @@ async def test_readiness_fails_when_a_subscription_is_dropped_behind_the_hubs_ba
     (channel,) = [c for c in hub.channels_of(link) if c.startswith(b"sse:canary:")]
     # The connection stays open and subscribed to its other channels; the hub still holds
     # this one as live. Only its events stop.
-    await link.unsubscribe(channel)
+    link.unsubscribe(channel)
     body = await until_ready(client, ready=False, timeout_s=5)
     links = 3 if redis_target.cluster else 1
     assert f"1 of {links} pub/sub connections did not deliver" in body

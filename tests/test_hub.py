@@ -51,8 +51,12 @@ async def test_first_listener_subscribes_and_last_unsubscribes(
             assert hub.listeners_of("ch") == 2
             assert await numsub(redis_client, "ch") == 1
         assert await numsub(redis_client, "ch") == 1
-    assert await numsub(redis_client, "ch") == 0
     assert hub.channel_count == 0
+
+    async def unsubscribed() -> bool:  # sent with the next batch, after this loop pass
+        return await numsub(redis_client, "ch") == 0
+
+    await wait_for(unsubscribed)
 
 
 async def test_quick_leave_and_rejoin_keeps_the_channel_live(
@@ -70,8 +74,8 @@ async def test_quick_leave_and_rejoin_keeps_the_channel_live(
 async def test_a_last_listener_cancelled_while_leaving_still_unsubscribes(
     hub: Hub, redis_client: redis.Redis
 ) -> None:
-    # A stream whose client goes away as it ends: its handler is cancelled while the hub
-    # waits to send UNSUBSCRIBE (here: behind a link lock the test holds).
+    # A stream whose client goes away as it ends: its handler is cancelled as it leaves,
+    # while the UNSUBSCRIBE waits to be sent (here: behind a link lock the test holds).
     entered, done = asyncio.Event(), asyncio.Event()
 
     async def listen_until_done() -> None:
@@ -210,6 +214,43 @@ async def test_a_refused_subscribe_answers_at_once_and_the_hub_stays_ready(
             await client.aclose()
 
 
+async def rejected_subscribes(client: redis.Redis) -> tuple[int, int]:
+    """SUBSCRIBE commands Redis ran, and those it refused (INFO commandstats)."""
+    stats = (await client.info("commandstats")).get("cmdstat_subscribe", {})
+    return int(stats.get("calls", 0)), int(stats.get("rejected_calls", 0))
+
+
+async def test_a_refused_batch_refuses_only_the_channel_redis_refuses_alone(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    async with limited_user(redis_client, "test:hub", "ok:*") as user:
+        client = redis.Redis.from_url(redis_url, username=user, password=user)
+        hub = Hub(client, "test:hub", inbox_limit=3)
+        await hub.start()
+        calls, rejected = await rejected_subscribes(redis_client)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                names = ["ok:1", "ok:2", "forbidden:1", "ok:3"]
+                # Concurrent: one SUBSCRIBE for all four, which Redis refuses as a whole.
+                entered = await asyncio.gather(
+                    *(stack.enter_async_context(hub.listen(name)) for name in names),
+                    return_exceptions=True,
+                )
+                assert isinstance(entered[2], HubClosedError)
+                assert "NOPERM" in str(entered[2])
+                assert not any(isinstance(e, BaseException) for e in entered[:2] + entered[3:])
+                # The batch, then each channel alone: three run, one refused again.
+                assert await rejected_subscribes(redis_client) == (calls + 3, rejected + 2)
+                assert hub.connected
+                assert hub.channel_count == 3
+                await redis_client.publish("ok:3", b"1-0\n\nserved")
+                items = await entered[3].take(2)  # type: ignore[union-attr]
+                assert [i.delivery.data for i in items if isinstance(i, Incoming)] == ["served"]
+        finally:
+            await hub.close()
+            await client.aclose()
+
+
 async def test_a_channel_refused_on_resubscribe_ends_its_streams_and_only_those(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -299,6 +340,7 @@ class FedConnection:
     def __init__(self) -> None:
         self._reader = asyncio.StreamReader()  # what PubSubLink reads from a real connection
         self.sent: list[tuple[Any, ...]] = []
+        self.writes: list[list[tuple[Any, ...]]] = []
         self.connects = 0
 
     async def connect(self) -> None:
@@ -314,6 +356,7 @@ class FedConnection:
     ) -> None:
         del check_health
         self.sent.extend(commands)
+        self.writes.append(commands)
 
     async def disconnect(self) -> None:
         pass
@@ -321,6 +364,7 @@ class FedConnection:
     async def send_command(self, *args: Any, check_health: bool = True) -> None:
         del check_health
         self.sent.append(args)
+        self.writes.append([args])
 
     def subscribes(self, channel: bytes) -> int:
         return sum(
@@ -429,3 +473,80 @@ async def test_after_a_reconnect_each_slot_replays_before_its_next_message() -> 
     finally:
         await hub.close()
         await client.aclose()
+
+
+async def start_fed(connection: FedConnection, dialect: Dialect) -> Hub:
+    """A hub on `connection`, its control channel confirmed."""
+    hub = Hub(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), "ctl", inbox_limit=10)
+    hub._topology = FedTopology(connection, dialect)
+    starting = asyncio.create_task(hub.start())
+    await wait_for(lambda: _true(connection.subscribes(b"ctl") == 1))
+    kind = b"ssubscribe" if dialect is SHARDED else b"subscribe"
+    connection._reader.feed_data(resp(kind, b"ctl", 1))
+    await starting
+    return hub
+
+
+async def test_sharded_listens_of_one_pass_go_in_one_write_one_command_per_slot() -> None:
+    connection = FedConnection()
+    hub = await start_fed(connection, SHARDED)
+    channels = ["{a}:1", "{a}:2", "{b}:1", "{c}:1", "{b}:2"]
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            entering = asyncio.gather(
+                *(stack.enter_async_context(hub.listen(name)) for name in channels)
+            )
+            await wait_for(lambda: _true(len(connection.writes) == 2))
+            assert connection.writes[1] == [
+                ("SSUBSCRIBE", b"{a}:1", b"{a}:2"),
+                ("SSUBSCRIBE", b"{b}:1", b"{b}:2"),
+                ("SSUBSCRIBE", b"{c}:1"),
+            ]
+            connection._reader.feed_data(
+                b"".join(
+                    resp(b"ssubscribe", name.encode(), n)
+                    for n, name in enumerate(["{a}:1", "{a}:2", "{b}:1", "{b}:2", "{c}:1"])
+                )
+            )
+            await entering
+            assert hub.connected
+        await wait_for(lambda: _true(len(connection.writes) == 3))
+        # Left in the reverse order: one write again, one command per slot.
+        assert sorted(connection.writes[2]) == [
+            ("SUNSUBSCRIBE", b"{a}:2", b"{a}:1"),
+            ("SUNSUBSCRIBE", b"{b}:2", b"{b}:1"),
+            ("SUNSUBSCRIBE", b"{c}:1"),
+        ]
+    finally:
+        await hub.close()
+
+
+async def test_a_reconnect_with_a_batch_in_flight_answers_every_listener() -> None:
+    connection = FedConnection()
+    hub = await start_fed(connection, PLAIN)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            entering = asyncio.gather(
+                *(stack.enter_async_context(hub.listen(name)) for name in ("a", "b", "c"))
+            )
+            await wait_for(lambda: _true(len(connection.writes) == 2))
+            assert connection.writes[1] == [("SUBSCRIBE", b"a", b"b", b"c")]
+            # Only "a" is confirmed before the connection is lost.
+            connection._reader.feed_data(resp(b"subscribe", b"a", 2))
+            connection._reader.feed_eof()
+            await wait_for(lambda: _true(len(connection.writes) == 3))
+            assert connection.writes[2] == [("SUBSCRIBE", b"ctl", b"a", b"b", b"c")]
+            connection._reader.feed_data(
+                b"".join(resp(b"subscribe", c, n) for n, c in enumerate([b"ctl", b"a", b"b", b"c"]))
+            )
+            listeners = await entering
+            await wait_for(lambda: _true(hub.connected))
+            connection._reader.feed_data(resp(b"message", b"c", b"1-0\n\nafter"))
+            items = await listeners[2].take(2)
+            while not any(isinstance(i, Incoming) for i in items):
+                items += await listeners[2].take(2)
+            assert [i.delivery.data for i in items if isinstance(i, Incoming)] == ["after"]
+            # Each channel replays what it may have missed, the one live before the loss too.
+            assert await listeners[0].take(2) == [Resync.AFTER_RECONNECT]
+    finally:
+        await hub.close()

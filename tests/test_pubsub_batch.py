@@ -1,8 +1,10 @@
-"""The pub/sub link parses whole socket reads: many replies per read, split replies, errors."""
+"""The pub/sub link batches: whole socket reads parsed at once (many replies per read, split
+replies, errors), and the subscribes and unsubscribes of one loop pass sent as one command."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -153,6 +155,59 @@ async def test_an_error_reply_on_the_link_reconnects_and_resyncs(
         await redis_client.publish("errs", b"1-0\n\nstill here")
         assert await take_incoming(listener, 1) == [b"1-0\n\nstill here"]
         assert listener.ended is None
+
+
+async def command_calls(client: redis.Redis, command: str) -> int:
+    """How many times Redis ran `command` (INFO commandstats), refusals left out."""
+    stats = await client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+@pytest.mark.redis
+async def test_concurrent_listens_subscribe_in_one_command_and_leave_in_one(
+    hub: Hub, redis_client: redis.Redis
+) -> None:
+    channels = [f"many:{n}" for n in range(50)]
+    subscribes = await command_calls(redis_client, "subscribe")
+    unsubscribes = await command_calls(redis_client, "unsubscribe")
+    async with contextlib.AsyncExitStack() as stack:
+        listeners = await asyncio.gather(
+            *(stack.enter_async_context(hub.listen(channel)) for channel in channels)
+        )
+        assert await command_calls(redis_client, "subscribe") == subscribes + 1
+        assert await redis_client.pubsub_numsub(*channels) == [(c.encode(), 1) for c in channels]
+        await redis_client.publish("many:7", b"1-0\n\nseven")
+        assert await take_incoming(listeners[7], 1) == [b"1-0\n\nseven"]
+    # Every listener left in the same loop pass.
+
+    async def unsubscribed() -> bool:
+        counts = await redis_client.pubsub_numsub(*channels)
+        return all(count == 0 for _, count in counts)
+
+    await wait_for(unsubscribed)
+    assert await command_calls(redis_client, "unsubscribe") == unsubscribes + 1
+    assert hub.channel_count == 0
+
+
+@pytest.mark.redis
+async def test_a_channel_left_and_opened_again_in_one_pass_stays_subscribed(
+    hub: Hub, redis_client: redis.Redis
+) -> None:
+    first = hub.listen("again")
+    await first.__aenter__()
+    subscribes = await command_calls(redis_client, "subscribe")
+    unsubscribes = await command_calls(redis_client, "unsubscribe")
+    second = hub.listen("again")
+    await first.__aexit__(None, None, None)  # the last listener leaves: UNSUBSCRIBE queued
+    listener = await second.__aenter__()  # opened again before that was sent
+    try:
+        assert await redis_client.publish("again", b"1-0\n\nstill live") == 1
+        assert await take_incoming(listener, 1) == [b"1-0\n\nstill live"]
+        # The later request won: the channel was subscribed again, never unsubscribed.
+        assert await command_calls(redis_client, "subscribe") == subscribes + 1
+        assert await command_calls(redis_client, "unsubscribe") == unsubscribes
+    finally:
+        await second.__aexit__(None, None, None)
 
 
 async def node_client_for(target: RedisTarget, channel: str) -> redis.Redis:

@@ -10,6 +10,14 @@ Redis answers a connection's commands in the order they were sent, so the link k
 commands whose answers are due in a queue, and every reply, error replies included, is
 matched to the command it answers. A refused subscribe is reported to the owner with the
 channels it carried; it is never retried blindly on a new connection.
+
+Subscribes and unsubscribes are not sent by their callers: they are queued, and whatever one
+event-loop pass queued goes out in one write, one command for all its channels (one per hash
+slot on sharded pub/sub), so a storm of connects and closes costs Redis one read and a few
+commands per pass instead of one each. A channel's last request in a batch wins (a channel
+left and opened again in one pass stays subscribed). An error reply answers a whole command,
+so a refused command of several new channels is sent again one channel per command, once, on
+the same connection: only a channel refused on its own is reported.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import hiredis
 from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..tasks import cancel_and_wait
@@ -125,6 +133,16 @@ class _Kind(Enum):
 
 
 @dataclass(slots=True)
+class _Request:
+    """What a channel's next batch asks for: subscribe (with who waits), or unsubscribe."""
+
+    subscribe: bool
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    # Sent in a command of its own: its share of a refused batch, asked again.
+    alone: bool = False
+
+
+@dataclass(slots=True)
 class _Due:
     """A command sent on the current connection whose reply has not arrived yet."""
 
@@ -157,6 +175,9 @@ class PubSubLink:
         self._idle_s = idle_s
         self._lock = asyncio.Lock()
         self._due: deque[_Due] = deque()
+        # Requests the next batch sends, in the order they came; the task that sends them.
+        self._queued: dict[bytes, _Request] = {}
+        self._sender: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._first_connect: asyncio.Future[None] | None = None
         # Re-subscribe commands not answered yet, and the channels they confirmed so far.
@@ -179,14 +200,16 @@ class PubSubLink:
             raise
 
     async def close(self) -> None:
-        """Stop reading and disconnect."""
-        await cancel_and_wait([self._reader])
-        self._reader = None
+        """Stop reading and sending, and disconnect."""
+        await cancel_and_wait([self._reader, self._sender])
+        self._reader = self._sender = None
         self.up = self.connected = False
         async with self._lock:
             await self._connection.disconnect()
         self._fail_waiters(self._due, "the pub/sub link closed")
         self._due.clear()
+        _fail([f for request in self._queued.values() for f in request.waiters], "closed")
+        self._queued.clear()
 
     @property
     def running(self) -> bool:
@@ -198,18 +221,29 @@ class PubSubLink:
         """The underlying connection (for the owner to give back to its pool)."""
         return self._connection
 
-    async def subscribe(self, channel: bytes, confirmed: asyncio.Future[None]) -> None:
-        """Send SUBSCRIBE; `confirmed` completes when Redis confirms it, or fails if refused."""
-        due = _Due(_Kind.SUBSCRIBE, deque([channel]), {channel: [confirmed]})
-        await self._send_due(due, self._dialect.subscribe, channel)
+    def subscribe(self, channel: bytes, confirmed: asyncio.Future[None]) -> None:
+        """Queue SUBSCRIBE; `confirmed` completes when Redis confirms it, or fails if refused.
 
-    async def unsubscribe(self, channel: bytes) -> None:
-        """Send UNSUBSCRIBE (a no-op while disconnected: a reconnect skips unused channels)."""
+        Raises RedisConnectionError while the link is down.
+        """
+        if not self.up:
+            raise RedisConnectionError(f"pub/sub link {self.name} is not connected")
+        request = self._queued.get(channel)
+        if request is None or not request.subscribe:
+            self._queued[channel] = request = _Request(subscribe=True)
+        request.waiters.append(confirmed)
+        self._send_soon()
+
+    def unsubscribe(self, channel: bytes) -> None:
+        """Queue UNSUBSCRIBE (a no-op while disconnected: a reconnect skips unused channels)."""
         if not self.up:
             return
-        await self._send_due(
-            _Due(_Kind.UNSUBSCRIBE, deque([channel])), self._dialect.unsubscribe, channel
-        )
+        request = self._queued.get(channel)
+        if request is not None and request.subscribe:
+            # Whoever waited for it has left: the channel is unsubscribed instead.
+            _fail(request.waiters, "the channel is no longer in use")
+        self._queued[channel] = _Request(subscribe=False)
+        self._send_soon()
 
     async def reconnect(self, reason: str) -> None:
         """Drop the connection now; the reader connects again and re-subscribes."""
@@ -220,6 +254,53 @@ class PubSubLink:
             self.up = self.connected = False
             # The reader sees the closed socket and takes the usual reconnect path.
             await self._connection.disconnect()
+
+    def _send_soon(self) -> None:
+        """Have what is queued sent once this loop pass is over (with what else it queues)."""
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_queued(), name=f"pubsub-{self.name}-send")
+
+    async def _send_queued(self) -> None:
+        try:
+            while self._queued:
+                async with self._lock:
+                    if not self.up:
+                        return  # the reconnect takes over what is queued
+                    if self._queued:
+                        await self._send_batch()
+        except Exception:
+            log.exception("pub/sub link %s: sending failed", self.name)
+            self.up = self.connected = False
+            self._owner.on_failed()
+        finally:
+            self._sender = None
+
+    async def _send_batch(self) -> None:
+        """Send every queued request in one write: subscribes first, then unsubscribes."""
+        queued, self._queued = self._queued, {}
+        together = [c for c, r in queued.items() if r.subscribe and not r.alone]
+        batches = subscribe_batches(self._dialect, together)
+        batches += [[c] for c, r in queued.items() if r.subscribe and r.alone]
+        dues = [
+            _Due(_Kind.SUBSCRIBE, deque(batch), {c: queued[c].waiters for c in batch})
+            for batch in batches
+        ]
+        commands: list[list[bytes | str]] = [[self._dialect.subscribe, *b] for b in batches]
+        for batch in subscribe_batches(
+            self._dialect, [c for c, r in queued.items() if not r.subscribe]
+        ):
+            dues.append(_Due(_Kind.UNSUBSCRIBE, deque(batch)))
+            commands.append([self._dialect.unsubscribe, *batch])
+        packed = self._connection.pack_commands(commands)
+        self._due.extend(dues)
+        try:
+            await self._connection.send_packed_command(packed, check_health=False)
+        except (RedisError, OSError, RuntimeError) as error:
+            # RuntimeError: uvloop's answer to a write on a transport already closed. The
+            # reader finds the connection closed and reconnects; the re-subscribe answers
+            # whoever waits for a channel still in use.
+            log.warning("pub/sub link %s: sending failed: %s", self.name, error)
+            self.up = self.connected = False
 
     async def _send_due(self, due: _Due, *args: bytes | str) -> None:
         async with self._lock:
@@ -277,6 +358,10 @@ class PubSubLink:
                 for channel, futures in due.waiters.items():
                     waiting.setdefault(channel, []).extend(f for f in futures if not f.done())
             self._due.clear()
+            # Requests not sent yet: the re-subscribe is what they would have asked for.
+            for channel, request in self._queued.items():
+                waiting.setdefault(channel, []).extend(request.waiters)
+            self._queued.clear()
             batches = subscribe_batches(self._dialect, channels)
             for batch in batches:
                 self._due.append(_Due(
@@ -383,8 +468,15 @@ class PubSubLink:
                 self._due.popleft()
                 self._answered_one(head)
         elif kind == self._dialect.unsubscribed:
-            if head is not None and head.kind is _Kind.UNSUBSCRIBE and head.channels[0] == channel:
-                self._due.popleft()
+            if (
+                head is not None
+                and head.kind is _Kind.UNSUBSCRIBE
+                and head.channels
+                and head.channels[0] == channel
+            ):
+                head.channels.popleft()
+                if not head.channels:
+                    self._due.popleft()
             else:
                 self._owner.on_dropped(self, channel)
 
@@ -394,7 +486,9 @@ class PubSubLink:
             # Nothing asked for it: the connection is out of step with us. Start over.
             raise RedisConnectionError(f"pub/sub link {self.name}: unexpected reply: {error}")
         head = self._due.popleft()
-        if head.kind is _Kind.SUBSCRIBE:
+        if head.kind is _Kind.SUBSCRIBE and not head.resubscribe and len(head.channels) > 1:
+            self._ask_alone(head, error)
+        elif head.kind is _Kind.SUBSCRIBE:
             channels = list(head.channels)
             log.warning(
                 "pub/sub link %s: subscribe of %d channel(s) refused: %s",
@@ -409,6 +503,31 @@ class PubSubLink:
             raise RedisConnectionError(f"pub/sub link {self.name}: PING refused: {error}")
         else:
             log.info("pub/sub link %s: unsubscribe refused: %s", self.name, error)
+
+    def _ask_alone(self, refused: _Due, error: str) -> None:
+        """Queue each channel of a refused batch again in a command of its own.
+
+        Requests from several connects shared the command, and one error answers all of
+        them: a channel is reported refused only when Redis refuses it on its own.
+        """
+        log.info(
+            "pub/sub link %s: subscribe of %d channels refused (%s); asking for each alone",
+            self.name,
+            len(refused.channels),
+            error,
+        )
+        in_use = set(self._owner.channels_of(self))
+        for channel in refused.channels:
+            waiters = refused.waiters.get(channel, [])
+            request = self._queued.get(channel)
+            if channel not in in_use or (request is not None and not request.subscribe):
+                _fail(waiters, "the channel is no longer in use")
+                continue
+            if request is None:
+                self._queued[channel] = request = _Request(subscribe=True)
+            request.waiters.extend(waiters)
+            request.alone = True
+        self._send_soon()
 
     def _answered_one(self, due: _Due) -> None:
         if not due.resubscribe or self._resubscribes_due == 0:
