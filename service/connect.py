@@ -11,7 +11,6 @@ built once when the app starts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -76,8 +75,28 @@ async def serve_stream(
         # Refused before any Redis work while this address may start no run (see _register).
         limits = services.rate_limits
         limits.runs.check(limits.address_of(request), "demo runs")
+    settings = services.settings
     with services.admission.admit(asked.session_id):
-        return await _serve(services, request, asked)
+        # One deadline for the subscribe, the attach and the run request: an unresponsive Redis
+        # (not down, just silent) fails the connect in bounded time, and the client comes
+        # back, maybe to another worker. `_open` lifts it before the response starts. No exit
+        # stack and no coroutine of their own: either would be kept while the stream is open.
+        deadline = asyncio.timeout(settings.redis_timeout_s)
+        try:
+            async with (
+                deadline,
+                services.hub.listen(services.keys.channel(asked.session_id)) as listener,
+            ):
+                response, stream = await _open(services, request, listener, deadline, asked)
+                if stream is not None:
+                    await _run(stream, asked.session_id, services.metrics)
+                return response
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise RedisTimeoutError(
+                f"redis did not answer within {settings.redis_timeout_s:g}s"
+            ) from None
 
 
 def may_start_run(settings: Settings, last_event_id: str | None) -> bool:
@@ -85,29 +104,28 @@ def may_start_run(settings: Settings, last_event_id: str | None) -> bool:
     return last_event_id is None and settings.demo_runs
 
 
-async def _serve(
-    services: StreamServices, request: web.Request, asked: StreamRequest
-) -> web.StreamResponse:
-    async with contextlib.AsyncExitStack() as held:
-        response, stream = await _open(services, request, held, asked)
-        if stream is not None:
-            await _run(stream, asked.session_id, services.metrics)
-        return response
-
-
 async def _open(
     services: StreamServices,
     request: web.Request,
-    held: contextlib.AsyncExitStack,
+    listener: Listener,
+    deadline: asyncio.Timeout,
     asked: StreamRequest,
 ) -> tuple[web.StreamResponse, EventStream | None]:
-    """Attach; then answer 204 (or raise for 404), or start the response and its stream.
+    """Attach and request the demo run if one is due, within `deadline`, then lift it;
+    answer 204 (or raise for 404), or start the response and its stream.
 
     A function of its own so that the attachment, which holds the log's first page until
     the stream has written it, is not kept for as long as the stream lives.
     """
     settings = services.settings
-    listener, attachment = await _attach(services, request, held, asked)
+    attachment = await _register(services, request, asked)
+    if attachment.run_needs_producer:
+        await request_run(services.redis, services.keys, asked.session_id)
+    if deadline.expired():
+        # It passed while the last answer was on its way, and a cancellation swallowed on
+        # the way (see stream.py, TODO(PY312)) let the answer through: a timeout all the same.
+        raise TimeoutError
+    deadline.reschedule(None)  # the stream itself has no deadline
     if attachment.status is AttachStatus.UNKNOWN:
         raise SessionNotFound(f"session {asked.session_id!r} was not issued or has expired")
     if attachment.status is AttachStatus.GONE or _already_finished(asked.last_event_id, attachment):
@@ -138,33 +156,6 @@ async def _open(
         direct_writes=response.chunked, first_page=attachment.first_page,
     )  # fmt: skip
     return response, stream
-
-
-async def _attach(
-    services: StreamServices,
-    request: web.Request,
-    held: contextlib.AsyncExitStack,
-    asked: StreamRequest,
-) -> tuple[Listener, Attachment]:
-    """Subscribe, register, and request the demo run if one is due, within redis_timeout_s.
-
-    One deadline for the lot: an unresponsive Redis (not down, just silent) fails the
-    connect in bounded time, and the client comes back, maybe to another worker.
-    """
-    settings, keys = services.settings, services.keys
-    try:
-        async with asyncio.timeout(settings.redis_timeout_s):
-            listener = await held.enter_async_context(
-                services.hub.listen(keys.channel(asked.session_id))
-            )
-            attachment = await _register(services, request, asked)
-            if attachment.run_needs_producer:
-                await request_run(services.redis, keys, asked.session_id)
-    except TimeoutError:
-        raise RedisTimeoutError(
-            f"redis did not answer within {settings.redis_timeout_s:g}s"
-        ) from None
-    return listener, attachment
 
 
 async def _register(

@@ -86,6 +86,13 @@ class EventStream:
     the socket to drain, never longer than the write deadline.
     """
 
+    # One per open stream: slots, not a per-instance dict.
+    __slots__ = (
+        "_connection", "_end", "_expires_at", "_farewell", "_first_page", "_last_id",
+        "_last_position", "_listener", "_live", "_needs_resync", "_plan", "_relaying_since",
+        "_response", "_sessions", "events_replayed", "events_sent",
+    )  # fmt: skip
+
     def __init__(
         self,
         response: web.StreamResponse,

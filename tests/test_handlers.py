@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from typing import Any
 
 import pytest
 
 from service.envelope import parse_event_id
+from service.keys import Keys
 from service.redis.connections import RedisOpener
 from service.resources import hub_key
+from service.sessions import Attachment, SessionStore
 
 from app_clients import AppClient, MakeSettings, StartClient
 from sse_reader import STREAM_OPENED, SSEParser, collect
@@ -231,3 +235,28 @@ async def test_a_hub_failed_beyond_repair_fails_liveness_not_just_readiness(
     refused = await client.get("/sse/connect", params={"sessionId": "later"})
     assert refused.status == 503
     assert refused.content_type == "application/json"
+
+
+async def test_an_attach_answered_after_the_redis_deadline_is_answered_503(
+    start_client: StartClient, make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On Python 3.11 a cancellation can be swallowed under asyncio.wait_for (CPython
+    # gh-86296), so an attach may return after its deadline fired: still a timeout.
+    original = SessionStore.attach
+
+    async def late(self: SessionStore, *args: Any, **kwargs: Any) -> Attachment:
+        attachment = await original(self, *args, **kwargs)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(5)  # past the deadline, whose cancellation is swallowed
+        return attachment
+
+    monkeypatch.setattr(SessionStore, "attach", late)
+    client = await start_client(make_settings(redis_timeout_s=0.2))
+    response = await client.get("/sse/connect", params={"sessionId": "late"})
+    assert response.status == 503
+    assert "Retry-After" in response.headers
+
+    async def released() -> bool:
+        return client.app[hub_key].listeners_of(Keys().channel("late")) == 0
+
+    await wait_for(released)
