@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -163,10 +163,9 @@ class Hub:
         state = self._channels.get(channel.encode())
         return len(state.listeners) if state else 0
 
-    @contextlib.asynccontextmanager
-    async def listen(
+    def listen(
         self, channel: str, *, coalescing: bool = False, probe: bool = False
-    ) -> AsyncIterator[Listener]:
+    ) -> contextlib.AbstractAsyncContextManager[Listener]:
         """A listener on `channel` whose subscription is live when the block starts.
 
         `coalescing`: for wake-up channels (see `Listener`); such a listener is never dropped
@@ -174,18 +173,21 @@ class Hub:
         Raises HubClosedError when the hub is closing or failed, or when the connection that
         must carry the channel is down (the caller answers 503 and the client retries).
         """
+        return _Listening(self, channel.encode(), coalescing, probe)
+
+    async def _join(self, name: bytes, coalescing: bool, probe: bool) -> tuple[_Channel, Listener]:
         if self._closing or self._failed:
             raise HubClosedError("the shared subscription is not running")
-        name = channel.encode()
         listener = Listener(self._inbox_limit, coalescing=coalescing)
         state = self._channels.get(name) or await self._open_channel(name)
         state.probe = state.probe or probe
         state.listeners.add(listener)
         try:
             await _confirmed(state.ready)
-            yield listener
-        finally:
+        except BaseException:
             self._leave(name, state, listener)
+            raise
+        return state, listener
 
     async def _open_channel(self, name: bytes) -> _Channel:
         link = await self._link_for(name)
@@ -444,6 +446,37 @@ class Hub:
             if not state.ready.done():
                 state.ready.set_exception(HubClosedError(reason.value))
                 state.ready.exception()  # marked retrieved: nobody may be waiting any more
+
+
+class _Listening:
+    """`Hub.listen`'s block: joins the channel on entry, leaves it on exit.
+
+    A slotted object, not an async generator context manager: it is kept for as long as its
+    stream is open, and the generator, its frame and the loop's weak reference to it cost
+    some 600 bytes more a stream.
+    """
+
+    __slots__ = ("_coalescing", "_hub", "_listener", "_name", "_probe", "_state")
+
+    def __init__(self, hub: Hub, name: bytes, coalescing: bool, probe: bool) -> None:
+        self._hub = hub
+        self._name = name
+        self._coalescing = coalescing
+        self._probe = probe
+        self._state: _Channel | None = None
+        self._listener: Listener | None = None
+
+    async def __aenter__(self) -> Listener:
+        self._state, self._listener = await self._hub._join(
+            self._name, self._coalescing, self._probe
+        )
+        return self._listener
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        state, listener = self._state, self._listener
+        if state is not None and listener is not None:
+            self._state = self._listener = None
+            self._hub._leave(self._name, state, listener)
 
 
 async def _confirmed(ready: asyncio.Future[None]) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 
+import fakeredis
 import pytest
 
 from service.admission import Admission
 from service.chunked import ChunkWriter
+from service.hub import Hub
 from service.mailbox import Listener
 from service.stream import EventStream, StreamPlan
 
@@ -50,6 +52,9 @@ def stream() -> EventStream:
         pytest.param(lambda: Listener(4), id="Listener"),
         pytest.param(lambda: ChunkWriter(Transport(), 1024), id="ChunkWriter"),
         pytest.param(lambda: Admission(10, 10).admit("s"), id="admission place"),
+        pytest.param(
+            lambda: Hub(fakeredis.FakeAsyncRedis(), "control", 4).listen("c"), id="hub listen block"
+        ),
     ],
 )
 def test_an_object_kept_per_stream_has_no_instance_dict(make: object) -> None:
