@@ -90,6 +90,7 @@ async def test_readyz_reads_the_latest_round_and_never_publishes_itself(
     assert canary.rounds == rounds  # a probe storm costs Redis nothing
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 async def test_readiness_goes_stale_when_the_rounds_stop(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:

@@ -105,6 +105,7 @@ def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int
             process.wait(5)
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 def test_connections_beyond_the_cap_are_refused_and_the_rest_served(
     worker: tuple[int, Path],
 ) -> None:

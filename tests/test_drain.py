@@ -56,6 +56,7 @@ async def test_shutdown_ends_open_streams_cleanly_and_at_once(
     assert time.monotonic() - started < 2.0
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 async def test_the_drain_line_counts_the_streams_it_ends(
     start_client: StartClient,
     make_settings: MakeSettings,

@@ -146,6 +146,7 @@ async def test_worker_connection_limit_is_503_with_retry_after(
         assert later.status == 200
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 async def test_session_connection_limit_is_429(
     start_client: StartClient, make_settings: MakeSettings, fake_opener: RedisOpener
 ) -> None:

@@ -191,6 +191,7 @@ async def test_the_app_on_any_aiohttp_server_logs_protocol_errors_quietly(
     assert lines[0].levelno == logging.INFO
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 async def test_the_worker_process_logs_one_line_and_answers_431_in_json(
     tmp_path: Path,
 ) -> None:

@@ -211,6 +211,7 @@ def test_start_up_lines_show_no_userinfo(command: str) -> None:
     assert SECRET not in line
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 async def test_connecting_to_redis_logs_no_userinfo(
     make_settings: MakeSettings, caplog: pytest.LogCaptureFixture
 ) -> None:

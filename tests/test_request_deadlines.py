@@ -104,6 +104,7 @@ async def test_a_connection_that_sends_nothing_is_closed_without_an_answer(
     assert took_s >= HEADER_TIMEOUT_S
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 async def test_an_idle_kept_alive_connection_closes_after_the_keepalive_timeout(
     edge: Address,
 ) -> None:
@@ -124,6 +125,7 @@ async def test_the_next_request_head_on_a_kept_alive_connection_has_the_same_dea
     assert "headers" in request_timeout(late)["detail"]
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 async def test_a_trickled_body_is_answered_408_and_closed(edge: Address) -> None:
     head = f"{PUBLISH_HEAD}Content-Length: 100000\r\n\r\n{{".encode()
     received, took_s = await trickle(edge, head, drip=b" ")
@@ -132,6 +134,7 @@ async def test_a_trickled_body_is_answered_408_and_closed(edge: Address) -> None
     assert took_s < BODY_TIMEOUT_S + 5
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 async def test_a_trickled_chunked_body_is_answered_408_and_closed(edge: Address) -> None:
     head = f"{PUBLISH_HEAD}Transfer-Encoding: chunked\r\n\r\n1\r\n{{\r\n".encode()
     received, _ = await trickle(edge, head, drip=b"1\r\n \r\n")

@@ -67,6 +67,7 @@ async def test_a_caller_that_gives_up_leaves_the_others_their_replies(
         assert await queue(keys=["after"], args=["y"]) == [b"after", b"y"]
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 async def test_a_server_out_of_reach_fails_every_caller_of_the_batch() -> None:
     client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
     queue = ScriptQueue(client, client.register_script(ECHO))

@@ -314,6 +314,7 @@ def _expected(parts: list[bytes | sse.Event], cut: int) -> tuple[list[_Dispatche
 
 
 @given(parts=st.lists(_part, max_size=10), cut_at=st.floats(min_value=0, max_value=1))
+@pytest.mark.slow  # a second or more: left out of the quick loop
 def test_a_stream_reads_as_its_whole_events_alone_wherever_it_is_cut(
     parts: list[bytes | sse.Event], cut_at: float
 ) -> None:

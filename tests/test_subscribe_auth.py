@@ -231,6 +231,7 @@ async def test_expiry_ends_the_stream_with_unauthorized_and_the_reconnect_gets_2
 
 
 @pytest.mark.parametrize("version", [HttpVersion11, HttpVersion10])
+@pytest.mark.slow  # a second or more: left out of the quick loop
 async def test_a_busy_stream_ends_on_expiry_too(client: AppClient, version: HttpVersion) -> None:
     """Events arriving all the time must not keep an expired stream alive.
 

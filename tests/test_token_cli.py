@@ -105,6 +105,7 @@ def test_mistakes_are_one_line_and_exit_2(
     assert "short" not in err  # the secret's text is never shown
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 def test_the_console_command(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_")}
     result = subprocess.run(

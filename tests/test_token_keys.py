@@ -301,6 +301,7 @@ def test_token_settings_from_the_environment() -> None:
     assert "tooshortsecret" not in str(caught.value)
 
 
+@pytest.mark.slow  # a second or more: left out of the quick loop
 def test_a_bad_key_file_stops_a_worker_in_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "gone.pem"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_")}
